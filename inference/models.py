@@ -1,0 +1,194 @@
+"""What is asked of the model and what it answered.
+
+A Generation is one run of the model: chat turns, long-context jobs and API calls all
+create one, and a worker process turns it into text. The database row is the source
+of truth; the websocket stream is a live view of it.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+KV_CACHE_TYPES = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0")]
+
+
+class LanguageModel(models.Model):
+    """A GGUF file registered for serving, with the options llama.cpp loads it with."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    path = models.CharField(max_length=1000, help_text="Absolute path of the GGUF file.")
+    description = models.CharField(max_length=200, blank=True)
+    enabled = models.BooleanField(default=True)
+
+    # Load options, passed to llama.cpp as they are.
+    n_ctx = models.PositiveIntegerField(default=8192)
+    n_gpu_layers = models.IntegerField(default=0, help_text="-1 puts every layer on the GPU.")
+    flash_attn = models.BooleanField(default=False)
+    type_k = models.CharField(max_length=8, choices=KV_CACHE_TYPES, default="f16")
+    type_v = models.CharField(max_length=8, choices=KV_CACHE_TYPES, default="f16")
+    n_threads = models.PositiveIntegerField(default=0, help_text="0: llama.cpp decides.")
+    n_batch = models.PositiveIntegerField(default=512)
+
+    # Read from the GGUF file when the model is registered.
+    architecture = models.CharField(max_length=50, blank=True)
+    context_length_trained = models.PositiveIntegerField(null=True, blank=True)
+    has_chat_template = models.BooleanField(default=False)
+    inspection = models.JSONField(default=dict, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def queue_name(self) -> str:
+        """The Celery queue that this model's workers consume."""
+        return f"model.{self.name}"
+
+
+class ConversationQuerySet(models.QuerySet):
+    def visible_to(self, user):
+        """Conversations the user owns, or that are shared with one of their teams."""
+        if not user.is_authenticated:
+            return self.none()
+        return self.filter(Q(owner=user) | Q(team__memberships__user=user)).distinct()
+
+
+class Conversation(models.Model):
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+    )
+    team = models.ForeignKey(
+        "mixtralweb.Team",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="conversations",
+        help_text="Shared with this team's members.",
+    )
+    title = models.CharField(max_length=200, blank=True)
+    model = models.ForeignKey(LanguageModel, on_delete=models.PROTECT, related_name="+")
+    system_prompt = models.TextField(blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ConversationQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-updated_at"]
+        indexes = [models.Index(fields=["owner", "-updated_at"])]
+
+    def __str__(self) -> str:
+        return self.title or f"Conversation {self.pk}"
+
+
+class Generation(models.Model):
+    """One run of the model, from queued to a final state."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    STATE_CHOICES = [
+        (QUEUED, "Queued"),
+        (RUNNING, "Running"),
+        (DONE, "Done"),
+        (FAILED, "Failed"),
+        (CANCELLED, "Stopped"),
+    ]
+    FINAL_STATES = {DONE, FAILED, CANCELLED}
+
+    SOURCE_CHAT = "chat"
+    SOURCE_JOB = "job"
+    SOURCE_API = "api"
+    SOURCE_CHOICES = [(SOURCE_CHAT, "Chat"), (SOURCE_JOB, "Job"), (SOURCE_API, "API")]
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="generations"
+    )
+    team = models.ForeignKey(
+        "mixtralweb.Team", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    model = models.ForeignKey(LanguageModel, on_delete=models.PROTECT, related_name="generations")
+    source = models.CharField(max_length=8, choices=SOURCE_CHOICES, default=SOURCE_CHAT)
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, null=True, blank=True, related_name="generations"
+    )
+
+    # The whole input, fixed when the generation is created, so that a retry on
+    # another worker asks exactly the same question.
+    input_messages = models.JSONField(help_text="[{role, content}, ...] in chat-template form.")
+    params = models.JSONField(default=dict, blank=True)
+
+    state = models.CharField(max_length=10, choices=STATE_CHOICES, default=QUEUED, db_index=True)
+    text = models.TextField(blank=True)
+    finish_reason = models.CharField(max_length=20, blank=True)
+    reason = models.TextField(blank=True, help_text="Why it failed or stopped, in plain words.")
+    attempts = models.PositiveSmallIntegerField(default=0)
+    worker = models.CharField(max_length=200, blank=True, help_text="host:pid of the worker.")
+    cancel_requested = models.BooleanField(default=False)
+
+    queued_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    first_token_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # Written with every partial flush: a running generation whose worker died stops
+    # moving, and the reaper fails it.
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-queued_at"]
+        indexes = [models.Index(fields=["user", "-queued_at"])]
+
+    def __str__(self) -> str:
+        return f"Generation {self.pk} ({self.state})"
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in self.FINAL_STATES
+
+    @property
+    def group_name(self) -> str:
+        """The channel-layer group that streams this generation."""
+        return f"gen.{self.pk}"
+
+
+class Message(models.Model):
+    """A turn in a conversation. An assistant turn's text is its generation's text."""
+
+    USER = "user"
+    ASSISTANT = "assistant"
+    ROLE_CHOICES = [(USER, "User"), (ASSISTANT, "Assistant")]
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
+    role = models.CharField(max_length=10, choices=ROLE_CHOICES)
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    content = models.TextField(blank=True)
+    generation = models.OneToOneField(
+        Generation, on_delete=models.CASCADE, null=True, blank=True, related_name="message"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.role} message {self.pk}"
+
+    @property
+    def text(self) -> str:
+        if self.role == self.ASSISTANT and self.generation_id:
+            return self.generation.text
+        return self.content

@@ -1,0 +1,221 @@
+"""Celery tasks that run the model. One Engine per worker process, loaded inside it.
+
+Tasks receive only a Generation id and are idempotent by it: a generation that is
+already final is left alone, and a redelivered one (its worker died) continues
+from the text the user already saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import redis
+from asgiref.sync import async_to_sync
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from monitoring.recording import record_metrics
+from monitoring.sampler import ResourceSampler
+
+from .engine import Cancelled, ContextOverflow, Engine, RunStats, Sampling
+from .events import final_event
+from .models import Generation, LanguageModel
+from .publisher import Publisher, alive_key, cancel_key, live_text_key
+from .registry import load_options
+
+log = logging.getLogger(__name__)
+
+# A generation whose worker died this many times fails instead of being retried.
+MAX_ATTEMPTS = 2
+
+_engine: Engine | None = None
+_engine_key = None
+
+
+def get_engine(model: LanguageModel) -> Engine:
+    """The process's Engine for `model`, loaded on first use (after the fork)."""
+    global _engine, _engine_key
+    options = load_options(model)
+    if _engine is None or _engine_key != options:
+        _engine = None  # free the old model before loading the new one
+        _engine = Engine(options)
+        _engine_key = options
+    return _engine
+
+
+@worker_process_init.connect
+def _load_model_after_fork(**_kwargs) -> None:
+    """Load the worker's model in the pool process, after the fork, before the
+    first request: the first user does not wait for the load."""
+    name = os.environ.get("WORKER_MODEL")
+    model = LanguageModel.objects.filter(name=name).first() if name else None
+    if model is not None:
+        get_engine(model)
+        log.info("model %s loaded in pid %s", name, os.getpid())
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+def sampling_from(params: dict) -> Sampling:
+    return Sampling(
+        max_tokens=int(params.get("max_tokens", 512)),
+        temperature=float(params.get("temperature", 0.7)),
+        top_p=float(params.get("top_p", 0.95)),
+        seed=params.get("seed"),
+        stop=tuple(params.get("stop") or ()),
+    )
+
+
+def _claim(generation_id: int) -> tuple[Generation, str] | None:
+    """Mark the generation running. Returns it with the text already streamed, or
+    None when there is nothing to do."""
+    with transaction.atomic():
+        gen = (
+            Generation.objects.select_for_update()
+            .select_related("model")
+            .filter(pk=generation_id)
+            .first()
+        )
+        if gen is None or gen.is_final:
+            return None
+        prefix = gen.text
+        if gen.state == Generation.RUNNING:
+            # Redelivered: the worker that had it died. Keep what the user saw.
+            live = _redis().get(live_text_key(gen.pk))
+            if live is not None and len(live.decode("utf-8", "replace")) > len(prefix):
+                prefix = live.decode("utf-8", "replace")
+            if gen.attempts >= MAX_ATTEMPTS:
+                gen.text = prefix
+                _finish(
+                    gen,
+                    Generation.FAILED,
+                    "The worker stopped during this answer "
+                    f"{gen.attempts} times; it was not tried again.",
+                )
+                return None
+        gen.state = Generation.RUNNING
+        gen.attempts += 1
+        gen.text = prefix
+        gen.started_at = gen.started_at or timezone.now()
+        gen.heartbeat_at = timezone.now()
+        gen.worker = worker_name()
+        gen.save()
+    return gen, prefix
+
+
+def _finish(gen: Generation, state: str, reason: str = "", finish_reason: str = "") -> None:
+    gen.state = state
+    gen.reason = reason
+    gen.finish_reason = finish_reason or gen.finish_reason
+    gen.finished_at = timezone.now()
+    gen.save()
+    if state != Generation.RUNNING:
+        _announce_final(gen)
+
+
+def _announce_final(gen: Generation) -> None:
+    async_to_sync(get_channel_layer().group_send)(gen.group_name, final_event(gen))
+
+
+@shared_task(name="inference.tasks.generate", bind=True)
+def generate(self, generation_id: int) -> None:
+    claimed = _claim(generation_id)
+    if claimed is None:
+        return
+    gen, prefix = claimed
+    cancel = threading.Event()
+    if Generation.objects.filter(pk=gen.pk, cancel_requested=True).exists():
+        cancel.set()
+    publisher = Publisher(gen.pk, cancel, start_offset=len(prefix)).start()
+    publisher.event({"type": "generation.started", "generation": gen.pk, "worker": gen.worker})
+    stats = RunStats()
+    text = prefix
+    state, reason = Generation.DONE, ""
+    n_ctx = gen.model.n_ctx
+    flush_every = settings.GENERATION_FLUSH_INTERVAL_S
+    try:
+        with ResourceSampler(gpu_index=0 if gen.model.n_gpu_layers else None) as sampler:
+            try:
+                engine = get_engine(gen.model)
+                n_ctx = engine.n_ctx
+                prompt = engine.chat_prompt_tokens(gen.input_messages, assistant_prefix=prefix)
+                next_flush = time.monotonic() + flush_every
+                for piece in engine.stream(prompt, sampling_from(gen.params), cancel, stats):
+                    text += piece
+                    publisher.put(piece)
+                    if time.monotonic() >= next_flush:
+                        Generation.objects.filter(pk=gen.pk).update(
+                            text=text, heartbeat_at=timezone.now()
+                        )
+                        next_flush = time.monotonic() + flush_every
+                if stats.finish_reason == "cancelled":
+                    state, reason = Generation.CANCELLED, "Stopped by request."
+            except Cancelled:
+                state, reason = Generation.CANCELLED, "Stopped during prompt evaluation."
+                stats.finish_reason = "cancelled"
+            except ContextOverflow as exc:
+                state, reason = Generation.FAILED, str(exc)
+            except SoftTimeLimitExceeded:
+                state = Generation.FAILED
+                reason = f"Stopped by the time limit ({settings.GENERATION_TIME_LIMIT_S} s)."
+            except MemoryError:
+                state, reason = Generation.FAILED, "Out of memory while generating."
+            except Exception as exc:  # noqa: BLE001 - any failure ends the generation with its reason
+                log.exception("generation %s failed", gen.pk)
+                state, reason = Generation.FAILED, f"{type(exc).__name__}: {exc}"
+    finally:
+        gen.text = text
+        gen.first_token_at = _wall(stats.first_token, stats)
+        gen.finish_reason = stats.finish_reason
+        record = record_metrics(gen, stats, sampler.summary(), n_ctx=n_ctx)
+        gen.metrics = record
+        gen.state, gen.reason, gen.finished_at = state, reason, timezone.now()
+        gen.save()
+        publisher.close(final_event(gen))
+        _redis().delete(live_text_key(gen.pk), cancel_key(gen.pk))
+
+
+def _wall(monotonic_at: float | None, stats: RunStats):
+    """Convert a monotonic instant of this run into wall-clock time."""
+    if monotonic_at is None:
+        return None
+    return timezone.now() - timedelta(seconds=time.monotonic() - monotonic_at)
+
+
+@shared_task(name="inference.tasks.reap_stale_generations")
+def reap_stale_generations() -> int:
+    """Fail running generations whose worker has not been heard from in a while.
+
+    The broker redelivers a lost task after its visibility timeout; this catches the
+    rest (say, a worker host that never came back) so nothing stays running forever.
+    """
+    cutoff = timezone.now() - timedelta(seconds=settings.GENERATION_STALE_AFTER_S)
+    stale = Generation.objects.filter(state=Generation.RUNNING, heartbeat_at__lt=cutoff)
+    count = 0
+    client = _redis()
+    for gen in stale:
+        if client.exists(alive_key(gen.pk)):
+            continue  # a long prompt evaluation: the publisher still says it is alive
+        gen.state = Generation.FAILED
+        gen.reason = f"The worker ({gen.worker}) stopped responding; the answer so far is kept."
+        gen.finished_at = timezone.now()
+        gen.save(update_fields=["state", "reason", "finished_at"])
+        _announce_final(gen)
+        count += 1
+    return count

@@ -1,0 +1,1 @@
+"""What it cost: per-request metrics, GPU telemetry, usage history, dashboards, planner."""

@@ -1,0 +1,274 @@
+// The chat page: one websocket, reconnecting with backoff. The server's snapshot
+// is the truth; token frames carry their character offset, so a frame already
+// covered by a snapshot is trimmed instead of duplicated.
+(function () {
+  "use strict";
+  const root = document.getElementById("chat");
+  const list = document.getElementById("messages");
+  const input = document.getElementById("input");
+  const form = document.getElementById("composer");
+  const stopButton = document.getElementById("stop");
+  const sendButton = document.getElementById("send");
+  const errorBox = document.getElementById("error");
+  const status = document.getElementById("conn-status");
+  const title = document.getElementById("chat-title");
+
+  let conversationId = root.dataset.conversation ? Number(root.dataset.conversation) : null;
+  let nCtx = null;
+  let socket = null;
+  let backoffMs = 500;
+  const messages = new Map(); // message id -> {el, role}
+  const gens = new Map(); // generation id -> {text, state, el, metrics}
+  let renderQueued = new Set();
+
+  // ---------- socket ----------
+  function connect() {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    socket = new WebSocket(scheme + "://" + location.host + "/ws/chat/");
+    status.textContent = "connecting…";
+    socket.onopen = function () {
+      backoffMs = 500;
+      status.textContent = "";
+      status.className = "status ok";
+      if (conversationId) send({ type: "conversation.open", conversation: conversationId });
+    };
+    socket.onmessage = function (event) { handle(JSON.parse(event.data)); };
+    socket.onclose = function (event) {
+      if (event.code === 4401) { location.href = "/login/?next=" + encodeURIComponent(location.pathname); return; }
+      status.textContent = "reconnecting…";
+      status.className = "status warn";
+      setTimeout(connect, backoffMs);
+      backoffMs = Math.min(backoffMs * 2, 10000);
+    };
+  }
+
+  function send(frame) {
+    if (!socket || socket.readyState !== WebSocket.OPEN) {
+      showError("Not connected yet — trying again shortly.");
+      return false;
+    }
+    socket.send(JSON.stringify(frame));
+    return true;
+  }
+
+  // ---------- frames ----------
+  function handle(frame) {
+    switch (frame.type) {
+      case "conversation.snapshot": return onSnapshot(frame);
+      case "conversation.turn": return frame.messages.forEach(addMessage);
+      case "chat.accepted": return onAccepted(frame);
+      case "generation.snapshot": return onGenerationSnapshot(frame);
+      case "generation.started": return setState(frame.generation, "running");
+      case "generation.token": return onToken(frame);
+      case "generation.final": return onFinal(frame);
+      case "error": return showError(frame.message);
+    }
+  }
+
+  function onSnapshot(frame) {
+    conversationId = frame.conversation.id;
+    nCtx = frame.conversation.n_ctx;
+    title.textContent = frame.conversation.title;
+    list.innerHTML = "";
+    messages.clear();
+    gens.clear();
+    frame.messages.forEach(addMessage);
+    updateControls();
+  }
+
+  function onAccepted(frame) {
+    if (!conversationId) {
+      conversationId = frame.conversation;
+      history.replaceState(null, "", root.dataset.conversationUrl + conversationId + "/");
+      const settings = document.getElementById("new-chat-settings");
+      if (settings) settings.remove();
+    }
+  }
+
+  function onGenerationSnapshot(frame) {
+    const gen = gens.get(frame.generation);
+    if (!gen) return;
+    if (frame.text.length >= gen.text.length) gen.text = frame.text;
+    gen.state = frame.state;
+    gen.position = frame.position;
+    if (frame.metrics) gen.metrics = frame.metrics;
+    if (frame.reason) gen.reason = frame.reason;
+    queueRender(frame.generation);
+  }
+
+  function onToken(frame) {
+    const gen = gens.get(frame.generation);
+    if (!gen) return;
+    const have = gen.text.length;
+    if (frame.offset > have) {
+      // A gap: ask for a fresh snapshot rather than show a hole.
+      send({ type: "conversation.open", conversation: conversationId });
+      return;
+    }
+    gen.text += frame.text.slice(have - frame.offset);
+    gen.state = "running";
+    queueRender(frame.generation);
+  }
+
+  function onFinal(frame) {
+    const gen = gens.get(frame.generation);
+    if (!gen) return;
+    gen.text = frame.text;
+    gen.state = frame.state;
+    gen.reason = frame.reason;
+    gen.metrics = frame.metrics;
+    queueRender(frame.generation);
+  }
+
+  function setState(id, state) {
+    const gen = gens.get(id);
+    if (gen) { gen.state = state; queueRender(id); }
+  }
+
+  // ---------- rendering ----------
+  function addMessage(m) {
+    if (messages.has(m.id)) return;
+    const li = document.createElement("li");
+    li.className = "msg " + m.role;
+    li.dataset.id = m.id;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    meta.textContent = m.role === "user" ? (m.author || "user") : "assistant";
+    const body = document.createElement("div");
+    body.className = "body";
+    li.append(meta, body);
+    if (m.role === "user") {
+      body.textContent = m.text;
+    } else {
+      const footer = document.createElement("div");
+      footer.className = "footer";
+      li.append(footer);
+      const g = m.generation || {};
+      gens.set(g.generation, {
+        text: m.text || "", state: g.state, metrics: g.metrics, reason: g.reason,
+        position: g.position, el: li,
+      });
+      queueRender(g.generation);
+    }
+    messages.set(m.id, { el: li, role: m.role });
+    list.append(li);
+    scrollDown();
+  }
+
+  function queueRender(id) {
+    if (renderQueued.size === 0) requestAnimationFrame(flushRender);
+    renderQueued.add(id);
+  }
+
+  function flushRender() {
+    const ids = renderQueued;
+    renderQueued = new Set();
+    ids.forEach(renderGeneration);
+    updateControls();
+    scrollDown();
+  }
+
+  function renderGeneration(id) {
+    const gen = gens.get(id);
+    if (!gen) return;
+    const body = gen.el.querySelector(".body");
+    const footer = gen.el.querySelector(".footer");
+    gen.el.dataset.state = gen.state;
+    if (gen.text) {
+      body.innerHTML = Markdown.render(gen.text);
+      if (gen.state !== "running") Markdown.decorate(body);
+    } else if (gen.state === "queued") {
+      body.innerHTML = "";
+      body.textContent = "queued" + (gen.position ? " — position " + gen.position : "") + "…";
+    } else if (gen.state === "running") {
+      body.textContent = "thinking…";
+    }
+    footer.textContent = footerText(gen);
+  }
+
+  function footerText(gen) {
+    const parts = [];
+    if (gen.state === "failed") parts.push("failed: " + (gen.reason || "unknown reason"));
+    if (gen.state === "cancelled") parts.push("stopped");
+    const m = gen.metrics;
+    if (m) {
+      parts.push(m.completion_tokens + " tokens");
+      if (m.ttft_ms != null) parts.push("TTFT " + Math.round(m.ttft_ms) + " ms");
+      if (m.decode_tokens_per_s != null) parts.push(m.decode_tokens_per_s.toFixed(1) + " tok/s");
+      if (m.n_ctx) parts.push("context " + m.context_used + " / " + m.n_ctx);
+      if (m.cached_tokens) parts.push(m.cached_tokens + " cached");
+    }
+    return parts.join(" · ");
+  }
+
+  function activeGeneration() {
+    for (const [id, gen] of gens) {
+      if (gen.state === "queued" || gen.state === "running") return id;
+    }
+    return null;
+  }
+
+  function updateControls() {
+    const busy = activeGeneration() !== null;
+    stopButton.hidden = !busy;
+    sendButton.disabled = busy;
+  }
+
+  function scrollDown() {
+    const nearBottom = window.innerHeight + window.scrollY >= document.body.scrollHeight - 200;
+    if (nearBottom) window.scrollTo(0, document.body.scrollHeight);
+  }
+
+  function showError(message) {
+    errorBox.textContent = message;
+    errorBox.hidden = false;
+    clearTimeout(showError.timer);
+    showError.timer = setTimeout(function () { errorBox.hidden = true; }, 8000);
+  }
+
+  // ---------- user actions ----------
+  function params() {
+    const out = {};
+    ["temperature", "top_p", "max_tokens", "seed"].forEach(function (name) {
+      const el = document.getElementById("p-" + name);
+      if (el && el.value !== "") out[name] = Number(el.value);
+    });
+    return out;
+  }
+
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    const content = input.value;
+    if (!content.trim() || activeGeneration() !== null) return;
+    const frame = { type: "chat.send", content: content, conversation: conversationId };
+    if (!conversationId) {
+      frame.model = document.getElementById("model").value;
+      frame.system_prompt = document.getElementById("system-prompt").value;
+      frame.params = params();
+    }
+    if (send(frame)) input.value = "";
+  });
+
+  input.addEventListener("keydown", function (event) {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
+  });
+
+  function stop() {
+    const id = activeGeneration();
+    if (id !== null) send({ type: "generation.stop", generation: id });
+  }
+  stopButton.addEventListener("click", stop);
+  document.addEventListener("keydown", function (event) {
+    if (event.key === "Escape") stop();
+  });
+
+  const toggle = document.getElementById("sidebar-toggle");
+  toggle.addEventListener("click", function () {
+    document.getElementById("sidebar").classList.toggle("open");
+  });
+
+  connect();
+})();

@@ -1,0 +1,235 @@
+"""Fixtures shared by the suite.
+
+The cast (as in every test here):
+- Alice owns conversations; she and Bob are in team "Red", Alice as team admin.
+- Bob is Alice's team-mate: he sees what Alice shares with Red.
+- Charlie is in no team: he sees nothing of Alice's or Bob's.
+
+`stack` runs the real product around the test database: a daphne ASGI server, a
+Celery worker for the default model (SmolLM2 on the CPU) and Redis. Tests that use
+it need committed data, so they use `transactional_db`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_DIR = ROOT / "var" / "test-logs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def database_url() -> str:
+    """The URL of the test database, for processes started by the tests."""
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{db['NAME']}"
+    user = db.get("USER") or ""
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    return (
+        f"postgresql://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
+    )
+
+
+class Stack:
+    """The processes of a running product, with helpers to talk to it."""
+
+    def __init__(self, port: int, env: dict):
+        self.port = port
+        self.env = env
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/chat/"
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        log = open(LOG_DIR / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        self.processes[name] = process
+        return process
+
+    def start_worker(self, name: str = "worker", model: str | None = None) -> subprocess.Popen:
+        model = model or settings.DEFAULT_MODEL_NAME
+        return self.start(name, [sys.executable, "manage.py", "modelworker", model])
+
+    def stop(self, name: str, sig: int = 15) -> None:
+        process = self.processes.pop(name, None)
+        if process and process.poll() is None:
+            process.send_signal(sig)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.processes):
+            self.stop(name)
+
+    def wait_http(self, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the ASGI server did not listen on {self.port}")
+
+    def wait_worker(self, timeout_s: float = 60) -> None:
+        """Wait until a worker consumes the default model's queue."""
+        from mixtralweb.celery import app
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            replies = app.control.inspect(timeout=1).active_queues() or {}
+            if any(
+                q["name"] == f"model.{settings.DEFAULT_MODEL_NAME}"
+                for queues in replies.values()
+                for q in queues
+            ):
+                return
+            time.sleep(0.3)
+        raise RuntimeError("no worker came up for the default model")
+
+
+@pytest.fixture(scope="session")
+def stack(django_db_setup, django_db_blocker):
+    """daphne + a model worker on the test database, for the whole session."""
+    from inference.registry import ensure_default_model
+
+    with django_db_blocker.unblock():
+        ensure_default_model()
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url(), "PYTHONUNBUFFERED": "1"}
+    running = Stack(port, env)
+    bin_dir = Path(sys.executable).parent
+    running.start(
+        "web",
+        [
+            str(bin_dir / "daphne"),
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "mixtralweb.asgi:application",
+        ],
+    )
+    running.start_worker()
+    try:
+        running.wait_http()
+        running.wait_worker()
+        yield running
+    finally:
+        running.stop_all()
+
+
+@pytest.fixture
+def default_model(transactional_db):
+    from inference.registry import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture
+def cast(transactional_db):
+    """Alice and Bob in team Red (Alice its admin); Charlie on his own."""
+    from django.contrib.auth import get_user_model
+
+    from mixtralweb.models import Membership, Team
+
+    User = get_user_model()
+    alice = User.objects.create_user("alice", "alice@example.com", "alice-pass-123")
+    bob = User.objects.create_user("bob", "bob@example.com", "bob-pass-123")
+    charlie = User.objects.create_user("charlie", "charlie@example.com", "charlie-pass-123")
+    red = Team.objects.create(name="Red")
+    Membership.objects.create(team=red, user=alice, role=Membership.ADMIN)
+    Membership.objects.create(team=red, user=bob)
+    return type("Cast", (), {"alice": alice, "bob": bob, "charlie": charlie, "red": red})
+
+
+def session_cookie(user) -> str:
+    """A logged-in session for `user`, as a Cookie header value."""
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
+
+
+class WSClient:
+    """A real websocket client (the `websockets` library) speaking our protocol."""
+
+    def __init__(self, stack: Stack, user=None, origin: str | None = None):
+        from websockets.sync.client import connect
+
+        headers = {"Origin": origin or stack.http_url}
+        if user is not None:
+            headers["Cookie"] = session_cookie(user)
+        self._connection = connect(stack.ws_url, additional_headers=headers, open_timeout=10)
+        self.conn = self._connection.__enter__()
+
+    def send(self, frame) -> None:
+        self.conn.send(frame if isinstance(frame, (str, bytes)) else json.dumps(frame))
+
+    def recv(self, timeout: float = 30) -> dict:
+        return json.loads(self.conn.recv(timeout=timeout))
+
+    def recv_until(self, predicate, timeout: float = 60) -> tuple[dict, list[dict]]:
+        """Frames up to and including the first that satisfies predicate."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no matching frame; saw {[f.get('type') for f in seen]}")
+            frame = self.recv(timeout=remaining)
+            seen.append(frame)
+            if predicate(frame):
+                return frame, seen
+
+    def close(self) -> None:
+        self._connection.__exit__(None, None, None)
+
+
+@pytest.fixture
+def ws_factory(stack):
+    clients = []
+
+    def make(user=None, origin=None) -> WSClient:
+        client = WSClient(stack, user, origin)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_client():
+    return redis.Redis.from_url(settings.REDIS_URL)

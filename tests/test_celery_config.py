@@ -1,0 +1,25 @@
+"""A misspelled CELERY_* setting is silently ignored: assert the effective values."""
+
+from django.conf import settings
+
+from mixtralweb.celery import app
+
+
+def test_it_acks_late_and_requeues_when_a_worker_dies():
+    assert app.conf.task_acks_late is True
+    assert app.conf.task_reject_on_worker_lost is True
+
+
+def test_it_prefetches_one_task_per_worker_process():
+    assert app.conf.worker_prefetch_multiplier == 1
+
+
+def test_visibility_timeout_outlasts_the_longest_generation():
+    visibility = app.conf.broker_transport_options["visibility_timeout"]
+    assert visibility > app.conf.task_time_limit > app.conf.task_soft_time_limit
+    assert app.conf.task_soft_time_limit == settings.GENERATION_TIME_LIMIT_S
+
+
+def test_it_uses_redis_as_the_broker():
+    assert app.conf.broker_url == settings.REDIS_URL
+    assert app.conf.broker_url.startswith("redis://")

@@ -1,0 +1,93 @@
+"""Bad input over the socket gets an error frame, and the socket stays usable."""
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from inference.models import Generation
+from inference.services import chat_send
+
+
+def assert_still_usable(ws):
+    ws.send({"type": "ping", "request_id": "after"})
+    pong, _ = ws.recv_until(lambda f: f["type"] == "pong")
+    assert pong["request_id"] == "after"
+
+
+def error_for(ws, frame) -> dict:
+    ws.send(frame)
+    error = ws.recv()
+    assert error["type"] == "error", error
+    assert_still_usable(ws)
+    return error
+
+
+def test_it_rejects_frames_that_are_not_json(stack, cast, ws_factory):
+    error = error_for(ws_factory(cast.alice), "{not json")
+    assert error["code"] == "bad_json"
+    assert "not valid JSON" in error["message"]
+
+
+def test_it_rejects_json_that_is_not_a_frame(stack, cast, ws_factory):
+    assert error_for(ws_factory(cast.alice), "[1, 2]")["code"] == "bad_frame"
+
+
+def test_it_rejects_unknown_types(stack, cast, ws_factory):
+    error = error_for(ws_factory(cast.alice), {"type": "chat.explode"})
+    assert error["code"] == "unknown_type"
+    assert "chat.explode" in error["message"]
+
+
+def test_it_rejects_an_empty_message_and_queues_nothing(stack, cast, default_model, ws_factory):
+    error = error_for(ws_factory(cast.alice), {"type": "chat.send", "content": "   "})
+    assert error["code"] == "empty"
+    assert not Generation.objects.exists()
+
+
+def test_it_rejects_an_oversized_message_and_queues_nothing(
+    stack, cast, default_model, ws_factory, settings
+):
+    huge = "x" * 100_001
+    error = error_for(ws_factory(cast.alice), {"type": "chat.send", "content": huge})
+    assert error["code"] == "too_large"
+    assert "100,001 characters" in error["message"]
+    assert not Generation.objects.exists()
+
+
+def test_it_rejects_an_oversized_frame(stack, cast, ws_factory):
+    error = error_for(ws_factory(cast.alice), "x" * (512 * 1024 + 1))
+    assert error["code"] == "too_large"
+
+
+def test_it_rejects_bad_sampling_parameters(stack, cast, default_model, ws_factory):
+    ws = ws_factory(cast.alice)
+    error = error_for(ws, {"type": "chat.send", "content": "hi", "params": {"temperature": 9}})
+    assert "temperature must be between" in error["message"]
+    assert not Generation.objects.exists()
+
+
+def test_it_hides_a_conversation_that_is_not_yours(stack, cast, default_model, ws_factory):
+    conversation, _, gen = chat_send(user=cast.alice, content="private", params={"max_tokens": 4})
+    ws = ws_factory(cast.charlie)
+    for frame in (
+        {"type": "conversation.open", "conversation": conversation.pk},
+        {"type": "chat.send", "conversation": conversation.pk, "content": "let me in"},
+        {"type": "generation.stop", "generation": gen.pk},
+        {"type": "generation.subscribe", "generation": gen.pk},
+    ):
+        error = error_for(ws, frame)
+        assert error["code"] == "not_found"
+        assert "private" not in str(error)
+    assert conversation.messages.count() == 2  # Charlie added nothing
+    assert not Generation.objects.filter(cancel_requested=True).exists()
+
+
+def test_it_refuses_an_anonymous_socket(stack, ws_factory):
+    with pytest.raises(InvalidStatus) as excinfo:
+        ws_factory(None)
+    assert excinfo.value.response.status_code == 403
+
+
+def test_it_refuses_a_cross_origin_socket(stack, cast, ws_factory):
+    with pytest.raises(InvalidStatus) as excinfo:
+        ws_factory(cast.alice, origin="http://evil.example")
+    assert excinfo.value.response.status_code == 403
