@@ -190,6 +190,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def generation_started(self, event):
         await self.send_json(event)
 
+    async def generation_progress(self, event):
+        await self.send_json(event)
+
     async def generation_final(self, event):
         await self.send_json(event)
 

@@ -48,8 +48,14 @@ class LanguageModel(models.Model):
 
     @property
     def queue_name(self) -> str:
-        """The Celery queue that this model's workers consume."""
+        """The Celery queue for interactive work (chat, API) on this model."""
         return f"model.{self.name}"
+
+    @property
+    def bulk_queue_name(self) -> str:
+        """The queue for background work (long-context jobs). Workers consume it only
+        when the interactive queue is empty (queue_order_strategy "priority")."""
+        return f"model.{self.name}.bulk"
 
 
 class ConversationQuerySet(models.QuerySet):
@@ -123,9 +129,15 @@ class Generation(models.Model):
         Conversation, on_delete=models.CASCADE, null=True, blank=True, related_name="generations"
     )
 
+    api_key_name = models.CharField(max_length=100, blank=True, help_text="Source API key.")
+
     # The whole input, fixed when the generation is created, so that a retry on
-    # another worker asks exactly the same question.
-    input_messages = models.JSONField(help_text="[{role, content}, ...] in chat-template form.")
+    # another worker asks exactly the same question. A raw completion (no chat
+    # template) sets prompt_text instead of input_messages.
+    input_messages = models.JSONField(
+        default=list, blank=True, help_text="[{role, content}, ...] in chat-template form."
+    )
+    prompt_text = models.TextField(blank=True, help_text="Raw prompt, used as it is.")
     params = models.JSONField(default=dict, blank=True)
 
     state = models.CharField(max_length=10, choices=STATE_CHOICES, default=QUEUED, db_index=True)

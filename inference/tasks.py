@@ -32,6 +32,7 @@ from .events import final_event
 from .models import Generation, LanguageModel
 from .publisher import Publisher, alive_key, cancel_key, live_text_key
 from .registry import load_options
+from .signals import generation_finished
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,8 @@ def _finish(gen: Generation, state: str, reason: str = "", finish_reason: str = 
     gen.finish_reason = finish_reason or gen.finish_reason
     gen.finished_at = timezone.now()
     gen.save()
-    if state != Generation.RUNNING:
-        _announce_final(gen)
+    _announce_final(gen)
+    generation_finished.send(sender=Generation, generation=gen)
 
 
 def _announce_final(gen: Generation) -> None:
@@ -154,7 +155,10 @@ def generate(self, generation_id: int) -> None:
             try:
                 engine = get_engine(gen.model)
                 n_ctx = engine.n_ctx
-                prompt = engine.chat_prompt_tokens(gen.input_messages, assistant_prefix=prefix)
+                if gen.prompt_text:
+                    prompt = engine.tokenize(gen.prompt_text + prefix)
+                else:
+                    prompt = engine.chat_prompt_tokens(gen.input_messages, assistant_prefix=prefix)
                 next_flush = time.monotonic() + flush_every
                 for piece in engine.stream(prompt, sampling_from(gen.params), cancel, stats):
                     text += piece
@@ -189,6 +193,7 @@ def generate(self, generation_id: int) -> None:
         gen.save()
         publisher.close(final_event(gen))
         _redis().delete(live_text_key(gen.pk), cancel_key(gen.pk))
+        generation_finished.send(sender=Generation, generation=gen)
 
 
 def _wall(monotonic_at: float | None, stats: RunStats):
@@ -217,5 +222,6 @@ def reap_stale_generations() -> int:
         gen.finished_at = timezone.now()
         gen.save(update_fields=["state", "reason", "finished_at"])
         _announce_final(gen)
+        generation_finished.send(sender=Generation, generation=gen)
         count += 1
     return count

@@ -163,7 +163,12 @@ CELERY_TASK_SOFT_TIME_LIMIT = GENERATION_TIME_LIMIT_S
 CELERY_TASK_TIME_LIMIT = GENERATION_TIME_LIMIT_S + 60
 # The broker re-delivers an unacknowledged task after this long: it must outlast
 # the longest generation, or a slow answer would be started twice.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": GENERATION_TIME_LIMIT_S + 600}
+# "priority": a worker listening on several queues always drains the first listed
+# (interactive) before the next (bulk jobs).
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": GENERATION_TIME_LIMIT_S + 600,
+    "queue_order_strategy": "priority",
+}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_DEFAULT_QUEUE = "default"

@@ -1,0 +1,3 @@
+"""Monitoring pages: usage history, dashboards, GPUs, Prometheus."""
+
+urlpatterns: list = []
