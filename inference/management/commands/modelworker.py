@@ -32,7 +32,9 @@ class Command(BaseCommand):
             "mixtralweb",
             "worker",
             "--queues",
-            model.queue_name,
+            # Interactive first: with queue_order_strategy "priority" a job pass
+            # starts only when no chat message is waiting.
+            f"{model.queue_name},{model.bulk_queue_name}",
             "--hostname",
             f"{model.name}@%h",
             "--concurrency",
