@@ -11,6 +11,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from mixtralweb.quotas import QuotaExceeded, check_quota
+
 from .models import Conversation, Generation, LanguageModel, Message
 from .publisher import cancel_key
 
@@ -169,6 +171,10 @@ def chat_send(
             raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
         if params is not None:
             conversation.params = clean_params(params)
+    try:
+        check_quota(user=user, team=conversation.team, source=Generation.SOURCE_CHAT)
+    except QuotaExceeded as exc:
+        raise ChatError(str(exc), code="quota") from None
     conversation.updated_at = timezone.now()
     conversation.save()
     message = Message.objects.create(

@@ -1,7 +1,14 @@
-"""Teams: a user may belong to several, as a member or as a team admin."""
+"""Accounts and teams: teams (a user may belong to several, as a member or as a team
+admin), API keys, and the quotas admins set."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class Team(models.Model):
@@ -37,3 +44,127 @@ class Membership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} in {self.team} ({self.role})"
+
+
+class ApiKeyQuerySet(models.QuerySet):
+    def active(self):
+        return self.filter(revoked_at__isnull=True)
+
+
+class ApiKey(models.Model):
+    """A secret that lets a script call the OpenAI-compatible API as its owner.
+
+    Only a SHA-256 hash of the secret is stored. A key is 32 random bytes, so a fast
+    hash is enough: there is nothing to guess a dictionary for. The prefix (the first
+    characters of the secret) lets the owner recognise a key on the keys page.
+    """
+
+    TOKEN_PREFIX = "mxw-"
+    DISPLAY_PREFIX_CHARS = 12
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys"
+    )
+    name = models.CharField(max_length=100, help_text="Recorded with every request it makes.")
+    prefix = models.CharField(max_length=20, help_text="The first characters, for recognition.")
+    secret_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "name"],
+                condition=models.Q(revoked_at__isnull=True),
+                name="one_active_api_key_name_per_user",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+    @staticmethod
+    def hash_secret(secret: str) -> str:
+        return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+    @classmethod
+    def issue(cls, *, user, name: str) -> tuple[ApiKey, str]:
+        """Create a key; returns it with its secret, which is never available again."""
+        secret = cls.TOKEN_PREFIX + secrets.token_urlsafe(32)
+        key = cls.objects.create(
+            user=user,
+            name=name,
+            prefix=secret[: cls.DISPLAY_PREFIX_CHARS],
+            secret_hash=cls.hash_secret(secret),
+        )
+        return key, secret
+
+    @classmethod
+    def authenticate(cls, secret: str) -> ApiKey | None:
+        """The active key with this secret, its last-used time updated; else None."""
+        if not secret or not secret.startswith(cls.TOKEN_PREFIX):
+            return None
+        key = (
+            cls.objects.active()
+            .select_related("user")
+            .filter(secret_hash=cls.hash_secret(secret), user__is_active=True)
+            .first()
+        )
+        if key is not None:
+            key.last_used_at = timezone.now()
+            cls.objects.filter(pk=key.pk).update(last_used_at=key.last_used_at)
+        return key
+
+    def revoke(self) -> None:
+        if self.revoked_at is None:
+            self.revoked_at = timezone.now()
+            self.save(update_fields=["revoked_at"])
+
+
+class Quota(models.Model):
+    """Limits for one user or one team, set by an admin.
+
+    A blank limit falls back to the default in settings (QUOTA_USER_* or QUOTA_TEAM_*);
+    0 means no limit. A team's limits apply to its members' generations together.
+    """
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="quota",
+    )
+    team = models.OneToOneField(
+        Team, on_delete=models.CASCADE, null=True, blank=True, related_name="quota"
+    )
+    tokens_per_day = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Prompt + completion tokens per day. 0: no limit."
+    )
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Generations started per minute. 0: no limit."
+    )
+    concurrent_generations = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Generations queued or running at once. 0: no limit."
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(user__isnull=False, team__isnull=True)
+                | models.Q(user__isnull=True, team__isnull=False),
+                name="quota_for_a_user_or_a_team",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"Quota of {self.user or self.team}"

@@ -2,9 +2,28 @@
 
 Call check_quota() before creating a Generation; it raises QuotaExceeded with a
 message for the user and the seconds after which to retry.
+
+Three limits, for each user and for each team (a team's members together):
+tokens per day (prompt + completion, from the metrics of today's generations),
+generations started per minute, and generations queued or running at once. An
+admin sets them per user or team (Quota rows in the admin); a user or team with no
+Quota row, or a blank field in it, gets the default from settings. 0: no limit.
+The database is the count, so every web process and worker agrees on it.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import F, Q, Sum
+from django.utils import timezone
+
+# A concurrency limit frees up when a generation finishes, which no one can predict;
+# this is how long a client is told to wait before asking again.
+CONCURRENT_RETRY_AFTER_S = 5
 
 
 class QuotaExceeded(Exception):
@@ -13,6 +32,126 @@ class QuotaExceeded(Exception):
         self.retry_after_s = retry_after_s
 
 
+@dataclass(frozen=True)
+class Limits:
+    tokens_per_day: int
+    requests_per_minute: int
+    concurrent_generations: int
+
+
+LIMIT_FIELDS = ("tokens_per_day", "requests_per_minute", "concurrent_generations")
+
+
+def _limits(quota, prefix: str) -> Limits:
+    values = {}
+    for field in LIMIT_FIELDS:
+        value = getattr(quota, field, None) if quota is not None else None
+        if value is None:
+            value = getattr(settings, f"{prefix}_{field.upper()}")
+        values[field] = value
+    return Limits(**values)
+
+
+def limits_for_user(user) -> Limits:
+    from .models import Quota
+
+    return _limits(Quota.objects.filter(user=user).first(), "QUOTA_USER")
+
+
+def limits_for_team(team) -> Limits:
+    from .models import Quota
+
+    return _limits(Quota.objects.filter(team=team).first(), "QUOTA_TEAM")
+
+
+def start_of_day(now):
+    """Midnight today in TIME_ZONE: token quotas reset then."""
+    local = timezone.localtime(now)
+    return local.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def tokens_used_today(generations, now) -> int:
+    from monitoring.models import RequestMetrics
+
+    used = RequestMetrics.objects.filter(
+        generation__in=generations, generation__queued_at__gte=start_of_day(now)
+    ).aggregate(total=Sum(F("prompt_tokens") + F("completion_tokens")))["total"]
+    return used or 0
+
+
+def _user_generations(user):
+    from inference.models import Generation
+
+    return Generation.objects.filter(user=user)
+
+
+def _team_generations(team):
+    from inference.models import Generation
+
+    return Generation.objects.filter(Q(team=team) | Q(user__in=team.members.all()))
+
+
+def describe_wait(seconds: int) -> str:
+    """'42 s', '3 min', '2 h 5 min'."""
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = math.ceil(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def _check(generations, limits: Limits, now, owner: str) -> None:
+    """owner: "Your" or "Team Red's", the start of each message."""
+    from inference.models import Generation
+
+    if limits.concurrent_generations:
+        active = generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING]).count()
+        if active >= limits.concurrent_generations:
+            raise QuotaExceeded(
+                f"{owner} limit is {limits.concurrent_generations} generation(s) at once, and "
+                f"{active} are queued or running. Try again when one finishes "
+                f"(in about {CONCURRENT_RETRY_AFTER_S} s).",
+                CONCURRENT_RETRY_AFTER_S,
+            )
+    if limits.requests_per_minute:
+        window_start = now - timedelta(minutes=1)
+        recent = list(
+            generations.filter(queued_at__gt=window_start)
+            .order_by("queued_at")
+            .values_list("queued_at", flat=True)[: limits.requests_per_minute]
+        )
+        if len(recent) >= limits.requests_per_minute:
+            # A slot frees when the oldest request in the window is a minute old.
+            frees_at = recent[0] + timedelta(minutes=1)
+            retry_after_s = max(1, math.ceil((frees_at - now).total_seconds()))
+            raise QuotaExceeded(
+                f"{owner} limit is {limits.requests_per_minute} generation(s) per minute, and "
+                f"it has been reached. Try again in {describe_wait(retry_after_s)}.",
+                retry_after_s,
+            )
+    if limits.tokens_per_day:
+        used = tokens_used_today(generations, now)
+        if used >= limits.tokens_per_day:
+            resets_at = start_of_day(now) + timedelta(days=1)
+            retry_after_s = max(1, math.ceil((resets_at - now).total_seconds()))
+            raise QuotaExceeded(
+                f"{owner} limit is {limits.tokens_per_day:,} tokens per day, and {used:,} "
+                f"have been used today. It resets at midnight ({settings.TIME_ZONE}); try "
+                f"again in {describe_wait(retry_after_s)}.",
+                retry_after_s,
+            )
+
+
 def check_quota(*, user, team=None, source: str = "chat") -> None:
-    """Raise QuotaExceeded if `user` (or `team`) may not start a generation now."""
-    return None
+    """Raise QuotaExceeded if `user` (or one of their teams, or `team`) may not start a
+    generation now. `source` (chat, job, api) is accepted for callers' clarity; the
+    limits are the same for all."""
+    now = timezone.now()
+    _check(_user_generations(user), limits_for_user(user), now, "Your")
+    teams = {t.pk: t for t in user.teams.all()}
+    if team is not None:
+        teams.setdefault(team.pk, team)
+    for each in teams.values():
+        _check(_team_generations(each), limits_for_team(each), now, f"Team {each.name}'s")
