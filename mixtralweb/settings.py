@@ -104,7 +104,10 @@ TEMPLATES = [
 DATABASES = {
     "default": dj_database_url.parse(
         env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'db.sqlite3'}"),
-        conn_max_age=env_int("DB_CONN_MAX_AGE", 0),
+        # Persistent connections: a new PostgreSQL connection per request would add
+        # milliseconds to every message's time to first token.
+        conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -190,6 +193,30 @@ LLAMA_N_THREADS = env_int("LLAMA_N_THREADS", 0)  # 0: llama.cpp's own choice
 GENERATION_FLUSH_INTERVAL_S = env_float("GENERATION_FLUSH_INTERVAL_S", 1.0)
 # A running generation whose worker has not been heard from for this long is failed.
 GENERATION_STALE_AFTER_S = env_int("GENERATION_STALE_AFTER_S", 120)
+
+# --- Monitoring (docs/monitoring.md) ------------------------------------------
+# Each model worker's host reads its GPUs this often (seconds).
+GPU_SAMPLE_INTERVAL_S = env_float("GPU_SAMPLE_INTERVAL_S", 5.0)
+# A running generation's own sampler reads its GPU this often (seconds).
+REQUEST_SAMPLE_INTERVAL_S = env_float("REQUEST_SAMPLE_INTERVAL_S", 0.1)
+GPU_RAW_RETENTION_HOURS = env_int("GPU_RAW_RETENTION_HOURS", 24)
+GPU_MINUTE_RETENTION_DAYS = env_int("GPU_MINUTE_RETENTION_DAYS", 30)
+GPU_ALERT_TEMPERATURE_C = env_float("GPU_ALERT_TEMPERATURE_C", 85.0)
+GPU_ALERT_VRAM_HEADROOM_PCT = env_float("GPU_ALERT_VRAM_HEADROOM_PCT", 5.0)
+# Bearer token that lets Prometheus scrape /metrics; empty: staff sessions only.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+CELERY_BEAT_SCHEDULE.update(
+    {
+        "downsample-gpu-samples": {
+            "task": "monitoring.tasks.downsample_gpu_samples",
+            "schedule": 60.0,
+        },
+        "refresh-recent-usage": {
+            "task": "monitoring.tasks.refresh_recent_usage",
+            "schedule": 600.0,
+        },
+    }
+)
 
 # --- Limits on what a client may send ------------------------------------------
 CHAT_MESSAGE_MAX_CHARS = env_int("CHAT_MESSAGE_MAX_CHARS", 100_000)

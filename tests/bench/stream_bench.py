@@ -1,0 +1,139 @@
+"""Issue 2: what the live token path adds on top of raw llama-cpp-python.
+
+Raw: llama-cpp-python's own streaming (create_completion) in this process.
+End to end: websocket → consumer → Celery → worker → channel layer → websocket.
+Both get the same prompts in the same order (so prefix caching matches), the same
+sampling, seed, max_tokens and thread count (llama-cpp-python's default).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+from inference.engine import Engine
+from inference.registry import embedded_model_path, load_options
+from tests.bench.harness import bench_user, prepare_database, start_stack
+from tests.conftest import WSClient
+
+RUNS = 5
+MAX_TOKENS = 256
+SAMPLING = {"temperature": 0.7, "top_p": 0.95, "seed": 1234, "max_tokens": MAX_TOKENS}
+PROMPTS = [
+    f"Story {i}: write a long, detailed story about a lighthouse keeper who finds a "
+    "message in a bottle. Describe the sea, the weather and every room of the lighthouse."
+    for i in range(RUNS + 1)
+]
+
+
+def percentile(values, pct):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))]
+
+
+def raw_runs(model) -> list[dict]:
+    engine = Engine(load_options(model))
+    llm = engine.llm
+    results = []
+    for i, prompt in enumerate(PROMPTS):
+        tokens = engine.chat_prompt_tokens([{"role": "user", "content": prompt}])
+        started = time.perf_counter()
+        times = []
+        for _chunk in llm.create_completion(
+            prompt=tokens,
+            max_tokens=MAX_TOKENS,
+            temperature=SAMPLING["temperature"],
+            top_p=SAMPLING["top_p"],
+            seed=SAMPLING["seed"],
+            stream=True,
+        ):
+            times.append(time.perf_counter())
+        if i == 0:
+            continue  # warm-up
+        results.append(
+            {
+                "ttft_ms": (times[0] - started) * 1000,
+                "tokens": len(times),
+                "decode_tps": (len(times) - 1) / (times[-1] - times[0]),
+            }
+        )
+    return results
+
+
+def e2e_runs(stack, user) -> list[dict]:
+    ws = WSClient(stack, user)
+    results = []
+    for i, prompt in enumerate(PROMPTS):
+        started = time.time()
+        ws.send({"type": "chat.send", "content": prompt, "params": SAMPLING})
+        first = last = None
+        lags = []
+        while True:
+            frame = json.loads(ws.conn.recv(timeout=300))
+            now = time.time()
+            if frame["type"] == "generation.token":
+                first = first or now
+                last = now
+                lags.extend(now - at for at in frame["produced_at"])
+            elif frame["type"] == "generation.final":
+                completion = frame["metrics"]["completion_tokens"]
+                break
+        if i == 0:
+            continue
+        results.append(
+            {
+                "ttft_ms": (first - started) * 1000,
+                "tokens": completion,
+                "decode_tps": (completion - 1) / (last - first),
+                "lags_ms": [lag * 1000 for lag in lags],
+            }
+        )
+    ws.close()
+    return results
+
+
+def main() -> None:
+    prepare_database()
+    from inference.registry import ensure_default_model
+
+    model = ensure_default_model()
+    print(f"model: {embedded_model_path().name}, n_ctx {model.n_ctx}, {RUNS} runs + warm-up")
+    raw = raw_runs(model)
+    stack = start_stack()
+    try:
+        e2e = e2e_runs(stack, bench_user())
+    finally:
+        stack.stop_all()
+
+    def med(rows, key):
+        return statistics.median(r[key] for r in rows)
+
+    lags = [lag for r in e2e for lag in r["lags_ms"]]
+    raw_tps, e2e_tps = med(raw, "decode_tps"), med(e2e, "decode_tps")
+    raw_ttft, e2e_ttft = med(raw, "ttft_ms"), med(e2e, "ttft_ms")
+    rows = [
+        (
+            "tokens per answer (median)",
+            f"{med(raw, 'tokens'):.0f}",
+            f"{med(e2e, 'tokens'):.0f}",
+            "",
+        ),
+        (
+            "decode tokens/s (median)",
+            f"{raw_tps:.1f}",
+            f"{e2e_tps:.1f}",
+            f"ratio {e2e_tps / raw_tps:.3f}",
+        ),
+        (
+            "time to first token ms (median)",
+            f"{raw_ttft:.1f}",
+            f"{e2e_ttft:.1f}",
+            f"added {e2e_ttft - raw_ttft:+.1f} ms",
+        ),
+        ("stream lag p50 ms", "", f"{percentile(lags, 50):.1f}", ""),
+        ("stream lag p95 ms", "", f"{percentile(lags, 95):.1f}", ""),
+    ]
+    print("| measure | raw | end to end | |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
