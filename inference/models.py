@@ -58,6 +58,51 @@ class LanguageModel(models.Model):
         return f"model.{self.name}.bulk"
 
 
+class WorkerHeartbeat(models.Model):
+    """The last word of each model worker process: what it serves and how it is.
+
+    Liveness comes from Redis (a key per worker with a TTL, inference/workers.py):
+    a worker that dies simply stops refreshing it. This table keeps the last state
+    of every worker, dead ones included, for the workers page and the admin.
+    """
+
+    LOADING = "loading"
+    READY = "ready"
+    BUSY = "busy"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    STATE_CHOICES = [
+        (LOADING, "Loading"),
+        (READY, "Ready"),
+        (BUSY, "Busy"),
+        (FAILED, "Failed"),
+        (STOPPED, "Stopped"),
+    ]
+    SERVING_STATES = {LOADING, READY, BUSY}
+
+    host = models.CharField(max_length=200)
+    pid = models.PositiveIntegerField()
+    # The model's name, not a foreign key: the record of a worker outlives a model
+    # that is deleted or registered again.
+    model_name = models.CharField(max_length=100, db_index=True)
+    device = models.CharField(max_length=100, help_text='"cpu" or "gpu:<index>".')
+    state = models.CharField(max_length=10, choices=STATE_CHOICES, default=LOADING)
+    load_progress = models.FloatField(null=True, blank=True, help_text="0 to 1 while loading.")
+    reason = models.TextField(blank=True, help_text="Why it failed, in plain words.")
+    generation_id = models.BigIntegerField(null=True, blank=True, help_text="Running now.")
+    started_at = models.DateTimeField(default=timezone.now)
+    seen_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["model_name", "host", "pid"]
+        constraints = [
+            models.UniqueConstraint(fields=["host", "pid"], name="one_heartbeat_per_process")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model_name} worker {self.host}:{self.pid} ({self.state})"
+
+
 class ConversationQuerySet(models.QuerySet):
     def visible_to(self, user):
         """Conversations the user owns, or that are shared with one of their teams."""
@@ -173,6 +218,12 @@ class Generation(models.Model):
         return f"gen.{self.pk}"
 
 
+class MessageQuerySet(models.QuerySet):
+    def current(self):
+        """The turns that make up the conversation now (not replaced)."""
+        return self.filter(superseded_at__isnull=True)
+
+
 class Message(models.Model):
     """A turn in a conversation. An assistant turn's text is its generation's text."""
 
@@ -192,6 +243,19 @@ class Message(models.Model):
         Generation, on_delete=models.CASCADE, null=True, blank=True, related_name="message"
     )
     created_at = models.DateTimeField(auto_now_add=True)
+    # Set when a regenerate or an edit replaced this turn. Replaced turns leave the
+    # conversation but stay in the database: their generations' metrics are history.
+    superseded_at = models.DateTimeField(null=True, blank=True)
+    edited_from = models.ForeignKey(
+        "self",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="The user message this one replaced by an edit.",
+    )
+
+    objects = MessageQuerySet.as_manager()
 
     class Meta:
         ordering = ["created_at", "id"]

@@ -168,3 +168,37 @@ class Quota(models.Model):
 
     def __str__(self) -> str:
         return f"Quota of {self.user or self.team}"
+
+
+class Invitation(models.Model):
+    """A one-time sign-up link an admin sends to a new user, optionally into a team."""
+
+    token = models.CharField(max_length=64, unique=True)
+    email = models.EmailField(blank=True)
+    team = models.ForeignKey(
+        Team, on_delete=models.CASCADE, null=True, blank=True, related_name="invitations"
+    )
+    role = models.CharField(
+        max_length=10, choices=Membership.ROLE_CHOICES, default=Membership.MEMBER
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    accepted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"Invitation for {self.email or 'anyone'} ({self.team or 'no team'})"
+
+    @property
+    def is_usable(self) -> bool:
+        from django.utils import timezone
+
+        return self.accepted_at is None and self.expires_at > timezone.now()
