@@ -170,8 +170,9 @@ class Generation(models.Model):
     )
     model = models.ForeignKey(LanguageModel, on_delete=models.PROTECT, related_name="generations")
     source = models.CharField(max_length=8, choices=SOURCE_CHOICES, default=SOURCE_CHAT)
+    # SET_NULL: deleting a conversation keeps its generations' usage history.
     conversation = models.ForeignKey(
-        Conversation, on_delete=models.CASCADE, null=True, blank=True, related_name="generations"
+        Conversation, on_delete=models.SET_NULL, null=True, blank=True, related_name="generations"
     )
 
     api_key_name = models.CharField(max_length=100, blank=True, help_text="Source API key.")
@@ -223,6 +224,10 @@ class MessageQuerySet(models.QuerySet):
         """The turns that make up the conversation now (not replaced)."""
         return self.filter(superseded_at__isnull=True)
 
+    def in_context(self):
+        """The current turns that are sent to the model."""
+        return self.current().filter(dropped_from_context=False)
+
 
 class Message(models.Model):
     """A turn in a conversation. An assistant turn's text is its generation's text."""
@@ -254,6 +259,10 @@ class Message(models.Model):
         related_name="+",
         help_text="The user message this one replaced by an edit.",
     )
+
+    # Set when the user chose to drop the oldest turns to fit the context: the turn
+    # stays visible, marked, but is no longer sent to the model.
+    dropped_from_context = models.BooleanField(default=False)
 
     objects = MessageQuerySet.as_manager()
 
