@@ -181,6 +181,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "inference.tasks.reap_stale_generations",
         "schedule": 30.0,
     },
+    "redrive-jobs": {"task": "inference.jobs.tasks.redrive_jobs", "schedule": 60.0},
 }
 
 # --- Models --------------------------------------------------------------------
@@ -221,6 +222,10 @@ CELERY_BEAT_SCHEDULE.update(
 # --- Limits on what a client may send ------------------------------------------
 CHAT_MESSAGE_MAX_CHARS = env_int("CHAT_MESSAGE_MAX_CHARS", 100_000)
 WS_FRAME_MAX_BYTES = env_int("WS_FRAME_MAX_BYTES", 512 * 1024)
+# A long-context job's document, uploaded or pasted (docs/jobs.md).
+JOB_UPLOAD_MAX_BYTES = env_int("JOB_UPLOAD_MAX_BYTES", 20 * 1000 * 1000)
+# Pasted documents arrive as form fields: let them be as large as an upload.
+DATA_UPLOAD_MAX_MEMORY_SIZE = JOB_UPLOAD_MAX_BYTES + 1_000_000
 
 # --- Quotas (mixtralweb/quotas.py): defaults for users and teams without a Quota row
 # set in the admin. 0 means no limit.
