@@ -1,5 +1,6 @@
-"""Records of what each generation cost."""
+"""Records of what each generation cost, of what the GPUs did, and their rollups."""
 
+from django.conf import settings
 from django.db import models
 
 
@@ -30,6 +31,7 @@ class RequestMetrics(models.Model):
     decode_tokens_per_s = models.FloatField(null=True, blank=True)
     itl_p50_ms = models.FloatField(null=True, blank=True, help_text="Inter-token latency.")
     itl_p95_ms = models.FloatField(null=True, blank=True)
+    e2e_ms = models.FloatField(null=True, blank=True, help_text="Queued to finished.")
 
     # Where it ran
     host = models.CharField(max_length=200, blank=True)
@@ -67,3 +69,111 @@ class RequestMetrics(models.Model):
     @property
     def has_gpu(self) -> bool:
         return self.gpu_index is not None
+
+
+class UsageDaily(models.Model):
+    """Generations of one day, user, team, model and source, summed.
+
+    The usage pages and the admin overview read these rows instead of every
+    generation (a million rows answer slowly; their daily sums answer at once).
+    monitoring.rollup rebuilds a (user, day) slice whenever a generation of it ends.
+    Means are kept as sum and count so that any grouping can be averaged exactly.
+    """
+
+    day = models.DateField()
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    team = models.ForeignKey(
+        "mixtralweb.Team", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    model = models.ForeignKey("inference.LanguageModel", on_delete=models.CASCADE, related_name="+")
+    source = models.CharField(max_length=8)
+
+    requests = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    cancelled = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    decode_tps_sum = models.FloatField(default=0)
+    decode_tps_count = models.PositiveIntegerField(default=0)
+    ttft_ms_sum = models.FloatField(default=0)
+    ttft_ms_count = models.PositiveIntegerField(default=0)
+    queue_ms_sum = models.FloatField(default=0)
+    queue_ms_count = models.PositiveIntegerField(default=0)
+    e2e_ms_sum = models.FloatField(default=0)
+    e2e_ms_count = models.PositiveIntegerField(default=0)
+    vram_peak_max_bytes = models.BigIntegerField(null=True, blank=True)
+    energy_j_sum = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "daily usage"
+        indexes = [
+            models.Index(fields=["day"]),
+            models.Index(fields=["user", "day"]),
+            models.Index(fields=["team", "day"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.user_id} {self.model_id} {self.source}"
+
+
+class GpuSample(models.Model):
+    """One reading of one GPU, taken every few seconds by its host's telemetry thread.
+
+    Raw samples are kept for GPU_RAW_RETENTION_HOURS, then only their 1-minute
+    means (GpuMinute) remain.
+    """
+
+    host = models.CharField(max_length=200)
+    gpu_index = models.PositiveSmallIntegerField()
+    gpu_uuid = models.CharField(max_length=64, blank=True)
+    name = models.CharField(max_length=100, blank=True)
+    sampled_at = models.DateTimeField(db_index=True)
+
+    memory_used_bytes = models.BigIntegerField()
+    memory_total_bytes = models.BigIntegerField()
+    utilization_pct = models.FloatField(null=True, blank=True)
+    temperature_c = models.FloatField(null=True, blank=True)
+    power_w = models.FloatField(null=True, blank=True)
+    power_limit_w = models.FloatField(null=True, blank=True)
+    sm_clock_mhz = models.FloatField(null=True, blank=True)
+    mem_clock_mhz = models.FloatField(null=True, blank=True)
+    throttle_reasons = models.JSONField(default=list, blank=True)
+    ecc_errors = models.BigIntegerField(null=True, blank=True, help_text="Uncorrected, volatile.")
+    processes = models.JSONField(default=list, blank=True, help_text="[{pid, used_bytes}]")
+
+    class Meta:
+        indexes = [models.Index(fields=["host", "gpu_index", "sampled_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.host} GPU {self.gpu_index} at {self.sampled_at}"
+
+
+class GpuMinute(models.Model):
+    """The mean of one GPU's raw samples over one minute. Kept GPU_MINUTE_RETENTION_DAYS."""
+
+    host = models.CharField(max_length=200)
+    gpu_index = models.PositiveSmallIntegerField()
+    gpu_uuid = models.CharField(max_length=64, blank=True)
+    minute = models.DateTimeField(db_index=True)
+    samples = models.PositiveIntegerField()
+
+    memory_used_bytes = models.BigIntegerField()
+    memory_total_bytes = models.BigIntegerField()
+    utilization_pct = models.FloatField(null=True, blank=True)
+    temperature_c = models.FloatField(null=True, blank=True)
+    temperature_max_c = models.FloatField(null=True, blank=True)
+    power_w = models.FloatField(null=True, blank=True)
+    power_limit_w = models.FloatField(null=True, blank=True)
+    sm_clock_mhz = models.FloatField(null=True, blank=True)
+    mem_clock_mhz = models.FloatField(null=True, blank=True)
+    throttle_reasons = models.JSONField(default=list, blank=True, help_text="Any seen.")
+    ecc_errors = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["host", "gpu_index", "minute"], name="one_gpu_minute")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.host} GPU {self.gpu_index} minute {self.minute}"

@@ -7,6 +7,7 @@ False and readers get None, never invented zeros. Tests on such machines replace
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -14,15 +15,27 @@ import pynvml
 
 NO_GPU_MESSAGE = "no NVIDIA GPU"
 
+# Clock-event bits (nvidia-ml-py >= 12.535 names; the older "ClocksThrottle" names
+# are deprecated aliases with the same values). "GPU idle" and "display clock" are
+# not throttling, so they are not reported.
 THROTTLE_REASON_NAMES = {
-    "clocksEventReasonGpuIdle": "gpu_idle",
-    "clocksEventReasonApplicationsClocksSetting": "applications_clocks",
-    "clocksEventReasonSwPowerCap": "sw_power_cap",
-    "clocksEventReasonHwSlowdown": "hw_slowdown",
-    "clocksEventReasonSyncBoost": "sync_boost",
-    "clocksEventReasonSwThermalSlowdown": "sw_thermal",
-    "clocksEventReasonHwThermalSlowdown": "hw_thermal",
-    "clocksEventReasonHwPowerBrakeSlowdown": "hw_power_brake",
+    pynvml.nvmlClocksEventReasonApplicationsClocksSetting: "applications_clocks",
+    pynvml.nvmlClocksEventReasonSwPowerCap: "sw_power_cap",
+    pynvml.nvmlClocksEventReasonHwSlowdown: "hw_slowdown",
+    pynvml.nvmlClocksEventReasonSyncBoost: "sync_boost",
+    pynvml.nvmlClocksEventReasonSwThermalSlowdown: "sw_thermal",
+    pynvml.nvmlClocksEventReasonHwThermalSlowdown: "hw_thermal",
+    pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown: "hw_power_brake",
+    pynvml.nvmlClocksThrottleReasonBoardLimit: "board_limit",
+    pynvml.nvmlClocksThrottleReasonReliability: "reliability",
+}
+# Reasons that mean the card is too hot or short of power: the pages raise an alert.
+THERMAL_OR_POWER_REASONS = {
+    "sw_power_cap",
+    "hw_slowdown",
+    "sw_thermal",
+    "hw_thermal",
+    "hw_power_brake",
 }
 
 
@@ -60,14 +73,7 @@ def _optional(call, *args):
 def _throttle_reasons(mask: int | None) -> list[str]:
     if not mask:
         return []
-    names = []
-    for attr, name in THROTTLE_REASON_NAMES.items():
-        bit = getattr(pynvml, f"nvmlClocksEvent{attr[len('clocksEvent') :]}", None)
-        if bit is None:
-            bit = getattr(pynvml, f"nvmlClocksThrottle{attr[len('clocksEventReason') :]}", None)
-        if bit and mask & bit and name != "gpu_idle":
-            names.append(name)
-    return names
+    return [name for bit, name in THROTTLE_REASON_NAMES.items() if mask & bit]
 
 
 class NvmlBackend:
@@ -129,6 +135,16 @@ class NvmlBackend:
 
 
 backend = NvmlBackend()
+
+
+def _forget_after_fork() -> None:
+    # An NVML handle does not survive a fork: a child initialises its own.
+    if isinstance(backend, NvmlBackend):
+        backend._lock = threading.Lock()
+        backend._ready = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def available() -> bool:

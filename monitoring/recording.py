@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
+from django.utils import timezone
+
 from monitoring.models import RequestMetrics
 
 
@@ -26,6 +28,8 @@ def record_metrics(generation, stats, resources: dict, *, n_ctx: int) -> Request
     started_at = generation.started_at
     queue_ms = (started_at - generation.queued_at).total_seconds() * 1000 if started_at else None
     itl = stats.inter_token_ms()
+    # The worker records just before it marks the generation finished.
+    finished_at = generation.finished_at or timezone.now()
     fields = dict(
         prompt_tokens=stats.prompt_tokens,
         cached_tokens=stats.cached_tokens,
@@ -40,6 +44,7 @@ def record_metrics(generation, stats, resources: dict, *, n_ctx: int) -> Request
         decode_tokens_per_s=stats.decode_tokens_per_s,
         itl_p50_ms=percentile(itl, 50),
         itl_p95_ms=percentile(itl, 95),
+        e2e_ms=(finished_at - generation.queued_at).total_seconds() * 1000,
         host=socket.gethostname(),
         pid=os.getpid(),
         **resources,

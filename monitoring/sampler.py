@@ -13,16 +13,42 @@ import time
 from statistics import fmean
 
 import psutil
+from django.conf import settings
 
 from monitoring import nvml
 
-DEFAULT_INTERVAL_S = 0.1
+
+def nvml_index(cuda_index: int) -> int | None:
+    """The NVML index of CUDA device `cuda_index` of this process.
+
+    CUDA_VISIBLE_DEVICES renumbers devices for CUDA (a worker pinned to GPU 3 sees
+    it as device 0) but not for NVML, which always counts every GPU of the host.
+    """
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    visible = [v for v in visible if v]
+    if not visible or cuda_index >= len(visible):
+        return cuda_index
+    wanted = visible[cuda_index]
+    if wanted.isdigit():
+        return int(wanted)
+    for reading in nvml.read_all():  # GPU-... UUIDs, possibly abbreviated
+        if reading.uuid.startswith(wanted):
+            return reading.index
+    return None
 
 
 class ResourceSampler:
-    def __init__(self, gpu_index: int | None, interval_s: float = DEFAULT_INTERVAL_S):
-        self.gpu_index = gpu_index if nvml.available() else None
-        self.interval_s = interval_s
+    """Reads CPU, RSS and (on a GPU) NVML every interval while a generation runs.
+
+    gpu_index is the CUDA device the run uses (0 for a worker's only GPU), or None
+    when the model runs on the CPU.
+    """
+
+    def __init__(self, gpu_index: int | None, interval_s: float | None = None):
+        self.gpu_index = nvml_index(gpu_index) if gpu_index is not None else None
+        if not nvml.available():
+            self.gpu_index = None
+        self.interval_s = interval_s or settings.REQUEST_SAMPLE_INTERVAL_S
         self.pid = os.getpid()
         self._process = psutil.Process(self.pid)
         self._stop = threading.Event()
@@ -31,6 +57,7 @@ class ResourceSampler:
         self.cpu_samples: list[float] = []
         self.rss_samples: list[int] = []
         self.sample_seconds = 0.0  # time spent sampling, to show what sampling costs
+        self.samples = 0
 
     def __enter__(self) -> ResourceSampler:
         self._process.cpu_percent(None)  # the first call only starts the interval
@@ -55,7 +82,10 @@ class ResourceSampler:
         except psutil.Error:
             pass
         if self.gpu_index is not None:
-            self.gpu_samples.append((time.monotonic(), nvml.read(self.gpu_index)))
+            reading = nvml.read(self.gpu_index)
+            if reading is not None:
+                self.gpu_samples.append((time.monotonic(), reading))
+        self.samples += 1
         self.sample_seconds += time.perf_counter() - began
 
     def _process_vram(self, reading: nvml.DeviceReading) -> int | None:
