@@ -277,3 +277,5 @@ class Message(models.Model):
         if self.role == self.ASSISTANT and self.generation_id:
             return self.generation.text
         return self.content
+
+from .jobs.models import Job, JobChunk  # noqa: E402,F401  (long-context jobs, inference/jobs/)

@@ -1,0 +1,127 @@
+"""The shapes of what the server sends about jobs (docs/jobs.md lists them)."""
+
+from __future__ import annotations
+
+from inference.events import live_text, metrics_payload, queue_position
+from inference.models import Generation
+
+from .models import Job, JobChunk
+
+
+def unread_count(user_id: int) -> int:
+    """Finished jobs the owner has not looked at yet."""
+    return Job.objects.filter(
+        user_id=user_id, state__in=Job.FINAL_STATES, seen_at__isnull=True
+    ).count()
+
+
+def _metrics_of(gen: Generation):
+    try:
+        return gen.metrics
+    except Generation.metrics.RelatedObjectDoesNotExist:
+        return None
+
+
+def pass_label(job: Job, chunk: JobChunk) -> str:
+    if job.strategy == Job.SINGLE:
+        return "Answer"
+    if chunk.level == 0:
+        return f"Chunk {chunk.index + 1}"
+    return f"Combine {chunk.level}.{chunk.index + 1}"
+
+
+def _phase(job: Job, current: JobChunk | None) -> tuple[str, int | None]:
+    """What the user sees: draft, queued (with position), evaluating, generating,
+    or the final state."""
+    if job.state == Job.DRAFT or job.is_final:
+        return job.state, None
+    if current is None or current.generation is None:
+        return "queued", None
+    gen = current.generation
+    if gen.state == Generation.QUEUED:
+        return "queued", queue_position(gen)
+    if gen.state == Generation.RUNNING:
+        return ("generating" if live_text(gen) else "evaluating"), None
+    return "queued", None  # between passes
+
+
+def job_snapshot(job: Job) -> dict:
+    """A job as it stands now."""
+    chunks = list(job.chunks.select_related("generation__metrics").order_by("level", "index"))
+    current = next((c for c in chunks if c.state == JobChunk.RUNNING), None)
+    phase, position = _phase(job, current)
+    passes = []
+    for chunk in chunks:
+        gen = chunk.generation
+        passes.append(
+            {
+                "level": chunk.level,
+                "index": chunk.index,
+                "label": pass_label(job, chunk),
+                "state": chunk.state,
+                "prompt_tokens": chunk.prompt_tokens,
+                "weight": chunk.prompt_tokens + job.max_tokens,
+                "generation": gen.pk if gen else None,
+                "attempts": chunk.attempts,
+            }
+        )
+    level0 = sum(1 for c in chunks if c.level == 0)
+    if job.strategy == Job.MAP_REDUCE and not any(c.level > 0 for c in chunks):
+        # The combine pass is planned when the chunks are answered; until then
+        # its size is an estimate.
+        estimate = level0 * job.max_tokens // 2 + 200
+        passes.append(
+            {
+                "level": 1,
+                "index": 0,
+                "label": "Combine",
+                "state": "planned",
+                "prompt_tokens": estimate,
+                "weight": estimate + job.max_tokens,
+                "generation": None,
+                "attempts": 0,
+            }
+        )
+    current_payload = None
+    if current is not None and current.generation is not None:
+        gen = current.generation
+        current_payload = {
+            "generation": gen.pk,
+            "state": gen.state,
+            "label": pass_label(job, current),
+            "prompt_tokens": current.prompt_tokens,
+            "max_tokens": job.max_tokens,
+            "started_at": gen.started_at.isoformat() if gen.started_at else None,
+        }
+    metrics = []
+    for chunk in chunks:
+        for gen in chunk.generations.select_related("metrics").order_by("queued_at"):
+            metrics.append(
+                {
+                    "label": pass_label(job, chunk),
+                    "generation": gen.pk,
+                    "state": gen.state,
+                    "reason": gen.reason,
+                    "metrics": metrics_payload(_metrics_of(gen)),
+                }
+            )
+    return {
+        "type": "job.snapshot",
+        "job": job.pk,
+        "title": str(job),
+        "state": job.state,
+        "phase": phase,
+        "position": position,
+        "reason": job.reason,
+        "strategy": job.strategy,
+        "n_ctx": job.n_ctx,
+        "max_tokens": job.max_tokens,
+        "document_tokens": job.document_tokens,
+        "queued_at": job.queued_at.isoformat() if job.queued_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "passes": passes,
+        "passes_done": sum(1 for c in chunks if c.state == JobChunk.DONE),
+        "current": current_payload,
+        "result": job.result if job.state == Job.DONE else "",
+        "metrics": metrics,
+    }

@@ -1,0 +1,415 @@
+"""Writes that create, run, advance and cancel jobs. Views, consumers, the signal
+receiver and the beat task call these.
+
+Every function takes keyword-only arguments and raises JobError with a message
+that can be shown to the user as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+from django.utils import timezone
+
+from inference.events import final_event
+from inference.models import Generation, LanguageModel
+from inference.services import generation_stop
+from mixtralweb.quotas import QuotaExceeded, check_quota
+
+from . import planning
+from .documents import DocumentError, clean_pasted_text, read_upload
+from .models import Job, JobChunk
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS_LIMIT = 32768
+INSTRUCTION_MAX_CHARS = 20_000
+# A pass that failed (say, its worker died) is tried this many times in all.
+PASS_MAX_ATTEMPTS = 3
+# Jobs run with little randomness: a summary should not change from run to run.
+PASS_PARAMS = {"temperature": 0.2, "top_p": 0.95, "seed": None}
+# Drafts nobody ran or discarded are deleted after this long.
+DRAFT_TTL = timedelta(days=1)
+
+
+class JobError(ValueError):
+    """A request that cannot be carried out; `field` names the form field at fault."""
+
+    def __init__(self, message: str, code: str = "invalid", field: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.field = field
+
+
+# --- reads used by the writes ---------------------------------------------------------
+def get_job_for_user(user, job_id) -> Job:
+    """The job if the user may see it (owner or team-mate); JobError otherwise."""
+    try:
+        job_id = int(job_id)
+    except (TypeError, ValueError):
+        raise JobError("Job not found.", code="not_found") from None
+    job = Job.objects.visible_to(user).select_related("model", "team").filter(pk=job_id).first()
+    if job is None:
+        raise JobError("Job not found.", code="not_found")
+    return job
+
+
+def _own_job_locked(user, job_id) -> Job:
+    job = get_job_for_user(user, job_id)
+    if job.user_id != user.pk:
+        raise JobError("Only the owner of a job may change it.", code="forbidden")
+    return Job.objects.select_for_update().select_related("model").get(pk=job.pk)
+
+
+# --- creating ------------------------------------------------------------------------
+def _clean_max_tokens(value) -> int:
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        raise JobError("Maximum new tokens must be a whole number.", field="max_tokens") from None
+    if not 1 <= value <= MAX_TOKENS_LIMIT:
+        raise JobError(
+            f"Maximum new tokens must be between 1 and {MAX_TOKENS_LIMIT}.", field="max_tokens"
+        )
+    return value
+
+
+def _model(name: str | None) -> LanguageModel:
+    from django.conf import settings
+
+    model = LanguageModel.objects.filter(name=name or settings.DEFAULT_MODEL_NAME, enabled=True)
+    model = model.first()
+    if model is None:
+        raise JobError(f"There is no model named {name!r}.", field="model")
+    return model
+
+
+def job_draft(
+    *,
+    user,
+    instruction: str,
+    max_tokens: int,
+    model_name: str | None = None,
+    text: str = "",
+    file_name: str = "",
+    file_data: bytes | None = None,
+    team=None,
+    title: str = "",
+) -> Job:
+    """Read and count a document. The draft is not queued: the user sees its token
+    count against the model's context, then runs or discards it."""
+    instruction = (instruction or "").strip()
+    if not instruction:
+        raise JobError("Say what to do with the document.", code="empty", field="instruction")
+    if len(instruction) > INSTRUCTION_MAX_CHARS:
+        raise JobError(
+            f"The instruction is {len(instruction):,} characters; the limit is "
+            f"{INSTRUCTION_MAX_CHARS:,}. Put long material in the document.",
+            field="instruction",
+        )
+    max_tokens = _clean_max_tokens(max_tokens)
+    model = _model(model_name)
+    if team is not None and not team.memberships.filter(user=user).exists():
+        raise JobError("You are not in that team.", field="team")
+    has_file = file_data is not None
+    if has_file and (text or "").strip():
+        raise JobError("Upload a file or paste text, not both.", field="document")
+    try:
+        if has_file:
+            document = read_upload(file_name, file_data)
+        else:
+            document = clean_pasted_text(text)
+    except DocumentError as exc:
+        raise JobError(str(exc), code=exc.code, field="file" if has_file else "text") from None
+
+    try:
+        document_tokens = planning.count_text(model, document)
+        prompt_tokens = planning.count_chat(model, planning.single_messages(instruction, document))
+    except planning.PlanError as exc:
+        raise JobError(str(exc), field="model") from None
+    title = (title or "").strip() or (file_name or instruction.splitlines()[0])
+    return Job.objects.create(
+        user=user,
+        team=team,
+        model=model,
+        title=title[:200],
+        instruction=instruction,
+        document=document,
+        document_name=(file_name or "")[:255],
+        document_tokens=document_tokens,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        n_ctx=model.n_ctx,
+    )
+
+
+def job_discard(*, user, job_id) -> None:
+    """Refuse a draft that does not fit (or that the user no longer wants)."""
+    with transaction.atomic():
+        job = _own_job_locked(user, job_id)
+        if job.state != Job.DRAFT:
+            raise JobError("Only a job that has not been queued can be discarded.", code="state")
+        job.delete()
+
+
+@transaction.atomic
+def job_submit(*, user, job_id, strategy: str) -> Job:
+    """Queue a draft: in one pass if it fits the context, else by map-reduce when the
+    user chose it. Never truncates."""
+    job = _own_job_locked(user, job_id)
+    if job.state != Job.DRAFT:
+        raise JobError("This job was already submitted.", code="state")
+    if strategy not in {Job.SINGLE, Job.MAP_REDUCE}:
+        raise JobError("Choose one pass or map-reduce.", field="strategy")
+    if job.fits:
+        strategy = Job.SINGLE
+    elif strategy == Job.SINGLE:
+        raise JobError(
+            f"The prompt is {job.prompt_tokens:,} tokens and {job.max_tokens:,} new tokens are "
+            f"asked for: more than the {job.n_ctx:,}-token context. Choose map-reduce or "
+            "discard the job.",
+            code="too_long",
+        )
+    try:
+        check_quota(user=user, team=job.team, source="job")
+    except QuotaExceeded as exc:
+        raise JobError(str(exc), code="quota") from None
+
+    if strategy == Job.SINGLE:
+        JobChunk.objects.create(
+            job=job,
+            level=0,
+            index=0,
+            start=0,
+            end=len(job.document),
+            prompt_tokens=job.prompt_tokens,
+        )
+    else:
+        try:
+            chunks = planning.split_document(
+                job.model, job.instruction, job.document, job.max_tokens, job.n_ctx
+            )
+        except planning.PlanError as exc:
+            raise JobError(str(exc), code="cannot_split") from None
+        JobChunk.objects.bulk_create(
+            JobChunk(
+                job=job, level=0, index=i, start=c.start, end=c.end, prompt_tokens=c.prompt_tokens
+            )
+            for i, c in enumerate(chunks)
+        )
+    job.strategy = strategy
+    job.state = Job.QUEUED
+    job.queued_at = timezone.now()
+    job.save()
+    _advance_locked(job)
+    return job
+
+
+# --- running -------------------------------------------------------------------------
+def _pass_messages(job: Job, chunk: JobChunk, level_answers: list[str] | None) -> list[dict]:
+    if chunk.level == 0:
+        part = job.document[chunk.start : chunk.end]
+        if job.strategy == Job.SINGLE:
+            return planning.single_messages(job.instruction, part)
+        total = job.chunks.filter(level=0).count()
+        return planning.map_messages(job.instruction, part, chunk.index + 1, total)
+    return planning.combine_messages(job.instruction, level_answers[chunk.start : chunk.end])
+
+
+def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = None) -> None:
+    from inference.tasks import generate
+
+    gen = Generation.objects.create(
+        user=job.user,
+        team=job.team,
+        model=job.model,
+        source=Generation.SOURCE_JOB,
+        input_messages=_pass_messages(job, chunk, level_answers),
+        params={**PASS_PARAMS, "max_tokens": job.max_tokens},
+    )
+    if not chunk.prompt_tokens:
+        chunk.prompt_tokens = planning.count_chat(job.model, gen.input_messages)
+    chunk.generation = gen
+    chunk.attempts += 1
+    chunk.state = JobChunk.RUNNING
+    chunk.save()
+    chunk.generations.add(gen)
+    queue = job.model.bulk_queue_name
+    transaction.on_commit(lambda: generate.apply_async(args=[gen.pk], queue=queue))
+
+
+def _finish_job(job: Job, state: str, reason: str = "", result: str = "") -> None:
+    job.state = state
+    job.reason = reason
+    job.result = result
+    job.finished_at = timezone.now()
+    job.save()
+
+
+def _plan_next_level(job: Job, answers: list[str], level: int) -> list[JobChunk]:
+    groups = planning.group_answers(job.model, answers, job.max_tokens, job.n_ctx, job.instruction)
+    chunks = []
+    for index, (start, end) in enumerate(groups):
+        chunk = JobChunk(job=job, level=level, index=index, start=start, end=end)
+        if end - start == 1 and len(groups) > 1:
+            # One answer alone needs no combining: it goes up a level as it is.
+            chunk.state, chunk.answer = JobChunk.DONE, answers[start]
+        chunks.append(chunk)
+    return JobChunk.objects.bulk_create(chunks)
+
+
+def _advance_locked(job: Job) -> None:
+    """Move a locked, active job one step on, from what the database says. Safe to
+    call any number of times: a step already taken is not taken again."""
+    while job.state in Job.ACTIVE_STATES:
+        chunks = list(job.chunks.select_related("generation").order_by("level", "index"))
+        last_level = chunks[-1].level
+        answers_by_level: dict[int, list[str]] = {}
+        waiting = False
+        for chunk in chunks:
+            if chunk.state == JobChunk.DONE:
+                answers_by_level.setdefault(chunk.level, []).append(chunk.answer)
+                continue
+            gen = chunk.generation
+            if gen is None:
+                _start_pass(job, chunk, answers_by_level.get(chunk.level - 1))
+                waiting = True
+                break
+            if not gen.is_final:
+                waiting = True
+                break
+            if gen.state == Generation.DONE:
+                chunk.state, chunk.answer = JobChunk.DONE, gen.text
+                chunk.save(update_fields=["state", "answer"])
+                answers_by_level.setdefault(chunk.level, []).append(chunk.answer)
+                if job.state == Job.QUEUED:
+                    job.state = Job.RUNNING
+                    job.save(update_fields=["state"])
+                continue
+            if gen.state == Generation.CANCELLED:
+                _finish_job(job, Job.CANCELLED, gen.reason or "A pass was stopped.")
+                return
+            if chunk.attempts < PASS_MAX_ATTEMPTS:
+                log.info("job %s: retrying pass %s after: %s", job.pk, chunk, gen.reason)
+                _start_pass(job, chunk, answers_by_level.get(chunk.level - 1))
+                waiting = True
+                break
+            chunk.state = JobChunk.FAILED
+            chunk.save(update_fields=["state"])
+            _finish_job(
+                job,
+                Job.FAILED,
+                f"{_pass_name(job, chunk)} failed {chunk.attempts} times; the last time: "
+                f"{gen.reason or 'no reason given'}",
+            )
+            return
+        if waiting:
+            return
+        top = [c for c in chunks if c.level == last_level]
+        if len(top) == 1:
+            _finish_job(job, Job.DONE, result=top[0].answer)
+            return
+        _plan_next_level(job, answers_by_level[last_level], last_level + 1)
+        # Loop: start the first pass of the new level.
+
+
+def _pass_name(job: Job, chunk: JobChunk) -> str:
+    if job.strategy == Job.SINGLE:
+        return "The pass"
+    if chunk.level == 0:
+        return f"Chunk {chunk.index + 1}"
+    return f"Combine pass {chunk.level}.{chunk.index + 1}"
+
+
+def job_advance(*, job_id: int) -> Job | None:
+    """Take the job's next step if its current pass has finished (idempotent)."""
+    with transaction.atomic():
+        job = Job.objects.select_for_update().select_related("model").filter(pk=job_id).first()
+        if job is None:
+            return None
+        before = job.state
+        if job.state in Job.ACTIVE_STATES:
+            _advance_locked(job)
+        if job.state != before or job.state in Job.ACTIVE_STATES:
+            announce(job)
+    return job
+
+
+def job_cancel(*, user, job_id) -> Job:
+    """Cancel the job now, and ask the worker to stop its running pass."""
+    with transaction.atomic():
+        job = _own_job_locked(user, job_id)
+        if job.state == Job.DRAFT:
+            raise JobError("This job was never queued; discard it instead.", code="state")
+        if job.is_final:
+            return job
+        job.cancel_requested = True
+        _finish_job(job, Job.CANCELLED, f"Cancelled by {user.get_username()}.")
+        running = list(
+            Generation.objects.filter(
+                job_chunk__job=job, state__in=[Generation.QUEUED, Generation.RUNNING]
+            ).values_list("pk", flat=True)
+        )
+        announce(job)
+    for gen_id in running:
+        gen = generation_stop(user=job.user, generation_id=gen_id)
+        if gen.state == Generation.CANCELLED and not gen.started_at:
+            # It never reached a worker, so no worker will announce its end.
+            async_to_sync(get_channel_layer().group_send)(gen.group_name, final_event(gen))
+    return job
+
+
+def job_mark_seen(*, user, job_id) -> None:
+    Job.objects.filter(pk=job_id, user=user, seen_at__isnull=True).exclude(
+        state__in=[Job.DRAFT, Job.QUEUED, Job.RUNNING]
+    ).update(seen_at=timezone.now())
+
+
+def jobs_redrive() -> int:
+    """Advance every active job whose pass ended without moving it on (a missed
+    signal, a crash between steps), and delete stale drafts. Returns the number of
+    active jobs looked at."""
+    Job.objects.filter(state=Job.DRAFT, created_at__lt=timezone.now() - DRAFT_TTL).delete()
+    active = list(Job.objects.filter(state__in=Job.ACTIVE_STATES).values_list("pk", flat=True))
+    for job_id in active:
+        job_advance(job_id=job_id)
+    return len(active)
+
+
+# --- telling the browsers --------------------------------------------------------------
+def user_group(user_id: int) -> str:
+    """The channel-layer group of one user's job notifications."""
+    return f"jobs.user.{user_id}"
+
+
+def announce(job: Job) -> None:
+    """After the commit, send the job's new state to its watchers, and tell the owner
+    when it has finished."""
+    job_id, user_id, final = job.pk, job.user_id, job.is_final
+
+    def send():
+        from .events import job_snapshot, unread_count
+
+        layer = get_channel_layer()
+        fresh = Job.objects.select_related("model").get(pk=job_id)
+        snapshot = job_snapshot(fresh)
+        async_to_sync(layer.group_send)(fresh.group_name, {**snapshot, "type": "job.progress"})
+        if final:
+            async_to_sync(layer.group_send)(
+                user_group(user_id),
+                {
+                    "type": "job.finished",
+                    "job": job_id,
+                    "title": str(fresh),
+                    "state": fresh.state,
+                    "reason": fresh.reason,
+                    "url": f"/jobs/{job_id}/",
+                    "unread": unread_count(user_id),
+                },
+            )
+
+    transaction.on_commit(send)
