@@ -191,9 +191,11 @@ def generate(self, generation_id: int) -> None:
         gen.metrics = record
         gen.state, gen.reason, gen.finished_at = state, reason, timezone.now()
         gen.save()
+        # Listeners (usage rollups, jobs) run before the final event goes out: a
+        # client that has the final event sees every record the run produced.
+        generation_finished.send(sender=Generation, generation=gen)
         publisher.close(final_event(gen))
         _redis().delete(live_text_key(gen.pk), cancel_key(gen.pk))
-        generation_finished.send(sender=Generation, generation=gen)
 
 
 def _wall(monotonic_at: float | None, stats: RunStats):
