@@ -1,1 +1,5 @@
-urlpatterns: list = []
+from django.urls import path
+
+from . import views
+
+urlpatterns = [path("", views.planner, name="planner")]

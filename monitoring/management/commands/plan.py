@@ -1,0 +1,64 @@
+"""manage.py plan: will this model fit on this GPU, and how fast will it run?"""
+
+import argparse
+import json
+
+from django.core.management.base import BaseCommand, CommandError
+
+from monitoring.planner import catalog
+from monitoring.planner.compute import KV_TYPES, PlanError
+from monitoring.planner.planning import make_report
+from monitoring.planner.present import as_text
+
+
+class Command(BaseCommand):
+    help = (
+        "Plan a model on a GPU: memory, headroom, largest context, offloading, decode and "
+        "prompt speed, llama.cpp settings. --model is a catalog model (with --quant), a "
+        "registered model's name or the path of a GGUF file."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--gpu", required=True, help=f"one of: {catalog.names(catalog.GPUS)}, or a CPU host"
+        )
+        parser.add_argument(
+            "--model",
+            required=True,
+            help=f"one of: {catalog.names(catalog.MODELS)}; a registered model; a GGUF path",
+        )
+        parser.add_argument("--quant", help=f"catalog models only: {catalog.names(catalog.QUANTS)}")
+        parser.add_argument(
+            "--ctx", type=int, help="context tokens (default: the model's n_ctx or trained)"
+        )
+        parser.add_argument("--kv", default="f16", help=f"KV cache type: {', '.join(KV_TYPES)}")
+        parser.add_argument(
+            "--flash-attn",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="default: on for a GPU or a quantized KV cache",
+        )
+        parser.add_argument(
+            "--host",
+            default=catalog.DEFAULT_HOST,
+            help=f"CPU side for offloaded layers: {catalog.names(catalog.HOSTS)}",
+        )
+        parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    def handle(self, *args, **options):
+        try:
+            report = make_report(
+                gpu=options["gpu"],
+                model=options["model"],
+                quant=options["quant"],
+                n_ctx=options["ctx"],
+                kv=options["kv"],
+                flash_attn=options["flash_attn"],
+                host=options["host"],
+            )
+        except PlanError as exc:
+            raise CommandError(str(exc)) from exc
+        if options["json"]:
+            self.stdout.write(json.dumps(report.as_json(), indent=2))
+        else:
+            self.stdout.write(as_text(report))

@@ -1,0 +1,471 @@
+"""The capacity planner: its arithmetic against numbers worked out by hand, the
+`plan` command, the page, calibration from recorded runs, and bad input.
+
+Hand computations are written out in the comments; constants are bytes unless named.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from monitoring.planner import catalog
+from monitoring.planner.compute import (
+    DOES_NOT_FIT,
+    FITS,
+    GIB,
+    KIB,
+    MIB,
+    TIGHT,
+    PlanError,
+    compute_buffer_bytes,
+    decode_bound_tokens_per_s,
+    kv_bytes_per_token,
+    plan,
+)
+from monitoring.planner.gguf_file import read_gguf
+from monitoring.planner.planning import _catalog_weights, make_report
+
+MIXTRAL_8X22B = catalog.MODELS["mixtral-8x22b"]
+A100_80GB = catalog.GPUS["a100-80gb"]
+HOST = catalog.HOSTS["cpu-ddr4-8ch"]
+
+
+def catalog_plan(model, quant, gpu, n_ctx, kv="f16", flash_attn=None):
+    entry = catalog.MODELS[model]
+    weights = _catalog_weights(entry, catalog.QUANTS[quant])
+    return plan(
+        weights=weights,
+        arch=entry.arch,
+        device=catalog.GPUS[gpu],
+        n_ctx=n_ctx,
+        kv_type=kv,
+        flash_attn=flash_attn,
+        host=HOST,
+    )
+
+
+def embedded_gguf():
+    from inference.registry import embedded_model_path
+
+    return embedded_model_path()
+
+
+# --- arithmetic ------------------------------------------------------------------
+
+
+def test_it_sizes_the_mixtral_8x22b_kv_cache_at_224_kib_per_token_in_f16():
+    # 2 (K and V) x 56 layers x 8 KV heads x 128 dims x 2 bytes = 229,376 = 224 KiB
+    assert kv_bytes_per_token(MIXTRAL_8X22B.arch, "f16") == 229_376 == 224 * KIB
+
+
+def test_it_sizes_the_mixtral_8x22b_64k_kv_cache_at_15_gb_f16_and_8_gb_q8_0():
+    p16 = catalog_plan("mixtral-8x22b", "Q3_K_M", "a100-80gb", 65536, kv="f16")
+    p8 = catalog_plan("mixtral-8x22b", "Q3_K_M", "a100-80gb", 65536, kv="q8_0")
+    p4 = catalog_plan("mixtral-8x22b", "Q3_K_M", "a100-80gb", 65536, kv="q4_0")
+    # 229,376 x 65,536 = 15,032,385,536 (15.0 GB)
+    assert p16.kv_bytes == 15_032_385_536
+    # q8_0: 34 bytes per 32 values: 229,376 / 2 x 34/32 = 121,856 per token x 65,536
+    assert p8.kv_bytes == 121_856 * 65536 == 7_985_954_816
+    # q4_0: 18 bytes per 32 values: 114,688 x 18/32 = 64,512 per token
+    assert p4.kv_bytes == 64_512 * 65536
+    assert round(p16.kv_bytes / 1e9, 1) == 15.0
+    assert round(p8.kv_bytes / 1e9, 1) == 8.0
+
+
+def test_it_counts_catalog_parameters_as_the_published_models_have_them():
+    # Published parameter counts (Hugging Face model cards / safetensors metadata).
+    assert catalog.MODELS["llama-3.1-8b"].arch.params_total == 8_030_261_248
+    assert catalog.MODELS["llama-3.1-70b"].arch.params_total == 70_553_706_496
+    assert catalog.MODELS["mistral-7b"].arch.params_total == 7_241_732_096
+    assert catalog.MODELS["mixtral-8x7b"].arch.params_total == 46_702_792_704
+    assert catalog.MODELS["smollm2-135m"].arch.params_total == 134_515_008
+    # Mixtral 8x22B: ~140.6B in all, ~39B read per token (2 of 8 experts).
+    assert round(MIXTRAL_8X22B.arch.params_total / 1e9, 1) == 140.6
+    assert round(MIXTRAL_8X22B.arch.params_active / 1e9) == 39
+
+
+def test_it_plans_llama_3_1_8b_q4_k_m_on_an_rtx_4090_as_worked_by_hand():
+    p = catalog_plan("llama-3.1-8b", "Q4_K_M", "rtx-4090", 8192)
+    # File: 8,030,261,248 params x 4.80 bits / 8 = 4,818,156,749 bytes (0.6 bytes/param).
+    assert p.weights.file_bytes == 4_818_156_749
+    # The embedding (128,256 x 4,096 = 525,336,576 params x 0.6) stays on the host.
+    assert p.weights.token_embedding_bytes == 315_201_946
+    gpu_weights = 4_818_156_749 - 315_201_946
+    # KV: 2 x 32 x 8 x 128 x 2 = 131,072 per token x 8,192 = 1 GiB.
+    assert p.kv_bytes == GIB
+    # Compute (flash attention on): logits 512 x 128,256 x 4 = 262,668,288 beat the FFN
+    # (512 x 14,336 x 2 x 4); plus residual 512 x 4,096 x 16 = 33,554,432.
+    assert p.compute_buffer_bytes == 262_668_288 + 33_554_432
+    total = gpu_weights + GIB + 296_222_720 + GIB
+    assert p.total_bytes == total == 6_946_661_171
+    assert p.headroom_bytes == 24564 * MIB - total
+    assert p.verdict == FITS
+    # Decode bound: 1,008 GB/s / (4,502,954,803 weights read + 1 GiB of KV) = 180.75
+    assert p.decode_bound_tokens_per_s == pytest.approx(1008e9 / (4_502_954_803 + GIB))
+    assert round(p.decode_bound_tokens_per_s, 1) == 180.8
+    assert p.decode_estimate_tokens_per_s == pytest.approx(p.decode_bound_tokens_per_s * 0.6)
+    assert p.settings.n_gpu_layers == -1
+
+
+def test_it_offloads_llama_3_1_70b_to_44_layers_on_a_24_gb_card():
+    p = catalog_plan("llama-3.1-70b", "Q4_K_M", "rtx-4090", 8192)
+    assert p.verdict == DOES_NOT_FIT
+    # Free for layers: 24,564 MiB - 1 GiB overhead - compute (logits 262,668,288 +
+    # residual 512 x 8,192 x 16) = 24,353,701,888. Per layer: 41,071,411,201 / 80 bytes
+    # of weights + 2 x 8 x 128 x 2 x 8,192 = 33,554,432 of KV = 546,947,072.
+    # 24,353,701,888 / 546,947,072 = 44.5 -> 44 layers.
+    assert p.compute_buffer_bytes == 262_668_288 + 67_108_864
+    assert p.n_gpu_layers == 44
+    assert p.settings.n_gpu_layers == 44
+    assert p.offload_slowdown > 2
+    assert p.decode_estimate_tokens_per_s < p.decode_bound_tokens_per_s * 0.6 / 2
+
+
+def test_it_reads_only_the_experts_used_for_a_mixture_of_experts():
+    p = catalog_plan("mixtral-8x7b", "Q4_K_M", "l40s", 32768, kv="q8_0")
+    arch = catalog.MODELS["mixtral-8x7b"].arch
+    # 2 of 8 experts: layers read = layers bytes x active layer params / layer params.
+    expected_layers_read = round(
+        p.weights.layers_bytes * arch.layer_params_active / arch.layer_params
+    )
+    assert p.weights.layers_read_per_token_bytes == expected_layers_read
+    assert p.weights.read_per_token_bytes < p.weights.file_bytes / 3
+    assert p.decode_bound_empty_tokens_per_s == pytest.approx(
+        864e9 / (expected_layers_read + p.weights.output_bytes)
+    )
+
+
+def test_it_finds_the_largest_context_without_flash_attention_by_hand():
+    p = catalog_plan("mixtral-8x22b", "Q3_K_M", "a100-80gb", 65536, flash_attn=False)
+    # 80 GiB - 67,705,205,787 weights on the GPU - 1 GiB - residual 50,331,648
+    # = 17,070,066,661 for the KV cache (229,376 per token) and the f32 attention
+    # scores (512 x 48 heads x 4 = 98,304 per token): 52,093 tokens -> 51,968 in
+    # steps of 256.
+    assert p.weights.gpu_bytes == 67_705_205_787
+    assert p.max_context_tokens == 51_968
+    assert p.max_context_limited_by == "memory"
+    assert p.verdict == DOES_NOT_FIT
+
+
+def test_it_says_64k_of_mixtral_8x22b_on_80_gb_wants_a_quantized_kv_cache_and_flash_attention():
+    p = catalog_plan("mixtral-8x22b", "Q3_K_M", "a100-80gb", 65536, kv="q8_0")
+    verdicts = {(o.kv_type, o.flash_attn): (o.supported, o.verdict) for o in p.options}
+    assert verdicts[("f16", False)] == (True, DOES_NOT_FIT)
+    # f16 with flash attention fits on paper with 1.9 GB (2%) to spare: too tight.
+    assert verdicts[("f16", True)] == (True, TIGHT)
+    assert verdicts[("q8_0", True)] == (True, FITS)
+    assert verdicts[("q4_0", True)] == (True, FITS)
+    assert verdicts[("q8_0", False)][0] is False
+    assert p.verdict == FITS
+    assert p.flash_attn is True
+    assert p.max_context_tokens == 65536
+    assert p.max_context_limited_by == "trained context"
+    assert "-fa on -ctk q8_0 -ctv q8_0" in p.settings.command_line()
+
+
+def test_it_sets_the_rule_of_thumb_beside_the_real_q3_k_m_file():
+    report = make_report(
+        gpu="a100-80gb", model="mixtral-8x22b", quant="Q3_K_M", n_ctx=65536, kv="q8_0"
+    )
+    rule = report.rule_of_thumb
+    # 141B x 0.4 bytes = 56.4 GB against a 67.8 GB file.
+    assert rule.weights_bytes == 56_400_000_000
+    assert rule.real_weights_bytes == 67_800_000_000
+    assert report.claim.headroom_bytes == 23_600_000_000
+    # 31 tokens/s against the bound: 2,039 GB/s / (18.78 GB of weights + 8.0 GB of KV).
+    bound = 2039e9 / (report.plan.weights.read_per_token_bytes + 7_985_954_816)
+    assert report.plan.decode_bound_tokens_per_s == pytest.approx(bound)
+    assert report.claim_fraction_of_bound == pytest.approx(31 / bound)
+    assert 0.35 < report.claim_fraction_of_bound < 0.45
+
+
+def test_it_estimates_prompt_processing_from_flops():
+    p = catalog_plan("llama-3.1-8b", "Q8_0", "h100-sxm", 4096)
+    arch = catalog.MODELS["llama-3.1-8b"].arch
+    # 2 x 7,504,924,672 active params + 2 x 32 x 32 x 128 x 4,096 attention FLOPs.
+    flops = 2 * 7_504_924_672 + 2 * 32 * 32 * 128 * 4096
+    assert arch.params_active == 7_504_924_672
+    assert p.prompt_estimate_tokens_per_s == pytest.approx(989e12 * 0.3 / flops)
+    assert p.full_prompt_seconds == pytest.approx(4096 / p.prompt_estimate_tokens_per_s)
+
+
+def test_it_sizes_the_attention_scores_without_flash_attention():
+    arch = MIXTRAL_8X22B.arch
+    # 512 x 65,536 x 48 heads x 4 bytes = 6,442,450,944, plus the residual stream.
+    assert compute_buffer_bytes(arch, n_ctx=65536, flash_attn=False) == (
+        6_442_450_944 + 512 * 6144 * 16
+    )
+
+
+# --- a real GGUF file -----------------------------------------------------------------
+
+
+def test_it_reads_exact_bytes_and_architecture_from_a_gguf_file():
+    model = read_gguf(embedded_gguf())
+    assert model.architecture == "llama"
+    assert model.file_type == "Q4_1"
+    assert model.arch.n_layers == 30
+    assert model.arch.n_kv_heads == 3
+    assert model.arch.head_dim == 64
+    assert model.arch.tied_embeddings is True
+    # Sum of the tensors' n_bytes: Q4_1 layers, a Q8_0 embedding, f32 norms.
+    assert model.weights.file_bytes == 96_576_768
+    assert model.weights.token_embedding_bytes == 30_081_024
+    # Tied: the output head is the embedding, read whole for every token.
+    assert model.weights.read_per_token_bytes == model.weights.file_bytes
+    # The catalog's architecture numbers agree with the file's.
+    assert model.params_total == catalog.MODELS["smollm2-135m"].arch.params_total
+    # 2 x 30 x 3 x 64 x 2 = 23,040 bytes per token in f16.
+    assert kv_bytes_per_token(model.arch, "f16") == 23_040
+
+
+def test_it_refuses_a_file_that_is_not_gguf(tmp_path):
+    bogus = tmp_path / "notes.gguf"
+    bogus.write_bytes(b"hello, not a model")
+    with pytest.raises(PlanError, match="not a GGUF file"):
+        read_gguf(bogus)
+
+
+# --- the command -----------------------------------------------------------------------
+
+
+def run_plan(*args) -> str:
+    out = StringIO()
+    call_command("plan", *args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_the_command_prints_the_plan_as_json():
+    data = json.loads(
+        run_plan(
+            "--gpu",
+            "a100-80gb",
+            "--model",
+            "mixtral-8x22b",
+            "--quant",
+            "Q3_K_M",
+            "--ctx",
+            "65536",
+            "--kv",
+            "q8_0",
+            "--json",
+        )
+    )
+    assert data["plan"]["kv_bytes"] == 7_985_954_816
+    assert data["plan"]["kv_bytes_per_token"] == 121_856
+    assert data["plan"]["fits"] is True
+    assert data["plan"]["settings"]["type_k"] == "q8_0"
+    assert data["rule_of_thumb"]["weights_bytes"] == 56_400_000_000
+    assert data["claim"]["decode_tokens_per_s"] == 31.0
+
+
+@pytest.mark.django_db
+def test_the_command_explains_the_plan_in_words():
+    text = run_plan("--gpu", "a100-80gb", "--model", "mixtral-8x22b", "--quant", "Q3_K_M",
+                    "--ctx", "65536")  # fmt: skip
+    assert "tight" in text  # f16 is the default KV cache
+    assert "224.0 KiB" in text
+    assert "15.0 GB" in text
+    assert "56.4 GB" in text and "67.8 GB" in text
+    assert "q8_0 KV cache with flash attention on" in text
+
+
+@pytest.mark.django_db
+def test_the_command_plans_a_gguf_path_from_its_own_tensors():
+    data = json.loads(run_plan("--gpu", "l4", "--model", str(embedded_gguf()), "--json"))
+    assert data["source"] == "file"
+    assert data["quant"] == "Q4_1"
+    assert data["plan"]["weights"]["file_bytes"] == 96_576_768
+    assert data["plan"]["n_ctx"] == 8192  # the trained context, when --ctx is not given
+    assert data["plan"]["kv_bytes"] == 23_040 * 8192
+
+
+@pytest.mark.django_db
+def test_the_command_plans_a_registered_model_by_name():
+    from inference.models import LanguageModel
+
+    LanguageModel.objects.create(name="smol", path=str(embedded_gguf()), n_ctx=2048)
+    data = json.loads(run_plan("--gpu", "cpu-ddr4-2ch", "--model", "smol", "--json"))
+    assert data["source"] == "registered"
+    assert data["registered_model"] == "smol"
+    assert data["plan"]["n_ctx"] == 2048  # the registered n_ctx
+    assert data["plan"]["device"]["kind"] == "cpu"
+    assert data["measured"] == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpu", "a100-90gb", "--model", "mixtral-8x22b", "--quant", "Q3_K_M"],
+         "unknown GPU 'a100-90gb'; valid: a100-40gb, a100-80gb, h100-pcie"),
+        (["--gpu", "a100-80gb", "--model", "mixtral-8x22b", "--quant", "Q3_K_X"],
+         "unknown quantization 'Q3_K_X'; valid: Q2_K"),
+        (["--gpu", "a100-80gb", "--model", "mixtral-8x22b"],
+         "a catalog model needs a quantization"),
+        (["--gpu", "a100-80gb", "--model", "gpt-5", "--quant", "Q4_K_M"],
+         "unknown model 'gpt-5'; valid: catalog models: mixtral-8x22b"),
+        (["--gpu", "a100-80gb", "--model", "mixtral-8x22b", "--quant", "Q4_K_M", "--kv", "q5_1"],
+         "unknown KV cache type 'q5_1'; valid: f16, q8_0, q4_0"),
+        (["--gpu", "a100-80gb", "--model", "mixtral-8x22b", "--quant", "Q4_K_M", "--kv", "q8_0",
+          "--no-flash-attn"], "needs flash attention"),
+        (["--gpu", "a100-80gb", "--model", "mixtral-8x22b", "--quant", "Q4_K_M", "--ctx", "0"],
+         "the context must be between 1 and"),
+        (["--gpu", "a100-80gb", "--model", "missing/model.gguf"], "no such GGUF file"),
+    ],
+)  # fmt: skip
+def test_the_command_refuses_bad_input_with_the_valid_choices(args, message):
+    with pytest.raises(CommandError, match=message.replace("(", r"\(")):
+        run_plan(*args)
+
+
+@pytest.mark.django_db
+def test_the_command_refuses_a_quantization_for_a_gguf_file():
+    with pytest.raises(CommandError, match="--quant applies to catalog models only"):
+        run_plan("--gpu", "l4", "--model", str(embedded_gguf()), "--quant", "Q8_0")
+
+
+# --- estimate vs measured ---------------------------------------------------------------
+
+
+def record_run(user, model, *, decode_tokens_per_s, context_used, vram=None, gpu_index=None):
+    from inference.models import Generation
+    from monitoring.models import RequestMetrics
+
+    generation = Generation.objects.create(user=user, model=model, state=Generation.DONE)
+    return RequestMetrics.objects.create(
+        generation=generation,
+        n_ctx=model.n_ctx,
+        prompt_tokens=context_used - 20,
+        completion_tokens=20,
+        context_used=context_used,
+        decode_tokens_per_s=decode_tokens_per_s,
+        prompt_tokens_per_s=900.0,
+        gpu_index=gpu_index,
+        vram_process_peak_bytes=vram,
+        rss_peak_bytes=300 * MIB,
+    )
+
+
+@pytest.fixture
+def smol(db):
+    from inference.models import LanguageModel
+
+    return LanguageModel.objects.create(name="smol", path=str(embedded_gguf()), n_ctx=4096)
+
+
+@pytest.mark.django_db
+def test_it_calibrates_the_cpu_efficiency_from_recorded_runs(django_user_model, smol):
+    user = django_user_model.objects.create_user("alice", password="alice-pass-123")
+    runs = [(70.0, 100), (60.0, 1000), (65.0, 3000)]
+    for tokens_per_s, context in runs:
+        record_run(user, smol, decode_tokens_per_s=tokens_per_s, context_used=context)
+
+    report = make_report(gpu="cpu-ddr4-2ch", model="smol")
+
+    model = read_gguf(embedded_gguf())
+    ratios = [
+        t
+        / decode_bound_tokens_per_s(
+            model.weights,
+            model.arch,
+            bandwidth_bytes_per_s=51.2e9,
+            kv_per_token=23_040,
+            n_ctx=c,
+        )
+        for t, c in runs
+    ]
+    (cpu,) = report.comparisons
+    assert cpu.runs == 3
+    assert cpu.measured_decode_tokens_per_s == pytest.approx(65.0)
+    assert cpu.measured_vram_peak_bytes is None
+    assert cpu.calibrated.factor == pytest.approx(statistics.median(ratios))
+    # The plan's realistic estimate now uses the calibrated factor.
+    assert report.plan.decode_efficiency == cpu.calibrated
+    assert report.plan.decode_estimate_tokens_per_s == pytest.approx(
+        report.plan.decode_bound_tokens_per_s * statistics.median(ratios)
+    )
+
+
+@pytest.mark.django_db
+def test_it_compares_gpu_runs_with_the_predicted_vram(django_user_model, smol):
+    user = django_user_model.objects.create_user("alice", password="alice-pass-123")
+    record_run(user, smol, decode_tokens_per_s=400.0, context_used=500, vram=900 * MIB, gpu_index=0)
+    record_run(user, smol, decode_tokens_per_s=50.0, context_used=500)  # a CPU run
+
+    report = make_report(gpu="l4", model="smol", n_ctx=4096)
+
+    gpu, cpu = report.comparisons
+    assert (gpu.device.name, gpu.runs, cpu.device.name, cpu.runs) == ("l4", 1, HOST.name, 1)
+    assert gpu.measured_vram_peak_bytes == 900 * MIB
+    # Predicted at the model's own settings: f16 KV at 4,096 tokens, no flash attention.
+    p = report.plan
+    assert gpu.predicted_vram_bytes == (
+        p.weights.gpu_bytes
+        + 23_040 * 4096
+        + compute_buffer_bytes(p.arch, n_ctx=4096, flash_attn=False)
+        + GIB
+    )
+    assert report.plan.decode_efficiency == gpu.calibrated
+
+
+# --- the page ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_page_needs_a_login(client):
+    response = client.get("/planner/")
+    assert response.status_code == 302
+    assert "/login/" in response["Location"]
+
+
+@pytest.mark.django_db
+def test_the_page_plans_the_target_deployment(client, django_user_model):
+    client.force_login(django_user_model.objects.create_user("bob", password="bob-pass-123"))
+    response = client.get(
+        "/planner/",
+        {"gpu": "a100-80gb", "model": "mixtral-8x22b", "quant": "Q3_K_M", "ctx": "65536",
+         "kv": "q8_0"},
+    )  # fmt: skip
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "fits, 8.9 GB free" in html
+    assert "8.0 GB" in html and "56.4 GB" in html and "67.8 GB" in html
+    assert "-ctk q8_0 -ctv q8_0" in html
+    assert 'href="/planner/"' in html  # the nav links here
+
+
+@pytest.mark.django_db
+def test_the_page_shows_measurements_of_a_registered_model(client, django_user_model, smol):
+    user = django_user_model.objects.create_user("bob", password="bob-pass-123")
+    record_run(user, smol, decode_tokens_per_s=70.0, context_used=300)
+    client.force_login(user)
+    response = client.get("/planner/", {"gpu": "cpu-ddr4-2ch", "model": "smol", "ctx": "4096"})
+    html = response.content.decode()
+    assert response.status_code == 200
+    assert "Estimate vs. measured" in html
+    assert "no GPU measurements" in html
+    assert "measured 70.0 tokens/s mean" in html
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"gpu": "voodoo-2"}, "unknown GPU &#x27;voodoo-2&#x27;; valid: a100-40gb"),
+        ({"ctx": "lots"}, "the context must be a whole number of tokens"),
+        ({"model": "../../etc/passwd.gguf"}, "unknown model"),
+        ({"kv": "f32"}, "unknown KV cache type"),
+    ],
+)
+def test_the_page_explains_bad_input(client, django_user_model, params, message):
+    client.force_login(django_user_model.objects.create_user("bob", password="bob-pass-123"))
+    response = client.get("/planner/", params)
+    assert response.status_code == 400
+    assert message in response.content.decode()
