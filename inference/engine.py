@@ -5,13 +5,17 @@ One Engine per worker process, created inside that process, used by one thread.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import llama_cpp
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .tokens import ChatTokenizer
 
 GGML_CACHE_TYPES = {
     "f16": llama_cpp.GGML_TYPE_F16,
@@ -28,8 +32,8 @@ class ContextOverflow(ValueError):
         self.max_tokens = max_tokens
         self.n_ctx = n_ctx
         super().__init__(
-            f"The prompt is {prompt_tokens} tokens and the context holds {n_ctx}"
-            + (f" (with {max_tokens} new tokens requested)" if max_tokens else "")
+            f"The prompt is {prompt_tokens:,} tokens and the context holds {n_ctx:,}"
+            + (f" (with {max_tokens:,} new tokens requested)" if max_tokens > 1 else "")
             + "."
         )
 
@@ -105,28 +109,108 @@ class RunStats:
         return [(b - a) * 1000 for a, b in zip(times, times[1:], strict=False)]
 
 
+class ModelLoadError(RuntimeError):
+    """llama.cpp could not load the model; the message names the file and the cause."""
+
+
+class DecodeError(RuntimeError):
+    """llama.cpp could not evaluate a batch (out of memory, KV cache full...)."""
+
+
+# What llama_decode's return codes mean (llama.h), in words for the user.
+DECODE_ERRORS = {
+    1: "out of memory: no room in the KV cache for the batch",
+    -1: "invalid input batch",
+    -2: "out of memory: could not allocate the compute buffers",
+    -3: "the computation failed",
+}
+
+
+class PrefixCache:
+    """Saved KV states of earlier conversations, keyed by their tokens: an LRU bounded
+    by a memory budget (bytes of host RAM).
+
+    llama-cpp-python's LlamaRAMCache keeps a copy of the logits with every state
+    (n_batch x n_vocab floats, 100 MB for SmolLM2) and counts only the KV bytes
+    against its budget; this one keeps only sequence 0's KV cells, so the budget is
+    what the process really holds.
+    """
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self._states: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(len(data) + 4 * len(key) for key, data in self._states.items())
+
+    def put(self, tokens: Sequence[int], data: bytes) -> None:
+        key = tuple(tokens)
+        if len(data) > self.capacity_bytes:
+            return
+        # A state whose tokens are a prefix of the new one is now redundant.
+        for old in [k for k in self._states if key[: len(k)] == k]:
+            del self._states[old]
+        self._states[key] = data
+        while self.size_bytes > self.capacity_bytes:
+            self._states.popitem(last=False)
+
+    def longest(self, prompt: Sequence[int]) -> tuple[tuple[int, ...] | None, int]:
+        """The saved key sharing the longest prefix with `prompt`, and that length."""
+        best, best_len = None, 0
+        for key in self._states:
+            n = common_prefix(key, prompt)
+            if n > best_len:
+                best, best_len = key, n
+        return best, best_len
+
+    def take(self, key: tuple[int, ...]) -> bytes:
+        self._states.move_to_end(key)
+        return self._states[key]
+
+
+# The live context is saved before a different conversation overwrites it only if
+# it would lose at least this many tokens (a follow-up in the same conversation
+# loses a few at most, where the answer re-tokenizes differently).
+SAVE_MIN_DISCARDED_TOKENS = 32
+
+
 class Engine:
     """A loaded GGUF model with one context, kept between requests for prefix reuse."""
 
-    def __init__(self, options: LoadOptions):
+    def __init__(
+        self,
+        options: LoadOptions,
+        *,
+        prefix_cache_bytes: int = 0,
+        on_load_progress: Callable[[float], None] | None = None,
+    ):
         self.options = options
         # The cancel flag of the run in progress; llama.cpp polls it between graph
         # computations, so a stop ends a long prompt evaluation within one batch.
         self._cancel = threading.Event()
-        self.llm = llama_cpp.Llama(
-            model_path=options.path,
-            n_ctx=options.n_ctx,
-            n_gpu_layers=options.n_gpu_layers,
-            flash_attn=options.flash_attn,
-            type_k=GGML_CACHE_TYPES[options.type_k],
-            type_v=GGML_CACHE_TYPES[options.type_v],
-            n_threads=options.n_threads or None,
-            n_batch=options.n_batch,
-            verbose=False,
-        )
+        try:
+            with _load_progress(on_load_progress):
+                self.llm = llama_cpp.Llama(
+                    model_path=options.path,
+                    n_ctx=options.n_ctx,
+                    n_gpu_layers=options.n_gpu_layers,
+                    flash_attn=options.flash_attn,
+                    type_k=GGML_CACHE_TYPES[options.type_k],
+                    type_v=GGML_CACHE_TYPES[options.type_v],
+                    n_threads=options.n_threads or None,
+                    n_batch=options.n_batch,
+                    verbose=False,
+                )
+        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+            raise ModelLoadError(f"{options.path}: llama.cpp could not load it ({exc})") from exc
         self._abort_callback = llama_cpp.ggml_abort_callback(lambda _data: self._cancel.is_set())
         llama_cpp.llama_set_abort_callback(self.llm._ctx.ctx, self._abort_callback, None)
-        self.formatter = self._chat_formatter()
+        self.tokenizer = ChatTokenizer(self.llm, options.path)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
 
     # --- what the file says ---------------------------------------------------
     @property
@@ -134,20 +218,12 @@ class Engine:
         return self.llm.n_ctx()
 
     @property
+    def n_batch(self) -> int:
+        return self.llm.n_batch
+
+    @property
     def metadata(self) -> dict[str, str]:
         return self.llm.metadata
-
-    def _chat_formatter(self) -> Jinja2ChatFormatter:
-        template = self.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ValueError(f"{self.options.path} has no chat template (tokenizer.chat_template)")
-        model = self.llm._model
-        eos, bos = model.token_eos(), model.token_bos()
-        return Jinja2ChatFormatter(
-            template=template,
-            eos_token=model.token_get_text(eos) if eos != -1 else "",
-            bos_token=model.token_get_text(bos) if bos != -1 else "",
-        )
 
     # --- prompts --------------------------------------------------------------
     def chat_prompt_tokens(self, messages: Sequence[dict], assistant_prefix: str = "") -> list[int]:
@@ -155,12 +231,10 @@ class Engine:
 
         assistant_prefix continues an answer that was cut short (a retried run).
         """
-        prompt = self.formatter(messages=list(messages)).prompt + assistant_prefix
-        return self.tokenize(prompt)
+        return self.tokenizer.chat_tokens(messages, assistant_prefix)
 
     def tokenize(self, text: str) -> list[int]:
-        # The chat template writes the BOS token itself where the model wants one.
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return self.tokenizer.tokenize(text)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.n_ctx:
@@ -173,19 +247,26 @@ class Engine:
         sampling: Sampling,
         cancel: threading.Event,
         stats: RunStats,
+        on_prompt_progress: Callable[[int, int], None] | None = None,
     ) -> Iterator[str]:
         """Yield the answer's text piece by piece (about a token each).
 
         Stops at end of generation, max_tokens, a stop string, or when `cancel` is
         set (checked each token). Raises Cancelled if it is set while the prompt is
-        still being evaluated.
+        still being evaluated. A prompt longer than one batch reports its progress
+        through on_prompt_progress(evaluated, total) after each batch.
         """
         llm = self.llm
-        max_tokens = min(sampling.max_tokens, self.n_ctx - len(prompt_tokens))
         self.check_fits(len(prompt_tokens), 1)
+        max_tokens = min(sampling.max_tokens, self.n_ctx - len(prompt_tokens))
         stats.prompt_tokens = len(prompt_tokens)
-        stats.cached_tokens = self._reusable_prefix(prompt_tokens)
         stats.started = time.monotonic()
+        self._cancel = cancel
+        try:
+            stats.cached_tokens = self._prefill(prompt_tokens, cancel, on_prompt_progress)
+        except Cancelled:
+            self._cancel = threading.Event()
+            raise
         if sampling.seed is not None:
             llm.set_seed(sampling.seed)
 
@@ -193,7 +274,6 @@ class Engine:
         pending = b""  # bytes of a UTF-8 character not yet complete
         held = ""  # text that may be the start of a stop string
         generated: list[int] = []
-        self._cancel = cancel
         tokens = llm.generate(
             prompt_tokens,
             temp=sampling.temperature,
@@ -209,7 +289,7 @@ class Engine:
                     break
                 except RuntimeError as exc:
                     if not cancel.is_set():
-                        raise
+                        raise _decode_error(exc) from exc
                     if stats.first_token is None:
                         raise Cancelled() from exc
                     stats.finish_reason = "cancelled"
@@ -243,19 +323,141 @@ class Engine:
         finally:
             tokens.close()
             stats.finished = time.monotonic()
+            self._cancel = threading.Event()  # a stale stop must not abort the next run
 
-    def _reusable_prefix(self, prompt_tokens: list[int]) -> int:
+    def _prefill(
+        self,
+        prompt: list[int],
+        cancel: threading.Event,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> int:
+        """Evaluate all but the prompt's last token, one batch at a time, starting
+        after the longest prefix already in the context (or in a saved state).
+        Returns the number of tokens reused. generate() then finds everything but
+        the last token cached, evaluates that one and samples."""
         llm = self.llm
-        if llm.n_tokens == 0:
-            return 0
-        cached = llm._input_ids
-        n = 0
-        for a, b in zip(cached, prompt_tokens, strict=False):
-            if a != b:
-                break
-            n += 1
-        # llama-cpp-python re-evaluates the last prompt token to refresh logits.
-        return max(0, min(n, len(prompt_tokens) - 1))
+        reused = self._restore_best_prefix(prompt)
+        llm.n_tokens = reused  # llm.eval drops the KV cells from here on
+        todo = prompt[reused : len(prompt) - 1]
+        report = on_progress if on_progress is not None and len(todo) > self.n_batch else None
+        evaluated = reused
+        if report:
+            report(evaluated, len(prompt))
+        for start in range(0, len(todo), self.n_batch):
+            if cancel.is_set():
+                raise Cancelled()
+            batch = todo[start : start + self.n_batch]
+            try:
+                llm.eval(batch)
+            except RuntimeError as exc:
+                if cancel.is_set():
+                    raise Cancelled() from exc
+                raise _decode_error(exc) from exc
+            evaluated += len(batch)
+            if report:
+                report(evaluated, len(prompt))
+        return reused
+
+    def _restore_best_prefix(self, prompt: list[int]) -> int:
+        """Make the context hold the longest available prefix of `prompt`: the live
+        one, or a saved state. Saves the live context first when switching away
+        would throw much of it away. Returns the prefix length (at most len - 1: the
+        last token is always evaluated, to get fresh logits)."""
+        llm = self.llm
+        live = llm.input_ids[: llm.n_tokens].tolist()
+        live_match = common_prefix(live, prompt)
+        saved_key, saved_match = self.prefix_cache.longest(prompt)
+        discarded = len(live) - max(live_match, 0)
+        switching = saved_match > live_match
+        if (switching or live_match < len(live)) and discarded >= SAVE_MIN_DISCARDED_TOKENS:
+            self._save_live(live)
+        if switching and self._restore(saved_key):
+            live_match = saved_match
+        elif switching:
+            live_match = 0
+        return max(0, min(live_match, len(prompt) - 1))
+
+    def _save_live(self, live: list[int]) -> None:
+        if self.prefix_cache.capacity_bytes <= 0:
+            return
+        ctx = self.llm._ctx.ctx
+        self.llm._ctx.kv_cache_seq_rm(-1, len(live), -1)
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        if size > self.prefix_cache.capacity_bytes:
+            return
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
+        if written:
+            self.prefix_cache.put(live, ctypes.string_at(buffer, written))
+
+    def _restore(self, key: tuple[int, ...]) -> bool:
+        llm = self.llm
+        data = self.prefix_cache.take(key)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), True)
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buffer, len(data), 0) == 0:
+            llm.n_tokens = 0
+            return False
+        llm.input_ids[: len(key)] = key
+        llm.n_tokens = len(key)
+        return True
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _decode_error(exc: RuntimeError) -> Exception:
+    """llama-cpp-python raises RuntimeError("llama_decode returned N"); say what N means."""
+    message = str(exc)
+    code = message.rsplit(" ", 1)[-1]
+    try:
+        meaning = DECODE_ERRORS.get(int(code))
+    except ValueError:
+        meaning = None
+    if meaning is None:
+        return exc
+    return DecodeError(f"llama.cpp could not evaluate the prompt: {meaning} ({message}).")
+
+
+@contextmanager
+def _load_progress(callback: Callable[[float], None] | None):
+    """Pass llama.cpp's model-load progress (0..1) to `callback`.
+
+    llama-cpp-python builds the model parameters inside Llama() and offers no
+    argument for the callback, so the default parameters it starts from are wrapped
+    for the duration of the load (one load at a time per process).
+    """
+    if callback is None:
+        yield
+        return
+    low_level = llama_cpp.llama_cpp
+    original = low_level.llama_model_default_params
+
+    def report(progress: float, _data) -> bool:
+        try:
+            callback(float(progress))
+        except Exception:  # noqa: BLE001 - progress must never abort a load
+            pass
+        return True
+
+    c_report = low_level.llama_progress_callback(report)
+
+    def with_progress():
+        params = original()
+        params.progress_callback = c_report
+        return params
+
+    low_level.llama_model_default_params = with_progress
+    try:
+        yield
+    finally:
+        low_level.llama_model_default_params = original
 
 
 def _decode_complete_utf8(data: bytes) -> tuple[str, bytes]:

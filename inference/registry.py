@@ -1,4 +1,9 @@
-"""The model registry: which GGUF files this deployment serves, and how to load them."""
+"""The model registry: which GGUF files this deployment serves, and how to load them.
+
+Registration inspects the file and checks the load options before anything is
+saved, so a worker never meets a model it cannot load for a reason we could have
+told the admin (docs/models.md).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,100 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
-from .engine import LoadOptions
-from .gguf_inspect import GGUFError, inspect_gguf
+from .engine import GGML_CACHE_TYPES, LoadOptions
+from .gguf_inspect import GGUFError, GGUFReport, inspect_gguf
 from .models import LanguageModel
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+LOAD_OPTION_FIELDS = [
+    "n_ctx",
+    "n_gpu_layers",
+    "flash_attn",
+    "type_k",
+    "type_v",
+    "n_threads",
+    "n_batch",
+]
+
+# Named sets of load options for known deployments; docs/models.md says why each
+# value is what it is.
+PRESETS: dict[str, dict] = {
+    # Mixtral 8x22B Q3_K_M (file ~67.8 GB) on one A100 80GB: every layer on the GPU,
+    # the trained 64K context, and a q8_0 KV cache (~8.0 GB at 65,536 tokens; f16
+    # would be ~15.0 GB and not fit). A quantized V cache needs flash attention.
+    "mixtral-8x22b-a100-80gb": {
+        "n_ctx": 65536,
+        "n_gpu_layers": -1,
+        "flash_attn": True,
+        "type_k": "q8_0",
+        "type_v": "q8_0",
+        "n_batch": 512,
+    },
+}
+
+N_CTX_MIN = 256
+N_BATCH_MIN = 1
+
+
+class LoadOptionsError(ValueError):
+    """Load options that llama.cpp would refuse (or that make no sense).
+
+    `errors` maps each offending option to the reason, for forms to show per field.
+    """
+
+    def __init__(self, errors: dict[str, str]):
+        self.errors = errors
+        super().__init__("; ".join(f"{name}: {reason}" for name, reason in errors.items()))
+
+
+def check_load_options(options: dict, report: GGUFReport | dict | None = None) -> None:
+    """Refuse combinations that llama.cpp rejects, before any worker tries them.
+
+    `report` (a GGUFReport or the stored inspection) adds the checks that depend on
+    the file, such as the trained context length.
+    """
+    if isinstance(report, GGUFReport):
+        report = report.as_json()
+    report = report or {}
+    errors: dict[str, str] = {}
+    n_ctx = options.get("n_ctx", 8192)
+    n_batch = options.get("n_batch", 512)
+    for name in ("type_k", "type_v"):
+        value = options.get(name, "f16")
+        if value not in GGML_CACHE_TYPES:
+            errors[name] = (
+                f"{value!r} is not a KV cache type; use one of {', '.join(GGML_CACHE_TYPES)}."
+            )
+    if options.get("type_v", "f16") != "f16" and not options.get("flash_attn"):
+        # llama.cpp: "V cache quantization requires flash_attn"; the context is not created.
+        errors["type_v"] = (
+            f"A quantized V cache ({options['type_v']}) needs flash attention; "
+            "llama.cpp refuses to create the context without it. Turn flash attention on "
+            "or use an f16 V cache."
+        )
+    trained = report.get("context_length")
+    if not isinstance(n_ctx, int) or n_ctx < N_CTX_MIN:
+        errors["n_ctx"] = f"n_ctx must be a whole number of at least {N_CTX_MIN}."
+    elif trained and n_ctx > trained:
+        # llama.cpp only warns, but answers past the trained length degrade silently;
+        # we refuse rather than serve a context the model was never trained for.
+        errors["n_ctx"] = (
+            f"n_ctx {n_ctx:,} is more than the {trained:,} tokens this model was trained "
+            "with; answers past that length degrade. Use at most the trained length."
+        )
+    if not isinstance(n_batch, int) or n_batch < N_BATCH_MIN:
+        errors["n_batch"] = f"n_batch must be a whole number of at least {N_BATCH_MIN}."
+    elif isinstance(n_ctx, int) and n_batch > n_ctx:
+        errors["n_batch"] = f"n_batch {n_batch:,} is larger than n_ctx {n_ctx:,}."
+    n_gpu_layers = options.get("n_gpu_layers", 0)
+    if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
+        errors["n_gpu_layers"] = "n_gpu_layers is a layer count, or -1 for every layer."
+    n_threads = options.get("n_threads", 0)
+    if not isinstance(n_threads, int) or n_threads < 0:
+        errors["n_threads"] = "n_threads is a thread count, or 0 to let llama.cpp choose."
+    if errors:
+        raise LoadOptionsError(errors)
 
 
 def embedded_model_path() -> Path:
@@ -33,22 +127,44 @@ def default_model_path() -> Path:
     )
 
 
-def register_model(*, name: str, path: str | Path, **load_options) -> LanguageModel:
-    """Inspect a GGUF file and register it. A bad file raises GGUFError and
-    registers nothing."""
-    report = inspect_gguf(path)
-    with transaction.atomic():
-        model, _ = LanguageModel.objects.update_or_create(
-            name=name,
-            defaults={
-                "path": str(Path(path).resolve()),
-                "architecture": report.architecture,
-                "context_length_trained": report.context_length,
-                "has_chat_template": report.has_chat_template,
-                "inspection": report.as_json(),
-                **load_options,
-            },
+def inspection_fields(report: GGUFReport) -> dict:
+    """The LanguageModel fields that come from the file."""
+    return {
+        "architecture": report.architecture,
+        "context_length_trained": report.context_length,
+        "has_chat_template": report.has_chat_template,
+        "inspection": report.as_json(),
+    }
+
+
+def register_model(
+    *, name: str, path: str | Path, preset: str | None = None, description: str = "", **options
+) -> LanguageModel:
+    """Inspect a GGUF file, check the load options, and register (or update) it.
+
+    A bad file raises GGUFError, bad options LoadOptionsError; either way nothing
+    is saved. Options given explicitly override the preset's.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise LoadOptionsError(
+            {"preset": f"unknown preset {preset!r}; known: {', '.join(PRESETS)}"}
         )
+    unknown = set(options) - set(LOAD_OPTION_FIELDS)
+    if unknown:
+        raise LoadOptionsError({o: "not a load option" for o in sorted(unknown)})
+    report = inspect_gguf(path)
+    existing = LanguageModel.objects.filter(name=name).first()
+    merged = {f: getattr(existing, f) for f in LOAD_OPTION_FIELDS} if existing else {}
+    if not existing:
+        merged = {f: LanguageModel._meta.get_field(f).get_default() for f in LOAD_OPTION_FIELDS}
+    merged |= PRESETS.get(preset or "", {})
+    merged |= {k: v for k, v in options.items() if v is not None}
+    check_load_options(merged, report)
+    with transaction.atomic():
+        defaults = {"path": str(Path(path).resolve()), **inspection_fields(report), **merged}
+        if description:
+            defaults["description"] = description
+        model, _ = LanguageModel.objects.update_or_create(name=name, defaults=defaults)
     return model
 
 

@@ -18,7 +18,7 @@ import redis
 from asgiref.sync import async_to_sync
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
@@ -27,12 +27,22 @@ from django.utils import timezone
 from monitoring.recording import record_metrics
 from monitoring.sampler import ResourceSampler
 
-from .engine import Cancelled, ContextOverflow, Engine, RunStats, Sampling
+from .engine import (
+    Cancelled,
+    ContextOverflow,
+    DecodeError,
+    Engine,
+    ModelLoadError,
+    RunStats,
+    Sampling,
+)
 from .events import final_event
-from .models import Generation, LanguageModel
+from .gguf_inspect import GGUFError, inspect_gguf
+from .models import Generation, LanguageModel, WorkerHeartbeat
 from .publisher import Publisher, alive_key, cancel_key, live_text_key
 from .registry import load_options
 from .signals import generation_finished
+from .workers import Heartbeat, describe_device
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +51,41 @@ MAX_ATTEMPTS = 2
 
 _engine: Engine | None = None
 _engine_key = None
+# This process's heartbeat, when it is a model worker (started by `modelworker`).
+_heartbeat: Heartbeat | None = None
 
 
 def get_engine(model: LanguageModel) -> Engine:
-    """The process's Engine for `model`, loaded on first use (after the fork)."""
+    """The process's Engine for `model`, loaded on first use (after the fork).
+
+    Raises ModelLoadError naming the file and the cause; the heartbeat says
+    "loading" with llama.cpp's progress, then "ready" or "failed" with the reason.
+    """
     global _engine, _engine_key
     options = load_options(model)
-    if _engine is None or _engine_key != options:
-        _engine = None  # free the old model before loading the new one
-        _engine = Engine(options)
-        _engine_key = options
+    if _engine is not None and _engine_key == options:
+        return _engine
+    _engine = None  # free the old model before loading the new one
+    _engine_key = None
+    if _heartbeat:
+        _heartbeat.report(state=WorkerHeartbeat.LOADING, load_progress=0.0, reason="")
+    try:
+        # The header is checked first: a missing, truncated or foreign file gets a
+        # precise reason instead of llama.cpp's "failed to load model".
+        inspect_gguf(options.path)
+        _engine = Engine(
+            options,
+            prefix_cache_bytes=settings.ENGINE_PREFIX_CACHE_MB * 1024 * 1024,
+            on_load_progress=_heartbeat.loading_progress if _heartbeat else None,
+        )
+    except (GGUFError, ModelLoadError, MemoryError) as exc:
+        reason = str(exc) if not isinstance(exc, MemoryError) else "out of memory while loading"
+        if _heartbeat:
+            _heartbeat.report(state=WorkerHeartbeat.FAILED, reason=reason)
+        raise ModelLoadError(reason) from exc
+    _engine_key = options
+    if _heartbeat:
+        _heartbeat.report(state=WorkerHeartbeat.READY, load_progress=1.0, reason="")
     return _engine
 
 
@@ -58,11 +93,24 @@ def get_engine(model: LanguageModel) -> Engine:
 def _load_model_after_fork(**_kwargs) -> None:
     """Load the worker's model in the pool process, after the fork, before the
     first request: the first user does not wait for the load."""
+    global _heartbeat
     name = os.environ.get("WORKER_MODEL")
     model = LanguageModel.objects.filter(name=name).first() if name else None
-    if model is not None:
+    if model is None:
+        return
+    _heartbeat = Heartbeat(model.name, describe_device(model.n_gpu_layers)).start()
+    try:
         get_engine(model)
-        log.info("model %s loaded in pid %s", name, os.getpid())
+    except ModelLoadError as exc:
+        log.error("model %s failed to load in pid %s: %s", name, os.getpid(), exc)
+        return
+    log.info("model %s loaded in pid %s", name, os.getpid())
+
+
+@worker_process_shutdown.connect
+def _say_goodbye(**_kwargs) -> None:
+    if _heartbeat:
+        _heartbeat.stop()
 
 
 def worker_name() -> str:
@@ -145,6 +193,19 @@ def generate(self, generation_id: int) -> None:
         cancel.set()
     publisher = Publisher(gen.pk, cancel, start_offset=len(prefix)).start()
     publisher.event({"type": "generation.started", "generation": gen.pk, "worker": gen.worker})
+    if _heartbeat:
+        _heartbeat.report(state=WorkerHeartbeat.BUSY, generation=gen.pk)
+
+    def prompt_progress(evaluated: int, total: int) -> None:
+        publisher.event(
+            {
+                "type": "generation.progress",
+                "generation": gen.pk,
+                "evaluated": evaluated,
+                "total": total,
+            }
+        )
+
     stats = RunStats()
     text = prefix
     state, reason = Generation.DONE, ""
@@ -160,7 +221,10 @@ def generate(self, generation_id: int) -> None:
                 else:
                     prompt = engine.chat_prompt_tokens(gen.input_messages, assistant_prefix=prefix)
                 next_flush = time.monotonic() + flush_every
-                for piece in engine.stream(prompt, sampling_from(gen.params), cancel, stats):
+                pieces = engine.stream(
+                    prompt, sampling_from(gen.params), cancel, stats, prompt_progress
+                )
+                for piece in pieces:
                     text += piece
                     publisher.put(piece)
                     if time.monotonic() >= next_flush:
@@ -174,6 +238,10 @@ def generate(self, generation_id: int) -> None:
                 state, reason = Generation.CANCELLED, "Stopped during prompt evaluation."
                 stats.finish_reason = "cancelled"
             except ContextOverflow as exc:
+                state, reason = Generation.FAILED, str(exc)
+            except ModelLoadError as exc:
+                state, reason = Generation.FAILED, f"The model could not be loaded: {exc}"
+            except DecodeError as exc:
                 state, reason = Generation.FAILED, str(exc)
             except SoftTimeLimitExceeded:
                 state = Generation.FAILED
@@ -196,6 +264,11 @@ def generate(self, generation_id: int) -> None:
         generation_finished.send(sender=Generation, generation=gen)
         publisher.close(final_event(gen))
         _redis().delete(live_text_key(gen.pk), cancel_key(gen.pk))
+        if _heartbeat:
+            ready = _engine is not None
+            _heartbeat.report(
+                state=WorkerHeartbeat.READY if ready else WorkerHeartbeat.FAILED, generation=None
+            )
 
 
 def _wall(monotonic_at: float | None, stats: RunStats):

@@ -194,6 +194,14 @@ LLAMA_N_THREADS = env_int("LLAMA_N_THREADS", 0)  # 0: llama.cpp's own choice
 GENERATION_FLUSH_INTERVAL_S = env_float("GENERATION_FLUSH_INTERVAL_S", 1.0)
 # A running generation whose worker has not been heard from for this long is failed.
 GENERATION_STALE_AFTER_S = env_int("GENERATION_STALE_AFTER_S", 120)
+# Each model worker refreshes its heartbeat this often; one not heard from for three
+# intervals is gone (inference/workers.py).
+WORKER_HEARTBEAT_INTERVAL_S = env_float("WORKER_HEARTBEAT_INTERVAL_S", 5.0)
+# Chat refuses a model that no live worker serves, instead of queueing forever.
+CHAT_REQUIRE_WORKER = env_bool("CHAT_REQUIRE_WORKER", True)
+# Host RAM each worker may use to keep the KV caches of other conversations for
+# prefix reuse (an LRU; docs/models.md).
+ENGINE_PREFIX_CACHE_MB = env_int("ENGINE_PREFIX_CACHE_MB", 1024)
 
 # --- Monitoring (docs/monitoring.md) ------------------------------------------
 # Each model worker's host reads its GPUs this often (seconds).

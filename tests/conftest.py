@@ -24,6 +24,7 @@ import pytest
 import redis
 from django.conf import settings
 
+from tests.browser import browser  # noqa: F401 - the Chromium fixture, for browser tests
 from tests.fake_nvml import fake_gpus, no_gpu  # noqa: F401 - fixtures: a substituted NVML
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +119,19 @@ class Stack:
             time.sleep(0.3)
         raise RuntimeError("no worker came up for the default model")
 
+    def wait_model(self, model: str | None = None, timeout_s: float = 60) -> dict:
+        """Wait until a worker's heartbeat for `model` says ready or failed; return it."""
+        from inference.workers import live_workers
+
+        model = model or settings.DEFAULT_MODEL_NAME
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for worker in live_workers(model):
+                if worker["state"] in {"ready", "failed"}:
+                    return worker
+            time.sleep(0.2)
+        raise RuntimeError(f"no worker heartbeat for {model} said ready or failed")
+
 
 @pytest.fixture(scope="session")
 def stack(django_db_setup, django_db_blocker):
@@ -145,6 +159,7 @@ def stack(django_db_setup, django_db_blocker):
     try:
         running.wait_http()
         running.wait_worker()
+        running.wait_model()
         yield running
     finally:
         running.stop_all()

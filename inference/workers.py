@@ -1,0 +1,170 @@
+"""Which worker processes serve which model, and in what state: the heartbeat.
+
+Each model worker process writes a Redis key `worker:<host>:<pid>` with a TTL and
+refreshes it from a thread; a worker that dies stops refreshing and its key expires,
+so "is this model served?" never trusts a dead process. The same state is mirrored
+into the WorkerHeartbeat table for the workers page and the admin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+from django.conf import settings
+from django.db import close_old_connections
+from django.utils import timezone
+
+from .models import WorkerHeartbeat
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "worker:"
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+def worker_key(host: str, pid: int) -> str:
+    return f"{KEY_PREFIX}{host}:{pid}"
+
+
+def live_workers(model_name: str | None = None) -> list[dict]:
+    """The workers whose heartbeat has not expired, optionally for one model."""
+    client = _redis()
+    keys = list(client.scan_iter(match=f"{KEY_PREFIX}*", count=500))
+    workers = []
+    for raw in client.mget(keys) if keys else []:
+        if raw is None:
+            continue  # expired between the scan and the read
+        worker = json.loads(raw)
+        if model_name is None or worker["model"] == model_name:
+            workers.append(worker)
+    return sorted(workers, key=lambda w: (w["model"], w["host"], w["pid"]))
+
+
+def serving_problem(model_name: str) -> str | None:
+    """None when a live worker serves (or is loading) the model; otherwise why not,
+    in words a user can act on."""
+    workers = live_workers(model_name)
+    if any(w["state"] in WorkerHeartbeat.SERVING_STATES for w in workers):
+        return None
+    failed = [w for w in workers if w["state"] == WorkerHeartbeat.FAILED]
+    if failed:
+        return (
+            f"The model {model_name!r} is not available: its worker failed to load it "
+            f"({failed[0]['reason']})."
+        )
+    return (
+        f"No worker is serving the model {model_name!r} right now. "
+        "An administrator can start one with `manage.py modelworker "
+        f"{model_name}`."
+    )
+
+
+def describe_device(n_gpu_layers: int) -> str:
+    """ "cpu", or "gpu:<index>" as CUDA numbers the first visible device."""
+    import llama_cpp
+
+    if n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload():
+        return "cpu"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return f"gpu:{visible or 0}"
+
+
+class Heartbeat:
+    """The heartbeat of this worker process. report() changes its state at once;
+    a daemon thread refreshes it every WORKER_HEARTBEAT_INTERVAL_S."""
+
+    def __init__(self, model_name: str, device: str):
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.state = {
+            "host": self.host,
+            "pid": self.pid,
+            "model": model_name,
+            "device": device,
+            "state": WorkerHeartbeat.LOADING,
+            "load_progress": 0.0,
+            "reason": "",
+            "generation": None,
+            "started_at": timezone.now().isoformat(),
+        }
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._last_progress_write = 0.0
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    @property
+    def interval_s(self) -> float:
+        return settings.WORKER_HEARTBEAT_INTERVAL_S
+
+    def start(self) -> Heartbeat:
+        self.write()
+        self._thread.start()
+        return self
+
+    def report(self, **changes) -> None:
+        """Change the state (state=, reason=, load_progress=, generation=) and write it."""
+        with self._lock:
+            self.state.update(changes)
+        self.write()
+
+    def loading_progress(self, fraction: float) -> None:
+        """For llama.cpp's load progress callback: written at most twice a second."""
+        now = time.monotonic()
+        if fraction < 1.0 and now - self._last_progress_write < 0.5:
+            return
+        self._last_progress_write = now
+        self.report(load_progress=round(fraction, 3))
+
+    def write(self) -> None:
+        with self._lock:
+            state = dict(self.state)
+        ttl = max(1, int(self.interval_s * 3))
+        try:
+            _redis().set(worker_key(self.host, self.pid), json.dumps(state), ex=ttl)
+            self._write_row(state)
+        except Exception:  # noqa: BLE001 - a heartbeat must never take the worker down
+            log.exception("could not write the worker heartbeat")
+
+    def _write_row(self, state: dict) -> None:
+        close_old_connections()
+        WorkerHeartbeat.objects.update_or_create(
+            host=self.host,
+            pid=self.pid,
+            defaults={
+                "model_name": state["model"],
+                "device": state["device"],
+                "state": state["state"],
+                "load_progress": state["load_progress"],
+                "reason": state["reason"],
+                "generation_id": state["generation"],
+                "seen_at": timezone.now(),
+            },
+            create_defaults={
+                "model_name": state["model"],
+                "device": state["device"],
+                "state": state["state"],
+                "load_progress": state["load_progress"],
+                "reason": state["reason"],
+                "generation_id": state["generation"],
+                "started_at": state["started_at"],
+            },
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.report(state=WorkerHeartbeat.STOPPED, generation=None)
+        _redis().delete(worker_key(self.host, self.pid))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.write()
+        close_old_connections()
