@@ -26,6 +26,7 @@ from monitoring.planner.compute import (
     decode_bound_tokens_per_s,
     kv_bytes_per_token,
     plan,
+    prompt_flops_per_token,
 )
 from monitoring.planner.gguf_file import read_gguf
 from monitoring.planner.planning import _catalog_weights, make_report
@@ -413,6 +414,11 @@ def test_it_compares_gpu_runs_with_the_predicted_vram(django_user_model, smol):
         + GIB
     )
     assert report.plan.decode_efficiency == gpu.calibrated
+    # Prompt: 900 tokens/s x FLOPs per token of a 480-token prompt / the L4's 121 TFLOPS.
+    flops = 2 * p.arch.params_active + 2 * 30 * 9 * 64 * 480
+    assert prompt_flops_per_token(p.arch, 480) == flops
+    assert gpu.calibrated_prompt.factor == pytest.approx(900 * flops / 121e12)
+    assert report.plan.prompt_efficiency == gpu.calibrated_prompt
 
 
 # --- the page ---------------------------------------------------------------------------
@@ -469,3 +475,14 @@ def test_the_page_explains_bad_input(client, django_user_model, params, message)
     response = client.get("/planner/", params)
     assert response.status_code == 400
     assert message in response.content.decode()
+
+
+@pytest.mark.django_db
+def test_the_page_says_when_a_registered_model_has_lost_its_file(client, django_user_model):
+    from inference.models import LanguageModel
+
+    LanguageModel.objects.create(name="gone", path="missing/gone.gguf")
+    client.force_login(django_user_model.objects.create_user("bob", password="bob-pass-123"))
+    response = client.get("/planner/", {"gpu": "l4", "model": "gone"})
+    assert response.status_code == 400
+    assert "missing/gone.gguf: no such GGUF file" in response.content.decode()

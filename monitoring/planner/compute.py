@@ -414,12 +414,14 @@ def plan(
     flash_attn: bool | None = None,
     host: Device | None = None,
     decode_efficiency: Efficiency | None = None,
+    prompt_efficiency: Efficiency | None = None,
 ) -> Plan:
     """Plan one model on one device at one context length.
 
     flash_attn None means "what we would recommend": on for a GPU, and always when
     the V cache is quantized (llama.cpp refuses a quantized V cache without it).
-    `host` is the CPU side for layers that do not fit the GPU.
+    `host` is the CPU side for layers that do not fit the GPU. Efficiencies default
+    to stated assumptions; pass calibrated ones where runs were measured.
     """
     if n_ctx < 1:
         raise PlanError(f"the context must be at least 1 token, not {n_ctx}")
@@ -479,7 +481,9 @@ def plan(
 
     prompt_eff = prompt_tps = prompt_s = None
     if device.fp16_flops_per_s:
-        prompt_eff = Efficiency(DEFAULT_PROMPT_EFFICIENCY, "default assumption, not calibrated")
+        prompt_eff = prompt_efficiency or Efficiency(
+            DEFAULT_PROMPT_EFFICIENCY, "default assumption, not calibrated"
+        )
         prompt_tps = (
             device.fp16_flops_per_s * prompt_eff.factor / prompt_flops_per_token(arch, n_ctx)
         )

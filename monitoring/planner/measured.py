@@ -5,6 +5,7 @@ Calibration: for each finished run with a decode speed, divide the measured deco
 tokens/s by the planner's bandwidth bound at that run's context (prompt + completion
 tokens) on the device it is compared with; the efficiency is the median of those
 ratios (the median, so that one run slowed by a busy machine does not move it).
+Prompt processing on a GPU is calibrated the same way against the FLOPs bound.
 GPU runs and CPU runs are calibrated separately. RequestMetrics does not say which
 GPU model a run used, so GPU runs are compared with the GPU being planned.
 """
@@ -22,6 +23,7 @@ from .compute import (
     decode_bound_tokens_per_s,
     kv_bytes_per_token,
     memory_needed_bytes,
+    prompt_flops_per_token,
 )
 
 
@@ -44,6 +46,8 @@ class Comparison:
     measured_rss_peak_bytes: int | None
     predicted_host_memory_bytes: int | None
     measured_prompt_tokens_per_s: float | None
+    # GPU runs only: prompt speed / (FP16 throughput / FLOPs per prompt token).
+    calibrated_prompt: Efficiency | None = None
 
     @property
     def decode_error_fraction(self) -> float:
@@ -115,6 +119,20 @@ def compare(
         rss = [r.rss_peak_bytes for r in group if r.rss_peak_bytes]
         prompt = [r.prompt_tokens_per_s for r in group if r.prompt_tokens_per_s]
         default = DEFAULT_DECODE_EFFICIENCY[kind]
+        calibrated_prompt = None
+        prompt_ratios = [
+            r.prompt_tokens_per_s
+            * prompt_flops_per_token(arch, r.prompt_tokens)
+            / device.fp16_flops_per_s
+            for r in group
+            if r.prompt_tokens_per_s and r.prompt_tokens and device.fp16_flops_per_s
+        ]
+        if prompt_ratios:
+            calibrated_prompt = Efficiency(
+                statistics.median(prompt_ratios),
+                f"calibrated: median of measured / FLOPs bound over {len(prompt_ratios)} "
+                f"GPU run{'s' if len(prompt_ratios) != 1 else ''} of {language_model.name}",
+            )
         result.append(
             Comparison(
                 device=device,
@@ -136,6 +154,7 @@ def compare(
                 measured_rss_peak_bytes=max(rss) if rss else None,
                 predicted_host_memory_bytes=needed if kind == "cpu" else None,
                 measured_prompt_tokens_per_s=statistics.fmean(prompt) if prompt else None,
+                calibrated_prompt=calibrated_prompt,
             )
         )
     return result

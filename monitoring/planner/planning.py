@@ -212,7 +212,7 @@ def make_report(
         raise PlanError(f"the context must be between 1 and {MAX_CONTEXT_TOKENS} tokens")
 
     comparisons: list[Comparison] = []
-    efficiency = None
+    efficiency = prompt_efficiency = None
     if registered is not None:
         comparisons = compare(
             registered,
@@ -224,6 +224,7 @@ def make_report(
         for comparison in comparisons:
             if comparison.device.kind == device.kind:
                 efficiency = comparison.calibrated
+                prompt_efficiency = comparison.calibrated_prompt
 
     result = plan(
         weights=weights,
@@ -234,6 +235,7 @@ def make_report(
         flash_attn=flash_attn,
         host=host_device,
         decode_efficiency=efficiency,
+        prompt_efficiency=prompt_efficiency,
     )
     return Report(
         plan=result,

@@ -74,7 +74,12 @@ def sections(report: Report) -> list[Section]:
         Row(
             "Largest context that fits",
             tokens(p.max_context_tokens),
-            f"limited by the {p.max_context_limited_by}",
+            f"limited by the {p.max_context_limited_by}"
+            + (
+                "; the weights alone do not fit, see offloading"
+                if p.max_context_tokens == 0
+                else ""
+            ),
         ),
     ]
     speed = [
@@ -82,7 +87,8 @@ def sections(report: Report) -> list[Section]:
             "Decode upper bound",
             tps(p.decode_bound_tokens_per_s),
             f"bandwidth / {gb(w.read_per_token_bytes + p.kv_bytes)} read per token at "
-            f"{tokens(p.n_ctx)}; {tps(p.decode_bound_empty_tokens_per_s)} at an empty context",
+            f"{tokens(p.n_ctx)}; {tps(p.decode_bound_empty_tokens_per_s)} at an empty context"
+            + ("; if every layer fitted the GPU" if p.offload_slowdown else ""),
         ),
         Row(
             "Decode estimate",
@@ -96,6 +102,7 @@ def sections(report: Report) -> list[Section]:
             Row(
                 "Prompt processing estimate",
                 tps(p.prompt_estimate_tokens_per_s),
+                f"efficiency {p.prompt_efficiency.factor:.2f} ({p.prompt_efficiency.source}); "
                 f"a full {tokens(p.n_ctx)} prompt takes about {p.full_prompt_seconds:,.0f} s",
             )
         )
@@ -234,7 +241,13 @@ def measured_rows(report: Report) -> list[Row]:
         )
         if c.measured_prompt_tokens_per_s:
             rows.append(
-                Row(f"Prompt ({runs})", f"measured {tps(c.measured_prompt_tokens_per_s)} mean")
+                Row(
+                    f"Prompt ({runs})",
+                    f"measured {tps(c.measured_prompt_tokens_per_s)} mean",
+                    f"calibrated efficiency {c.calibrated_prompt.factor:.3f}"
+                    if c.calibrated_prompt
+                    else "",
+                )
             )
     return rows
 
