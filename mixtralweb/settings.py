@@ -145,7 +145,9 @@ CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
-            "hosts": [REDIS_URL],
+            # redis-py 8 times out reads after 5 s by default, exactly the time a
+            # channel layer's blocking receive (BZPOPMIN) waits: reads need longer.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
             "prefix": env_str("CHANNEL_PREFIX", "asgi"),
             "capacity": 1000,
             "expiry": 60,

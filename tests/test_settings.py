@@ -50,4 +50,7 @@ def test_redis_url_feeds_the_broker_and_the_channel_layer():
         "s.CELERY_BROKER_URL, s.CHANNEL_LAYERS['default']['CONFIG']['hosts']",
         REDIS_URL="redis://cache.example:6380/2",
     )
-    assert out == ["redis://cache.example:6380/2", ["redis://cache.example:6380/2"]]
+    assert out == [
+        "redis://cache.example:6380/2",
+        [{"address": "redis://cache.example:6380/2", "socket_timeout": 30}],
+    ]
