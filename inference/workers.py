@@ -14,13 +14,16 @@ import os
 import socket
 import threading
 import time
+from datetime import timedelta
 
 import redis
 from django.conf import settings
+from django.contrib.auth.decorators import login_required
 from django.db import close_old_connections
+from django.shortcuts import render
 from django.utils import timezone
 
-from .models import WorkerHeartbeat
+from .models import LanguageModel, WorkerHeartbeat
 
 log = logging.getLogger(__name__)
 
@@ -168,3 +171,26 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             self.write()
         close_old_connections()
+
+
+@login_required
+def workers_page(request):
+    """/workers/: every model, whether a worker serves it, and each worker's state."""
+    live = live_workers()
+    live_ids = {(w["host"], w["pid"]) for w in live}
+    gone = [
+        row
+        for row in WorkerHeartbeat.objects.filter(
+            seen_at__gte=timezone.now() - timedelta(days=1)
+        ).order_by("-seen_at")[:50]
+        if (row.host, row.pid) not in live_ids
+    ]
+    models = [
+        {"model": model, "problem": serving_problem(model.name)}
+        for model in LanguageModel.objects.filter(enabled=True)
+    ]
+    return render(
+        request,
+        "inference/workers.html",
+        {"live": live, "gone": gone, "models": models},
+    )

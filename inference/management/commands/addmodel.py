@@ -1,0 +1,81 @@
+"""Register a GGUF file: `manage.py addmodel PATH --name NAME [load options]`.
+
+The file is inspected and the load options are checked before anything is saved;
+a bad file or a combination llama.cpp would refuse is reported, and nothing is
+registered. Running it again for the same name updates that model.
+"""
+
+import json
+
+from django.core.management.base import BaseCommand, CommandError
+
+from inference.gguf_inspect import GGUFError
+from inference.registry import PRESETS, LoadOptionsError, register_model
+
+
+def on_off(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in {"on", "true", "1", "yes"}:
+        return True
+    if lowered in {"off", "false", "0", "no"}:
+        return False
+    raise ValueError(value)
+
+
+class Command(BaseCommand):
+    help = "Inspect a GGUF file and register it as a model (or update the named model)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("path", help="the GGUF file")
+        parser.add_argument("--name", required=True, help="a slug, e.g. mixtral-8x22b")
+        parser.add_argument("--description", default="")
+        parser.add_argument("--preset", choices=sorted(PRESETS), help="named load options")
+        parser.add_argument("--n-ctx", type=int)
+        parser.add_argument("--n-gpu-layers", type=int, help="-1: every layer on the GPU")
+        parser.add_argument("--flash-attn", type=on_off, metavar="on|off")
+        parser.add_argument("--type-k", choices=["f16", "q8_0", "q4_0"])
+        parser.add_argument("--type-v", choices=["f16", "q8_0", "q4_0"])
+        parser.add_argument("--n-threads", type=int, help="0: llama.cpp decides")
+        parser.add_argument("--n-batch", type=int)
+
+    def handle(self, *args, path, name, description, preset, **options):
+        load = {
+            key: options[key]
+            for key in ("n_ctx", "n_gpu_layers", "flash_attn", "type_k", "type_v")
+            + ("n_threads", "n_batch")
+            if options.get(key) is not None
+        }
+        try:
+            model = register_model(
+                name=name, path=path, preset=preset, description=description, **load
+            )
+        except GGUFError as exc:
+            raise CommandError(str(exc)) from exc
+        except LoadOptionsError as exc:
+            reasons = "\n".join(f"  --{k.replace('_', '-')}: {v}" for k, v in exc.errors.items())
+            raise CommandError(f"{path}: load options refused:\n{reasons}") from exc
+        report = model.inspection
+        self.stdout.write(
+            self.style.SUCCESS(f"Registered {model.name} ({model.path})")
+            + "\n"
+            + json.dumps(
+                {
+                    k: report.get(k)
+                    for k in (
+                        "architecture",
+                        "parameter_count",
+                        "expert_count",
+                        "expert_used_count",
+                        "block_count",
+                        "context_length",
+                        "file_type",
+                        "tensor_bytes",
+                    )
+                },
+                indent=2,
+            )
+            + f"\nLoad options: n_ctx={model.n_ctx} n_gpu_layers={model.n_gpu_layers} "
+            f"flash_attn={model.flash_attn} type_k={model.type_k} type_v={model.type_v} "
+            f"n_threads={model.n_threads} n_batch={model.n_batch}"
+            + f"\nStart its worker with: manage.py modelworker {model.name}"
+        )

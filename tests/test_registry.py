@@ -1,0 +1,173 @@
+"""Registering models: inspection stored, load options checked before any worker
+tries them, nothing half-registered, and the two ways in (addmodel, admin)."""
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from inference.gguf_inspect import GGUFError
+from inference.models import LanguageModel
+from inference.registry import LoadOptionsError, register_model
+from tests.fixtures import tiny_mixtral
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return tiny_mixtral.build_tiny_mixtral(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def long_context_path(tmp_path_factory):
+    """The tiny model, claiming Mixtral 8x22B's trained context of 65,536 tokens."""
+    path = tmp_path_factory.mktemp("gguf") / "tiny-64k.gguf"
+    return tiny_mixtral.build_tiny_mixtral(path, context_length=65536)
+
+
+def test_it_stores_the_inspection_of_a_mixtral_file(db, tiny_path):
+    model = register_model(name="tiny-mixtral", path=tiny_path, n_ctx=2048)
+    model.refresh_from_db()
+    assert model.inspection["expert_count"] == 8
+    assert model.inspection["expert_used_count"] == 2
+    assert model.inspection["parameter_count"] == tiny_mixtral.expected_parameter_count()
+    assert model.architecture == "llama"
+    assert model.context_length_trained == tiny_mixtral.CONTEXT_LENGTH
+    assert model.has_chat_template
+    for key in ("block_count", "head_count", "head_count_kv", "head_dim", "embedding_length"):
+        assert model.inspection[key], key
+    assert model.inspection["tensor_types"] == {"F16": 18, "F32": 5}
+    assert model.inspection["tensor_bytes"] > 0 and model.inspection["file_type"] == "F16"
+
+
+def test_a_bad_file_registers_nothing(db, tmp_path):
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"PK\x03\x04 a zip, not a model")
+    with pytest.raises(GGUFError, match="bogus.gguf"):
+        register_model(name="bogus", path=bogus)
+    assert not LanguageModel.objects.filter(name="bogus").exists()
+
+
+def test_a_bad_file_leaves_the_registered_model_as_it_was(db, tiny_path, tmp_path):
+    register_model(name="tiny-mixtral", path=tiny_path, n_ctx=2048)
+    with pytest.raises(GGUFError):
+        register_model(name="tiny-mixtral", path=tmp_path / "gone.gguf", n_ctx=1024)
+    model = LanguageModel.objects.get(name="tiny-mixtral")
+    assert model.path == str(tiny_path.resolve()) and model.n_ctx == 2048
+
+
+def test_a_quantized_v_cache_without_flash_attention_is_refused(db, tiny_path):
+    with pytest.raises(LoadOptionsError) as caught:
+        register_model(name="tiny-mixtral", path=tiny_path, n_ctx=2048, type_v="q8_0")
+    assert "flash attention" in caught.value.errors["type_v"]
+    assert not LanguageModel.objects.filter(name="tiny-mixtral").exists()
+
+
+def test_a_quantized_k_cache_alone_is_accepted(db, tiny_path):
+    model = register_model(name="tiny-mixtral", path=tiny_path, n_ctx=2048, type_k="q8_0")
+    assert model.type_k == "q8_0" and model.type_v == "f16" and not model.flash_attn
+
+
+def test_a_context_longer_than_the_trained_one_is_refused(db, tiny_path):
+    with pytest.raises(LoadOptionsError) as caught:
+        register_model(name="tiny-mixtral", path=tiny_path, n_ctx=8192)
+    assert "4,096" in caught.value.errors["n_ctx"] and "8,192" in caught.value.errors["n_ctx"]
+
+
+@pytest.mark.parametrize("n_batch", [0, 4096])
+def test_a_batch_outside_one_and_n_ctx_is_refused(db, tiny_path, n_batch):
+    with pytest.raises(LoadOptionsError) as caught:
+        register_model(name="tiny-mixtral", path=tiny_path, n_ctx=2048, n_batch=n_batch)
+    assert "n_batch" in caught.value.errors
+
+
+def test_the_a100_preset_sets_the_64k_quantized_cache(db, long_context_path):
+    model = register_model(
+        name="mixtral-8x22b", path=long_context_path, preset="mixtral-8x22b-a100-80gb"
+    )
+    assert (model.n_ctx, model.n_gpu_layers, model.flash_attn) == (65536, -1, True)
+    assert (model.type_k, model.type_v) == ("q8_0", "q8_0")
+
+
+def test_the_preset_is_refused_for_a_model_trained_on_less_context(db, tiny_path):
+    with pytest.raises(LoadOptionsError, match="n_ctx"):
+        register_model(name="m", path=tiny_path, preset="mixtral-8x22b-a100-80gb")
+
+
+def test_addmodel_registers_and_prints_what_it_found(db, tiny_path, capsys):
+    call_command(
+        "addmodel",
+        str(tiny_path),
+        "--name",
+        "tiny-mixtral",
+        "--n-ctx",
+        "1024",
+        "--flash-attn",
+        "on",
+        "--type-v",
+        "q4_0",
+    )
+    out = capsys.readouterr().out
+    assert '"expert_count": 8' in out and "modelworker tiny-mixtral" in out
+    model = LanguageModel.objects.get(name="tiny-mixtral")
+    assert (model.n_ctx, model.flash_attn, model.type_v) == (1024, True, "q4_0")
+
+
+def test_addmodel_names_the_file_and_the_problem(db, tmp_path):
+    with pytest.raises(CommandError, match="missing.gguf: no such file"):
+        call_command("addmodel", str(tmp_path / "missing.gguf"), "--name", "m")
+    assert not LanguageModel.objects.exists()
+
+
+def test_addmodel_explains_refused_options(db, tiny_path):
+    with pytest.raises(CommandError, match="--type-v: A quantized V cache"):
+        call_command("addmodel", str(tiny_path), "--name", "m", "--type-v", "q8_0")
+
+
+@pytest.fixture
+def admin_client_logged_in(db, client, django_user_model):
+    admin = django_user_model.objects.create_superuser("root", "root@example.com", "pw-12345678")
+    client.force_login(admin)
+    return client
+
+
+def admin_form(path, **overrides):
+    form = {
+        "name": "tiny-mixtral",
+        "path": str(path),
+        "description": "",
+        "enabled": "on",
+        "preset": "",
+        "n_ctx": "2048",
+        "n_gpu_layers": "0",
+        "type_k": "f16",
+        "type_v": "f16",
+        "n_threads": "0",
+        "n_batch": "512",
+    }
+    form.update(overrides)
+    return form
+
+
+def test_the_admin_page_inspects_the_file_on_save(admin_client_logged_in, tiny_path):
+    response = admin_client_logged_in.post(
+        "/admin/inference/languagemodel/add/", admin_form(tiny_path)
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    model = LanguageModel.objects.get(name="tiny-mixtral")
+    assert model.inspection["expert_count"] == 8
+
+
+def test_the_admin_page_shows_why_a_file_is_refused(admin_client_logged_in, tmp_path):
+    text = tmp_path / "readme.gguf"
+    text.write_text("hello")
+    response = admin_client_logged_in.post("/admin/inference/languagemodel/add/", admin_form(text))
+    assert response.status_code == 200
+    assert "not a GGUF file" in response.content.decode()
+    assert not LanguageModel.objects.exists()
+
+
+def test_the_admin_page_shows_why_options_are_refused(admin_client_logged_in, tiny_path):
+    response = admin_client_logged_in.post(
+        "/admin/inference/languagemodel/add/", admin_form(tiny_path, type_v="q8_0")
+    )
+    assert response.status_code == 200
+    assert "needs flash attention" in response.content.decode()
+    assert not LanguageModel.objects.exists()
