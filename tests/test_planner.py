@@ -144,11 +144,11 @@ def test_it_reads_only_the_experts_used_for_a_mixture_of_experts():
 def test_it_finds_the_largest_context_without_flash_attention_by_hand():
     p = catalog_plan("mixtral-8x22b", "Q3_K_M", "a100-80gb", 65536, flash_attn=False)
     # 80 GiB - 67,705,205,787 weights on the GPU - 1 GiB - residual 50,331,648
-    # = 17,070,066,661 for the KV cache (229,376 per token) and the f32 attention
-    # scores (512 x 48 heads x 4 = 98,304 per token): 52,093 tokens -> 51,968 in
-    # steps of 256.
+    # = 17,070,066,661 for the KV cache (229,376 per token), the f32 attention scores
+    # and their f16 mask (512 x (48 heads x 4 + 2) = 99,328 per token): 51,932 tokens
+    # -> 51,712 in steps of 256.
     assert p.weights.gpu_bytes == 67_705_205_787
-    assert p.max_context_tokens == 51_968
+    assert p.max_context_tokens == 51_712
     assert p.max_context_limited_by == "memory"
     assert p.verdict == DOES_NOT_FIT
 
@@ -197,9 +197,10 @@ def test_it_estimates_prompt_processing_from_flops():
 
 def test_it_sizes_the_attention_scores_without_flash_attention():
     arch = MIXTRAL_8X22B.arch
-    # 512 x 65,536 x 48 heads x 4 bytes = 6,442,450,944, plus the residual stream.
+    # 512 x 65,536 x 48 heads x 4 bytes = 6,442,450,944 of scores, 512 x 65,536 x 2
+    # of mask, plus the residual stream.
     assert compute_buffer_bytes(arch, n_ctx=65536, flash_attn=False) == (
-        6_442_450_944 + 512 * 6144 * 16
+        6_442_450_944 + 67_108_864 + 512 * 6144 * 16
     )
 
 
@@ -223,6 +224,47 @@ def test_it_reads_exact_bytes_and_architecture_from_a_gguf_file():
     assert model.params_total == catalog.MODELS["smollm2-135m"].arch.params_total
     # 2 x 30 x 3 x 64 x 2 = 23,040 bytes per token in f16.
     assert kv_bytes_per_token(model.arch, "f16") == 23_040
+
+
+LLAMA_CPP_SIZES = """
+import sys
+import llama_cpp
+path = sys.argv[1]
+for n_ctx, flash_attn, kv in ((4096, False, 1), (8192, False, 1), (8192, True, 8)):
+    print(f"config {n_ctx} {flash_attn} {kv}", file=sys.stderr, flush=True)
+    llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=1, flash_attn=flash_attn,
+                    type_k=kv, type_v=kv, verbose=True)
+"""
+
+
+def test_it_predicts_the_kv_cache_and_compute_buffer_llama_cpp_allocates():
+    """Load the real model with llama.cpp (CPU) and read the sizes it reports."""
+    import re
+    import subprocess
+    import sys
+
+    path = embedded_gguf()
+    run = subprocess.run(
+        [sys.executable, "-c", LLAMA_CPP_SIZES, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    blocks = run.stderr.split("config ")[1:]
+    assert len(blocks) == 3
+    model = read_gguf(path)
+    for block, (n_ctx, flash_attn, kv) in zip(
+        blocks, [(4096, False, "f16"), (8192, False, "f16"), (8192, True, "q8_0")], strict=True
+    ):
+        kv_mib = float(re.search(r"llama_kv_cache: size =\s+([\d.]+) MiB", block).group(1))
+        compute_mib = float(re.search(r"CPU compute buffer size =\s+([\d.]+) MiB", block).group(1))
+        predicted_kv = kv_bytes_per_token(model.arch, kv) * n_ctx / MIB
+        predicted_compute = (
+            compute_buffer_bytes(model.arch, n_ctx=n_ctx, flash_attn=flash_attn) / MIB
+        )
+        assert predicted_kv == pytest.approx(kv_mib, abs=0.01)
+        assert predicted_compute == pytest.approx(compute_mib, rel=0.10)
 
 
 def test_it_refuses_a_file_that_is_not_gguf(tmp_path):

@@ -186,10 +186,12 @@ def compute_buffer_bytes(
 
     The graph allocator reuses memory between steps, so the buffer is about the
     largest intermediate plus the residual stream: without flash attention the f32
-    attention scores (n_ubatch x n_ctx per head), which grows with the context; with
-    it, the feed-forward activations or the f32 logits, whichever is larger.
+    attention scores (n_ubatch x n_ctx per head) and their f16 mask, which grow with
+    the context; with it, the feed-forward activations or the f32 logits, whichever
+    is larger. Checked against the CPU compute buffer llama.cpp reports for SmolLM2
+    (tests/test_planner.py); CUDA adds pools of its own that the runtime overhead covers.
     """
-    scores = 0 if flash_attn else n_ubatch * n_ctx * arch.n_heads * 4
+    scores = 0 if flash_attn else n_ubatch * n_ctx * (arch.n_heads * 4 + 2)
     ffn = n_ubatch * arch.n_ff * arch.n_experts_used * 2 * 4
     logits = n_ubatch * arch.n_vocab * 4
     residual = n_ubatch * arch.n_embd * 4 * 4
