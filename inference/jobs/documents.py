@@ -57,10 +57,11 @@ def clean_pasted_text(text: str) -> str:
     return text
 
 
-def read_upload(name: str, data: bytes) -> str:
-    """The text of an uploaded file, or DocumentError."""
+def read_upload(name: str, data: bytes, size: int | None = None) -> str:
+    """The text of an uploaded file, or DocumentError. `size` is the file's full size
+    when `data` holds only its beginning."""
     display = PurePath(name or "file").name[:100]
-    check_size(len(data), f"{display}")
+    check_size(max(size or 0, len(data)), f"{display}")
     if not data:
         raise DocumentError(f"{display} is empty.", code="empty")
     suffix = PurePath(name or "").suffix.lower()
@@ -90,7 +91,7 @@ def _read_text(display: str, data: bytes) -> str:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise DocumentError(
-            f"{display} is not valid UTF-8 (byte {exc.start:,}, line {line}). "
+            f"{display} is not valid UTF-8 (byte {exc.start + 1:,}, line {line}). "
             "Save it as UTF-8 and upload it again.",
             code="invalid_utf8",
         ) from None

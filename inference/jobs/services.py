@@ -97,6 +97,7 @@ def job_draft(
     text: str = "",
     file_name: str = "",
     file_data: bytes | None = None,
+    file_size: int | None = None,
     team=None,
     title: str = "",
 ) -> Job:
@@ -120,7 +121,7 @@ def job_draft(
         raise JobError("Upload a file or paste text, not both.", field="document")
     try:
         if has_file:
-            document = read_upload(file_name, file_data)
+            document = read_upload(file_name, file_data, size=file_size)
         else:
             document = clean_pasted_text(text)
     except DocumentError as exc:

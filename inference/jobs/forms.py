@@ -1,0 +1,41 @@
+"""The job submission form. Reading and counting the document is services' job."""
+
+from __future__ import annotations
+
+from django import forms
+
+from inference.models import LanguageModel
+from mixtralweb.models import Team
+
+
+class JobForm(forms.Form):
+    title = forms.CharField(max_length=200, required=False)
+    instruction = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="What to do with the document: summarize it, answer questions, extract a table…",
+    )
+    text = forms.CharField(
+        label="Paste the document",
+        widget=forms.Textarea(attrs={"rows": 8}),
+        required=False,
+        strip=False,
+    )
+    file = forms.FileField(
+        label="…or upload a .txt, .md or .pdf file", required=False, allow_empty_file=True
+    )
+    model = forms.ChoiceField()
+    max_tokens = forms.IntegerField(
+        label="Maximum new tokens (per pass)", min_value=1, max_value=32768, initial=512
+    )
+    team = forms.ModelChoiceField(
+        queryset=Team.objects.none(), required=False, empty_label="Only me"
+    )
+
+    def __init__(self, *args, user, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["model"].choices = [
+            (m.name, f"{m.name} (context {m.n_ctx:,} tokens)")
+            for m in LanguageModel.objects.filter(enabled=True)
+        ]
+        self.fields["team"].queryset = Team.objects.filter(memberships__user=user)
+        self.fields["file"].widget.attrs["accept"] = ".txt,.md,.markdown,.pdf"

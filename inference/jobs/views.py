@@ -1,0 +1,175 @@
+"""Pages for long-context jobs. Plain functions; writes go through services."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect, render
+from django.utils.text import slugify
+from django.views.decorators.http import require_POST
+
+from inference.models import LanguageModel
+
+from . import services
+from .events import job_snapshot
+from .forms import JobForm
+from .models import Job
+
+STATE_FILTERS = {
+    "active": [Job.QUEUED, Job.RUNNING],
+    "done": [Job.DONE],
+    "failed": [Job.FAILED],
+    "cancelled": [Job.CANCELLED],
+    "draft": [Job.DRAFT],
+}
+
+
+def _job_or_404(user, job_id) -> Job:
+    try:
+        return services.get_job_for_user(user, job_id)
+    except services.JobError:
+        raise Http404("Job not found") from None
+
+
+@login_required
+def job_list(request):
+    jobs = Job.objects.visible_to(request.user).select_related("model", "user", "team")
+    state = request.GET.get("state", "")
+    if state in STATE_FILTERS:
+        jobs = jobs.filter(state__in=STATE_FILTERS[state])
+    model = request.GET.get("model", "")
+    if model:
+        jobs = jobs.filter(model__name=model)
+    owner = request.GET.get("owner", "")
+    if owner == "mine":
+        jobs = jobs.filter(user=request.user)
+    elif owner == "team":
+        jobs = jobs.exclude(user=request.user)
+    query = request.GET.get("q", "").strip()
+    if query:
+        jobs = jobs.filter(title__icontains=query)
+    page = Paginator(jobs, 25).get_page(request.GET.get("page"))
+    return render(
+        request,
+        "inference/jobs/list.html",
+        {
+            "page": page,
+            "filters": {"state": state, "model": model, "owner": owner, "q": query},
+            "states": list(STATE_FILTERS),
+            "models": LanguageModel.objects.all(),
+        },
+    )
+
+
+@login_required
+def job_new(request):
+    if request.method != "POST":
+        form = JobForm(user=request.user)
+        return render(request, "inference/jobs/new.html", {"form": form})
+    form = JobForm(request.POST, request.FILES, user=request.user)
+    if form.is_valid():
+        data = form.cleaned_data
+        upload = data["file"]
+        try:
+            job = services.job_draft(
+                user=request.user,
+                instruction=data["instruction"],
+                max_tokens=data["max_tokens"],
+                model_name=data["model"],
+                text=data["text"],
+                file_name=upload.name if upload else "",
+                file_data=_read_upload(upload) if upload else None,
+                file_size=upload.size if upload else None,
+                team=data["team"],
+                title=data["title"],
+            )
+        except services.JobError as exc:
+            field = exc.field if exc.field in form.fields else None
+            form.add_error(field, str(exc))
+        else:
+            return redirect("job_detail", job_id=job.pk)
+    if request.FILES.get("file"):
+        form.add_error("file", "Choose the file again: browsers do not keep it.")
+    return render(request, "inference/jobs/new.html", {"form": form}, status=400)
+
+
+def _read_upload(upload) -> bytes:
+    """The file's bytes, or one byte past the limit: enough to say it is too large
+    without holding all of a huge upload in memory."""
+    from .documents import upload_limit_bytes
+
+    if upload.size > upload_limit_bytes():
+        return upload.read(upload_limit_bytes() + 1)
+    return upload.read()
+
+
+@login_required
+def job_detail(request, job_id: int):
+    job = _job_or_404(request.user, job_id)
+    if job.is_final and job.user_id == request.user.pk and job.seen_at is None:
+        services.job_mark_seen(user=request.user, job_id=job.pk)
+    snapshot = job_snapshot(job)
+    return render(
+        request,
+        "inference/jobs/draft.html" if job.state == Job.DRAFT else "inference/jobs/detail.html",
+        {
+            "job": job,
+            "snapshot": snapshot,
+            "is_owner": job.user_id == request.user.pk,
+            "room": job.n_ctx - job.max_tokens,
+        },
+    )
+
+
+@login_required
+@require_POST
+def job_run(request, job_id: int):
+    try:
+        services.job_submit(
+            user=request.user, job_id=job_id, strategy=request.POST.get("strategy", "")
+        )
+    except services.JobError as exc:
+        if exc.code == "not_found":
+            raise Http404("Job not found") from None
+        messages.error(request, str(exc))
+    return redirect("job_detail", job_id=job_id)
+
+
+@login_required
+@require_POST
+def job_discard(request, job_id: int):
+    try:
+        services.job_discard(user=request.user, job_id=job_id)
+    except services.JobError as exc:
+        if exc.code == "not_found":
+            raise Http404("Job not found") from None
+        messages.error(request, str(exc))
+        return redirect("job_detail", job_id=job_id)
+    messages.info(request, "The job was discarded; nothing was queued.")
+    return redirect("job_new")
+
+
+@login_required
+@require_POST
+def job_cancel(request, job_id: int):
+    try:
+        services.job_cancel(user=request.user, job_id=job_id)
+    except services.JobError as exc:
+        if exc.code == "not_found":
+            raise Http404("Job not found") from None
+        messages.error(request, str(exc))
+    return redirect("job_detail", job_id=job_id)
+
+
+@login_required
+def job_download(request, job_id: int, fmt: str):
+    job = _job_or_404(request.user, job_id)
+    if fmt not in {"md", "txt"} or job.state != Job.DONE:
+        raise Http404("No such download")
+    content_type = "text/markdown" if fmt == "md" else "text/plain"
+    response = HttpResponse(job.result, content_type=f"{content_type}; charset=utf-8")
+    name = slugify(job.title)[:60] or f"job-{job.pk}"
+    response["Content-Disposition"] = f'attachment; filename="{name}.{fmt}"'
+    return response

@@ -1,0 +1,86 @@
+// Job notifications on every page: one websocket to /ws/jobs/ that keeps the
+// unread badge current and shows a toast when one of the user's jobs finishes.
+// The job page reuses the same socket through window.JobSocket.
+(function () {
+  "use strict";
+  const badge = document.getElementById("jobs-unread");
+  // The badge, toasts and job pages share one small stylesheet beside app.css.
+  const css = document.createElement("link");
+  css.rel = "stylesheet";
+  css.href = document.currentScript.src.replace(/js\/job-notify\.js.*$/, "css/jobs.css");
+  document.head.appendChild(css);
+  const listeners = [];
+  const openers = [];
+  let socket = null;
+  let backoffMs = 1000;
+
+  function setBadge(count) {
+    if (!badge) return;
+    badge.textContent = count > 99 ? "99+" : String(count);
+    badge.hidden = !count;
+    badge.title = count + " finished job" + (count === 1 ? "" : "s") + " not seen yet";
+  }
+
+  const STATE_WORDS = { done: "is done", failed: "failed", cancelled: "was cancelled" };
+
+  function toast(frame) {
+    let box = document.getElementById("toasts");
+    if (!box) {
+      box = document.createElement("div");
+      box.id = "toasts";
+      box.className = "toasts";
+      box.setAttribute("aria-live", "polite");
+      document.body.appendChild(box);
+    }
+    const item = document.createElement("div");
+    item.className = "toast " + frame.state;
+    const link = document.createElement("a");
+    link.href = frame.url;
+    link.textContent = "Job “" + frame.title + "” " + (STATE_WORDS[frame.state] || frame.state);
+    const close = document.createElement("button");
+    close.type = "button";
+    close.className = "link";
+    close.setAttribute("aria-label", "Dismiss");
+    close.textContent = "×";
+    close.addEventListener("click", function () { item.remove(); });
+    item.append(link, close);
+    box.appendChild(item);
+    setTimeout(function () { item.remove(); }, 10000);
+  }
+
+  function connect() {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    socket = new WebSocket(scheme + "://" + location.host + "/ws/jobs/");
+    socket.onopen = function () {
+      backoffMs = 1000;
+      openers.forEach(function (fn) { fn(); });
+    };
+    socket.onmessage = function (event) {
+      const frame = JSON.parse(event.data);
+      if (frame.type === "jobs.unread") setBadge(frame.count);
+      if (frame.type === "job.finished") {
+        setBadge(frame.unread);
+        const watching = window.JobPage && window.JobPage.id === frame.job;
+        if (!watching) toast(frame);
+      }
+      listeners.forEach(function (fn) { fn(frame); });
+    };
+    socket.onclose = function (event) {
+      if (event.code === 4401) return;
+      setTimeout(connect, backoffMs);
+      backoffMs = Math.min(backoffMs * 2, 30000);
+    };
+  }
+
+  window.JobSocket = {
+    on: function (fn) { listeners.push(fn); },
+    onOpen: function (fn) {
+      openers.push(fn);
+      if (socket && socket.readyState === WebSocket.OPEN) fn();
+    },
+    send: function (frame) {
+      if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(frame));
+    },
+  };
+  connect();
+})();
