@@ -1,13 +1,9 @@
 from django.urls import include, path
 
-from . import views, workers
+from . import views
 
 urlpatterns = [
     path("", views.chat, name="chat"),
     path("c/<int:conversation_id>/", views.chat, name="conversation"),
-    path("c/<int:conversation_id>/rename/", views.conversation_rename, name="conversation_rename"),
-    path("c/<int:conversation_id>/delete/", views.conversation_delete, name="conversation_delete"),
-    path("c/<int:conversation_id>/share/", views.conversation_share, name="conversation_share"),
     path("jobs/", include("inference.jobs.urls")),
-    path("workers/", workers.workers_page, name="workers"),
 ]
