@@ -1,0 +1,291 @@
+"""The API's endpoints. Async views: a streamed answer holds no thread while it waits.
+
+Each request is authenticated by its API key, validated, checked against the context
+size and the quotas, and becomes a Generation on the model's Celery queue, as a chat
+turn does. The answer follows the generation's events (follow.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from asgiref.sync import sync_to_async
+from django.db import transaction
+from django.http import JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from mixtralweb.models import ApiKey
+from mixtralweb.quotas import QuotaExceeded, check_quota
+
+from .. import services
+from ..models import Generation, LanguageModel
+from ..tokens import count_chat_tokens, count_text_tokens
+from . import parsing
+from .errors import ApiError, bad_request, model_error, rate_limited, unauthorized
+from .follow import Text, follow
+
+CHAT = "chat"
+TEXT = "text"
+
+
+def api_view(method: str):
+    """CSRF-exempt (keys, not cookies, authenticate), one method, errors as JSON."""
+
+    def decorate(view):
+        @csrf_exempt
+        @functools.wraps(view)
+        async def wrapper(request, *args, **kwargs):
+            if request.method != method:
+                return ApiError(
+                    405, f"Use {method} for {request.path}.", code="method_not_allowed"
+                ).response()
+            try:
+                key = await authenticate(request)
+                return await view(request, key, *args, **kwargs)
+            except ApiError as exc:
+                return exc.response()
+
+        return wrapper
+
+    return decorate
+
+
+async def authenticate(request) -> ApiKey:
+    header = request.headers.get("Authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise unauthorized(
+            "No API key given. Send it as 'Authorization: Bearer <key>'; "
+            "create one on your account's API keys page."
+        )
+    key = await sync_to_async(ApiKey.authenticate)(secret.strip())
+    if key is None:
+        raise unauthorized("Incorrect or revoked API key.")
+    return key
+
+
+@api_view("GET")
+async def models(request, key):
+    names = await sync_to_async(list)(LanguageModel.objects.filter(enabled=True))
+    return JsonResponse(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": model.name,
+                    "object": "model",
+                    "created": int(model.created_at.timestamp()),
+                    "owned_by": "workbench",
+                    "context_length": model.n_ctx,
+                }
+                for model in names
+            ],
+        }
+    )
+
+
+@api_view("POST")
+async def chat_completions(request, key):
+    return await _complete(request, key, CHAT)
+
+
+@api_view("POST")
+async def completions(request, key):
+    return await _complete(request, key, TEXT)
+
+
+async def _complete(request, key: ApiKey, kind: str):
+    body = parsing.load_json(request.body)
+    parsed = parsing.parse_chat(body) if kind == CHAT else parsing.parse_completion(body)
+    gen = await sync_to_async(start_generation)(key=key, parsed=parsed)
+    if parsed.stream:
+        response = StreamingHttpResponse(
+            _sse(gen, key, parsed, kind), content_type="text/event-stream"
+        )
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # a proxy must not hold the stream back
+        return response
+    text, final = "", None
+    async with _stopping_if_abandoned(gen, key) as done:
+        async for item in follow(gen.pk):
+            if isinstance(item, Text):
+                text += item.text
+            else:
+                final = item.event
+        done()
+    _raise_if_failed(final)
+    return JsonResponse(_whole_answer(gen, kind, text, final))
+
+
+@transaction.atomic
+def start_generation(*, key: ApiKey, parsed: parsing.ApiRequest) -> Generation:
+    """Check the model, the context and the quotas; queue the generation."""
+    try:
+        model = services.get_model(parsed.model)
+    except services.ChatError as exc:
+        raise model_error(exc) from None
+    params = dict(parsed.params)
+    prompt_tokens = _count_prompt_tokens(model, parsed)
+    if prompt_tokens is not None:
+        _check_context(model, prompt_tokens, params, parsed)
+    try:
+        check_quota(user=key.user, source=Generation.SOURCE_API)
+    except QuotaExceeded as exc:
+        raise rate_limited(str(exc), exc.retry_after_s) from None
+    gen = Generation.objects.create(
+        user=key.user,
+        model=model,
+        source=Generation.SOURCE_API,
+        api_key_name=key.name,
+        input_messages=parsed.messages or [],
+        prompt_text=parsed.prompt or "",
+        params=params,
+    )
+    gen.counted_prompt_tokens = prompt_tokens
+    services.generation_enqueue(gen)
+    return gen
+
+
+def _count_prompt_tokens(model, parsed: parsing.ApiRequest) -> int | None:
+    """As the worker will count them; None where this host cannot read the model's
+    file (workers on other machines): the worker then refuses an overflow itself."""
+    try:
+        if parsed.prompt is not None:
+            return count_text_tokens(model, parsed.prompt)
+        return count_chat_tokens(model, parsed.messages)
+    except OSError:
+        return None
+
+
+def _check_context(model, prompt_tokens: int, params: dict, parsed) -> None:
+    """Refuse a prompt that cannot fit; shorten a default max_tokens that would not."""
+    room = model.n_ctx - prompt_tokens
+    if parsed.max_tokens_given and params["max_tokens"] > room or room < 1:
+        requested = prompt_tokens + (params["max_tokens"] if parsed.max_tokens_given else 1)
+        raise bad_request(
+            f"This model's maximum context length is {model.n_ctx} tokens. However, you "
+            f"requested {requested} tokens ({prompt_tokens} in the "
+            f"{'messages' if parsed.messages is not None else 'prompt'}, "
+            f"{requested - prompt_tokens} in the completion). Please reduce the length of "
+            "the input or of max_tokens.",
+            param="messages" if parsed.messages is not None else "prompt",
+            code="context_length_exceeded",
+        )
+    params["max_tokens"] = min(params["max_tokens"], room)
+
+
+class _stopping_if_abandoned:
+    """Stops the generation if the client goes away before its end: the GPU is shared."""
+
+    def __init__(self, gen: Generation, key: ApiKey):
+        self.gen, self.key, self.finished = gen, key, False
+
+    def _done(self) -> None:
+        self.finished = True
+
+    async def __aenter__(self):
+        return self._done
+
+    async def __aexit__(self, *exc_info):
+        if not self.finished:
+            await sync_to_async(services.generation_stop)(
+                user=self.key.user, generation_id=self.gen.pk
+            )
+        return False
+
+
+def _failure(final: dict) -> ApiError:
+    return ApiError(
+        500,
+        f"The generation failed: {final['reason'] or 'no reason was given'}",
+        type="server_error",
+        code="generation_failed",
+    )
+
+
+def _raise_if_failed(final: dict) -> None:
+    if final["state"] == Generation.FAILED:
+        raise _failure(final)
+
+
+def _finish_reason(final: dict) -> str:
+    return "length" if final.get("finish_reason") == "length" else "stop"
+
+
+def _usage(gen: Generation, final: dict) -> dict:
+    metrics = final.get("metrics") or {}
+    prompt = metrics.get("prompt_tokens")
+    if prompt is None:
+        prompt = getattr(gen, "counted_prompt_tokens", None) or 0
+    completion = metrics.get("completion_tokens") or 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _ids(gen: Generation, kind: str) -> dict:
+    return {
+        "id": f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{gen.pk}",
+        "created": int(gen.queued_at.timestamp()),
+        "model": gen.model.name,
+    }
+
+
+def _whole_answer(gen: Generation, kind: str, text: str, final: dict) -> dict:
+    if kind == CHAT:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None}
+        obj = "text_completion"
+    choice["finish_reason"] = _finish_reason(final)
+    return {**_ids(gen, kind), "object": obj, "choices": [choice], "usage": _usage(gen, final)}
+
+
+def _chunk(gen: Generation, kind: str, piece: str | None, finish_reason=None, first=False) -> dict:
+    if kind == CHAT:
+        delta = {} if piece is None else {"content": piece}
+        if first:
+            delta["role"] = "assistant"
+        choice = {"index": 0, "delta": delta}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": piece or "", "logprobs": None}
+        obj = "text_completion"
+    choice["finish_reason"] = finish_reason
+    return {**_ids(gen, kind), "object": obj, "choices": [choice], "usage": None}
+
+
+def _event(data) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+async def _sse(gen: Generation, key: ApiKey, parsed: parsing.ApiRequest, kind: str):
+    """Server-sent events: a chunk per piece of text, a last chunk with the finish
+    reason (and usage), the usage chunk if asked for, then [DONE]."""
+    async with _stopping_if_abandoned(gen, key) as done:
+        if kind == CHAT:
+            yield _event(_chunk(gen, kind, "", first=True))
+        async for item in follow(gen.pk):
+            if isinstance(item, Text):
+                yield _event(_chunk(gen, kind, item.text))
+                continue
+            final = item.event
+            done()
+        if final["state"] == Generation.FAILED:
+            yield _event(_failure(final).body())
+            return
+        usage = _usage(gen, final)
+        last = _chunk(gen, kind, None, finish_reason=_finish_reason(final))
+        # usage on the last chunk always: every response carries it.
+        last["usage"] = usage
+        yield _event(last)
+        if parsed.include_usage:
+            yield _event(
+                {**_ids(gen, kind), "object": last["object"], "choices": [], "usage": usage}
+            )
+        yield _event("[DONE]")

@@ -1,0 +1,287 @@
+"""The OpenAI-compatible API, through the official `openai` client, against the live
+stack with the real model. Alice calls it with her key "script"."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from django.conf import settings
+
+from inference.models import Generation, LanguageModel
+from mixtralweb.models import ApiKey, Quota
+
+
+@pytest.fixture
+def alice_key(cast, default_model):
+    key, secret = ApiKey.issue(user=cast.alice, name="script")
+    key.secret = secret
+    return key
+
+
+def client_for(stack, secret: str) -> openai.OpenAI:
+    # max_retries=0: a 429 or 503 must reach the test, not be retried away.
+    return openai.OpenAI(
+        base_url=f"{stack.http_url}/v1", api_key=secret, max_retries=0, timeout=120
+    )
+
+
+@pytest.fixture
+def client(stack, alice_key) -> openai.OpenAI:
+    return client_for(stack, alice_key.secret)
+
+
+MODEL = settings.DEFAULT_MODEL_NAME
+HELLO = [{"role": "user", "content": "Say hello in five words."}]
+
+
+def latest_generation() -> Generation:
+    return Generation.objects.select_related("metrics").latest("queued_at")
+
+
+# --- answers ------------------------------------------------------------------------
+
+
+def test_it_lists_the_enabled_models(client, default_model):
+    LanguageModel.objects.create(name="switched-off", path=default_model.path, enabled=False)
+    names = [m.id for m in client.models.list()]
+    assert names == [MODEL]
+
+
+def test_it_answers_a_chat_completion_with_usage(client, alice_key):
+    answer = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=16, seed=3, temperature=0.2
+    )
+    gen = latest_generation()
+    assert gen.state == Generation.DONE
+    assert answer.id == f"chatcmpl-{gen.pk}"
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content == gen.text != ""
+    assert answer.choices[0].finish_reason in {"stop", "length"}
+    assert answer.usage.prompt_tokens == gen.metrics.prompt_tokens > 5
+    assert answer.usage.completion_tokens == gen.metrics.completion_tokens >= 1
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    # Recorded as the key's work, on the same queue and worker as chat.
+    assert gen.source == Generation.SOURCE_API and gen.api_key_name == "script"
+    assert gen.user == alice_key.user and gen.worker
+    assert gen.params["max_tokens"] == 16 and gen.params["seed"] == 3
+    alice_key.refresh_from_db()
+    assert alice_key.last_used_at is not None
+
+
+def test_it_streams_a_chat_completion_and_ends_with_usage(client):
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write two sentences about the sea."}],
+        max_tokens=40,
+        seed=7,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    gen = latest_generation()
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert len(pieces) >= 2, "the answer arrived in one piece, not streamed"
+    assert "".join(pieces) == gen.text
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0].choices[0].finish_reason in {"stop", "length"}
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage.completion_tokens == gen.metrics.completion_tokens
+    assert usage_chunk.usage.prompt_tokens == gen.metrics.prompt_tokens
+
+
+def test_a_stream_without_include_usage_still_reports_usage_on_its_last_chunk(client):
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, stream=True)
+    )
+    gen = latest_generation()
+    assert chunks[-1].choices and chunks[-1].choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == gen.metrics.completion_tokens
+    assert all(c.choices for c in chunks), "no usage-only chunk unless asked for"
+
+
+def test_it_completes_a_raw_prompt(client):
+    answer = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    gen = latest_generation()
+    assert gen.prompt_text == "The capital of France is" and gen.input_messages == []
+    assert answer.choices[0].text == gen.text != ""
+    assert answer.usage.prompt_tokens == gen.metrics.prompt_tokens == 5
+    assert answer.usage.completion_tokens == gen.metrics.completion_tokens
+
+
+def test_it_streams_a_raw_completion(client):
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=12, stream=True
+        )
+    )
+    gen = latest_generation()
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == gen.text != ""
+    assert chunks[-1].usage.completion_tokens == gen.metrics.completion_tokens
+
+
+def test_max_tokens_cuts_the_answer_with_finish_reason_length(client):
+    answer = client.completions.create(
+        model=MODEL, prompt="Count: one, two, three,", max_tokens=4, temperature=0
+    )
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 4
+
+
+def test_a_stop_string_ends_the_answer_before_it(client):
+    ask = dict(model=MODEL, prompt="List the days of the week: Monday,", temperature=0, seed=1)
+    full = client.completions.create(max_tokens=24, **ask).choices[0].text
+    words = [w.strip(" ,.\n") for w in full.split(",") if w.strip(" ,.\n")]
+    assert len(words) >= 2, f"the model did not list days: {full!r}"
+    stop = words[1]
+    cut = client.completions.create(max_tokens=24, stop=[stop], **ask)
+    assert cut.choices[0].text == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_a_client_that_hangs_up_stops_its_generation(client):
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a very long story about a dragon."}],
+        max_tokens=2000,
+        stream=True,
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+    gen = latest_generation()
+    deadline = time.monotonic() + 30
+    while not gen.is_final and time.monotonic() < deadline:
+        time.sleep(0.2)
+        gen.refresh_from_db()
+    assert gen.state == Generation.CANCELLED
+    assert gen.metrics.completion_tokens < 2000
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+def test_a_missing_key_is_refused_with_401(stack, default_model):
+    # The openai client will not send a request without a key; a script might.
+    status, error = post_raw(stack, "/v1/chat/completions", None, json.dumps({"model": MODEL}))
+    assert status == 401
+    assert error["error"]["code"] == "invalid_api_key"
+    assert "Authorization: Bearer" in error["error"]["message"]
+
+
+def test_a_wrong_key_is_refused_with_401(stack, alice_key):
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client_for(stack, alice_key.secret + "x").chat.completions.create(
+            model=MODEL, messages=HELLO
+        )
+    assert caught.value.status_code == 401
+    assert not Generation.objects.exists()
+
+
+def test_a_revoked_key_is_refused_with_401(client, alice_key):
+    assert client.models.list().data
+    alice_key.revoke()
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
+    assert "revoked" in caught.value.body["message"]
+    assert not Generation.objects.exists()
+
+
+def test_an_unknown_model_is_refused_with_404(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-17", messages=HELLO)
+    assert caught.value.status_code == 404
+    assert caught.value.body["code"] == "model_not_found"
+    assert caught.value.body["param"] == "model"
+    assert "gpt-17" in caught.value.body["message"]
+
+
+def test_a_prompt_longer_than_the_context_is_refused_with_400_and_both_counts(
+    client, default_model
+):
+    long_prompt = "The sea is blue. " * 2500  # well over the 8,192-token context
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": long_prompt}]
+        )
+    error = caught.value.body
+    assert caught.value.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert f"maximum context length is {default_model.n_ctx} tokens" in error["message"]
+    prompt_tokens = int(error["message"].split(" in the messages")[0].split("(")[-1])
+    assert prompt_tokens > default_model.n_ctx
+    assert not Generation.objects.exists(), "an overflow must be refused before it is queued"
+
+
+def test_max_tokens_beyond_the_context_is_refused_with_400_and_both_counts(client, default_model):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt="Hello there", max_tokens=default_model.n_ctx)
+    message = caught.value.body["message"]
+    assert caught.value.body["code"] == "context_length_exceeded"
+    assert f"requested {default_model.n_ctx + 2} tokens (2 in the prompt, " in message
+    assert f"{default_model.n_ctx} in the completion" in message
+
+
+def test_a_rate_limited_key_gets_429_with_retry_after(client, alice_key):
+    Quota.objects.create(user=alice_key.user, requests_per_minute=1)
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    assert caught.value.status_code == 429
+    retry_after = int(caught.value.response.headers["Retry-After"])
+    assert 1 <= retry_after <= 60
+    assert "1 generation(s) per minute" in caught.value.body["message"]
+    assert Generation.objects.count() == 1
+
+
+def test_a_model_no_worker_serves_is_refused_with_503(client, default_model):
+    LanguageModel.objects.create(name="orphan", path=default_model.path, enabled=True)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model="orphan", messages=HELLO, max_tokens=2)
+    assert caught.value.status_code == 503
+    assert caught.value.body["code"] == "no_worker"
+    assert not Generation.objects.filter(model__name="orphan").exists()
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": HELLO}, "model"),
+        ({"model": MODEL, "messages": HELLO, "temperature": 5}, "temperature"),
+        ({"model": MODEL, "messages": HELLO, "n": 3}, "n"),
+        ({"model": MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_invalid_fields_are_refused_with_400_naming_the_field(stack, alice_key, body, param):
+    status, error = post_raw(stack, "/v1/chat/completions", alice_key.secret, json.dumps(body))
+    assert status == 400
+    assert error["error"]["param"] == param and error["error"]["type"] == "invalid_request_error"
+    assert not Generation.objects.exists()
+
+
+def test_a_body_that_is_not_json_is_refused_with_400(stack, alice_key):
+    status, error = post_raw(stack, "/v1/completions", alice_key.secret, "{not json")
+    assert status == 400 and "not valid JSON" in error["error"]["message"]
+
+
+def post_raw(stack, path: str, secret: str | None, data: str) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if secret is not None:
+        headers["Authorization"] = f"Bearer {secret}"
+    request = urllib.request.Request(stack.http_url + path, data=data.encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
