@@ -13,5 +13,6 @@ urlpatterns = [
         auth_views.PasswordChangeView.as_view(success_url="/"),
         name="password_change",
     ),
+    path("v1/", include("inference.openai_api.urls")),
     path("admin/", admin.site.urls),
 ]
