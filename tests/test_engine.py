@@ -1,0 +1,183 @@
+"""The engine on the real model (SmolLM2 on the CPU), in this process: prefix reuse,
+the saved-state LRU, stop and abort, prompt progress, overflow, token counting."""
+
+import threading
+
+import pytest
+
+from inference.engine import (
+    Cancelled,
+    ContextOverflow,
+    Engine,
+    LoadOptions,
+    ModelLoadError,
+    PrefixCache,
+    RunStats,
+    Sampling,
+)
+from inference.registry import embedded_model_path
+from inference.tokens import count_chat_tokens
+
+GREEDY = Sampling(max_tokens=4, temperature=0.0, seed=1)
+
+
+def options(**overrides) -> LoadOptions:
+    return LoadOptions(**({"path": str(embedded_model_path()), "n_ctx": 4096} | overrides))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(options(n_batch=128), prefix_cache_bytes=256 * 1024 * 1024)
+
+
+@pytest.fixture(scope="module")
+def engine_without_saved_states():
+    return Engine(options(n_batch=2048), prefix_cache_bytes=0)
+
+
+def conversation(topic: str, words: int = 40) -> list[dict]:
+    return [{"role": "user", "content": f"Tell me about {topic}. " * (words // 4)}]
+
+
+def run(engine, messages, sampling=GREEDY, cancel=None, progress=None):
+    stats = RunStats()
+    prompt = engine.chat_prompt_tokens(messages)
+    text = "".join(engine.stream(prompt, sampling, cancel or threading.Event(), stats, progress))
+    return stats, text, prompt
+
+
+def follow_up(messages, answer, question):
+    return messages + [
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": question},
+    ]
+
+
+def test_a_follow_up_reuses_the_conversations_prefix(engine):
+    first = conversation("the sea")
+    stats, answer, prompt = run(engine, first)
+    again, _, _ = run(engine, follow_up(first, answer, "And rivers?"))
+    assert again.cached_tokens >= len(prompt) - 1
+    assert again.prompt_tokens > len(prompt)
+
+
+def test_interleaved_conversations_resume_from_their_saved_states(engine):
+    sea, mountains = conversation("the sea", 120), conversation("mountains", 120)
+    _, sea_answer, sea_prompt = run(engine, sea)
+    run(engine, mountains)  # evicts the sea from the live context
+    back, _, _ = run(engine, follow_up(sea, sea_answer, "And the tides?"))
+    assert back.cached_tokens >= len(sea_prompt) - 1
+    assert len(engine.prefix_cache) >= 1
+
+
+def test_without_saved_states_an_interleaved_conversation_starts_over(
+    engine_without_saved_states,
+):
+    engine = engine_without_saved_states
+    sea, mountains = conversation("the sea", 120), conversation("mountains", 120)
+    _, sea_answer, sea_prompt = run(engine, sea)
+    run(engine, mountains)
+    back, _, _ = run(engine, follow_up(sea, sea_answer, "And the tides?"))
+    assert back.cached_tokens < len(sea_prompt) // 4  # only the template's opening
+
+
+def test_the_saved_states_stay_within_their_memory_budget():
+    cache = PrefixCache(capacity_bytes=1000)
+    cache.put([1, 2, 3], b"x" * 400)
+    cache.put([7, 8], b"y" * 400)
+    cache.put([9], b"z" * 400)  # over budget: the least recently used goes
+    assert cache.size_bytes <= 1000
+    assert cache.longest([1, 2, 3, 4]) == (None, 0)
+    assert cache.longest([7, 8, 5]) == ((7, 8), 2)
+
+
+def test_a_state_that_is_used_again_is_kept_longer():
+    cache = PrefixCache(capacity_bytes=1000)
+    cache.put([1], b"a" * 400)
+    cache.put([2], b"b" * 400)
+    cache.take((1,))
+    cache.put([3], b"c" * 400)
+    assert cache.longest([1])[0] == (1,) and cache.longest([2])[0] is None
+
+
+def test_a_longer_state_replaces_its_own_prefix():
+    cache = PrefixCache(capacity_bytes=10_000)
+    cache.put([1, 2], b"a")
+    cache.put([1, 2, 3, 4], b"b")
+    assert len(cache) == 1 and cache.longest([1, 2, 3, 4, 5]) == ((1, 2, 3, 4), 4)
+
+
+def test_a_long_prompt_reports_its_progress_batch_by_batch(engine):
+    reports = []
+    stats, _, prompt = run(
+        engine, conversation("deserts", 400), progress=lambda n, total: reports.append((n, total))
+    )
+    evaluated = [n for n, _ in reports]
+    assert all(total == len(prompt) for _, total in reports)
+    assert evaluated == sorted(evaluated) and len(reports) >= 3
+    assert evaluated[0] == stats.cached_tokens and evaluated[-1] == len(prompt) - 1
+    assert all(b - a <= engine.n_batch for a, b in zip(evaluated, evaluated[1:], strict=False))
+
+
+def test_a_short_prompt_reports_no_progress(engine):
+    reports = []
+    run(engine, conversation("ice", 8), progress=lambda n, total: reports.append(n))
+    assert reports == []
+
+
+def test_a_stop_during_prompt_evaluation_aborts_inside_the_batch(engine_without_saved_states):
+    """One 2048-token batch: without llama.cpp's abort callback the stop would only
+    be seen after the whole batch was evaluated (n_tokens would then have moved)."""
+    engine = engine_without_saved_states
+    messages = conversation("volcanoes", 1200)
+    prompt = engine.chat_prompt_tokens(messages)
+    assert engine.n_batch > len(prompt) > 1000
+    cancel = threading.Event()
+    timer = threading.Timer(0.3, cancel.set)
+    timer.start()
+    with pytest.raises(Cancelled):
+        run(engine, messages, cancel=cancel)
+    timer.cancel()
+    assert engine.llm.n_tokens < 100  # the batch in flight was abandoned
+    # The stop applied to that run only: the next one runs to its end.
+    stats, text, _ = run(engine, conversation("lakes"))
+    assert stats.completion_tokens > 0 and stats.finish_reason in {"length", "stop"}
+
+
+def test_a_stop_ends_decoding_within_one_token(engine):
+    cancel = threading.Event()
+    stats = RunStats()
+    prompt = engine.chat_prompt_tokens(conversation("clouds"))
+    sampling = Sampling(max_tokens=200, temperature=0.0)
+    pieces = []
+    for piece in engine.stream(prompt, sampling, cancel, stats):
+        pieces.append(piece)
+        if stats.completion_tokens == 3:
+            cancel.set()
+    assert stats.completion_tokens == 3
+    assert stats.finish_reason == "cancelled"
+    assert "".join(pieces)  # the partial text is there for the caller to keep
+
+
+def test_a_prompt_longer_than_the_context_is_refused_with_both_numbers(engine):
+    prompt = engine.tokenize("word " * 5000)
+    with pytest.raises(ContextOverflow) as caught:
+        next(engine.stream(prompt, GREEDY, threading.Event(), RunStats()))
+    assert caught.value.prompt_tokens == len(prompt) and caught.value.n_ctx == 4096
+    assert f"{len(prompt):,}" in str(caught.value) and "4,096" in str(caught.value)
+
+
+def test_the_web_process_counts_the_tokens_the_worker_will_evaluate(engine):
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Héllo — how many tokens is this? 🌊"},
+    ]
+    model = type("Model", (), {"path": str(embedded_model_path())})
+    assert count_chat_tokens(model, messages) == len(engine.chat_prompt_tokens(messages))
+
+
+def test_a_file_llama_cpp_cannot_load_is_named_in_the_error(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(embedded_model_path().read_bytes()[:4096])
+    with pytest.raises(ModelLoadError, match="broken.gguf"):
+        Engine(options(path=str(broken)))
