@@ -76,6 +76,12 @@ def get_model(name: str | None) -> LanguageModel:
     model = LanguageModel.objects.filter(name=name, enabled=True).first()
     if model is None:
         raise ChatError(f"There is no model named {name!r}.", code="unknown_model")
+    if settings.CHAT_REQUIRE_WORKER:
+        from .workers import serving_problem
+
+        problem = serving_problem(model.name)
+        if problem:
+            raise ChatError(problem, code="no_worker")
     return model
 
 
