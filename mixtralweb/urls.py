@@ -13,6 +13,7 @@ urlpatterns = [
         auth_views.PasswordChangeView.as_view(success_url="/"),
         name="password_change",
     ),
+    path("account/", include("mixtralweb.account_urls")),
     path("v1/", include("inference.openai_api.urls")),
     path("admin/", admin.site.urls),
 ]
