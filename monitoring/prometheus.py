@@ -123,7 +123,9 @@ def observe(generation: Generation) -> bool:
     """Add a finished generation to the shared counters. Once per generation: a
     second call (a redelivered signal) changes nothing and returns False."""
     client = _redis()
-    if not client.set(f"{KEY_PREFIX}:seen:{generation.pk}", 1, nx=True, ex=SEEN_TTL_S):
+    # The id alone could repeat if the database were recreated beside the same Redis.
+    seen = f"{KEY_PREFIX}:seen:{generation.pk}:{generation.queued_at.timestamp():.6f}"
+    if not client.set(seen, 1, nx=True, ex=SEEN_TTL_S):
         return False
     model = generation.model.name
     metrics = RequestMetrics.objects.filter(generation_id=generation.pk).first()

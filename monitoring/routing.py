@@ -1,3 +1,9 @@
 """Websocket routes of the monitoring app (live GPU charts)."""
 
-websocket_urlpatterns: list = []
+from django.urls import path
+
+from .consumers import GpuConsumer
+
+websocket_urlpatterns = [
+    path("ws/gpu/", GpuConsumer.as_asgi()),
+]

@@ -1,3 +1,14 @@
 """Monitoring pages: usage history, dashboards, GPUs, Prometheus."""
 
-urlpatterns: list = []
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("usage/", views.my_usage, name="my_usage"),
+    path("usage/requests/<int:pk>/", views.request_detail, name="request_detail"),
+    path("usage/teams/<int:team_id>/", views.team_usage, name="team_usage"),
+    path("usage/admin/", views.admin_overview, name="admin_overview"),
+    path("gpus/", views.gpus, name="gpus"),
+    path("metrics", views.metrics, name="metrics"),
+]

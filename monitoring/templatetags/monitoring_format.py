@@ -1,0 +1,50 @@
+"""Formats for measured values: unknown (None) shows as an em dash, never as 0."""
+
+from django import template
+
+register = template.Library()
+
+DASH = "—"
+
+
+@register.filter
+def gib(value):
+    return DASH if value is None else f"{value / 2**30:.2f} GiB"
+
+
+@register.filter
+def ms(value):
+    return DASH if value is None else f"{value:,.0f} ms"
+
+
+@register.filter
+def num(value, digits=1):
+    if value is None or value == "":
+        return DASH
+    return f"{value:,.{int(digits)}f}"
+
+
+@register.filter
+def measured(value, name):
+    """A RequestMetrics field's value with its unit, chosen from the field's name."""
+    if value is None:
+        return DASH
+    if isinstance(value, list):
+        return ", ".join(value) or "none"
+    if name.endswith("_bytes"):
+        return gib(value)
+    if name.endswith("_ms"):
+        return f"{value:,.1f} ms"
+    if name.endswith("_per_s"):
+        return f"{value:,.1f} tokens/s"
+    if name.endswith("_pct"):
+        return f"{value:.1f} %"
+    if name.endswith("_w"):
+        return f"{value:.1f} W"
+    if name.endswith("_j"):
+        return f"{value:,.1f} J"
+    if name.endswith("_c"):
+        return f"{value:.0f} °C"
+    if name.endswith("_mhz"):
+        return f"{value:,.0f} MHz"
+    return value
