@@ -45,8 +45,17 @@ bench: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mixtralweb_bench} \
 	  $(PY) -m tests.bench.run
 
+# The gpu-marked tests (tests/test_gpu.py). A CPU-only llama-cpp-python is rebuilt
+# with CUDA first, for this machine's GPU only (native), on every core.
 gpu-check: $(STAMP)
-	$(VENV)/bin/pytest -m gpu -p no:cacheprovider
+	@$(PY) -c "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())" || { \
+	  echo "Rebuilding llama-cpp-python $(LLAMA_CPP_VERSION) with CUDA…"; \
+	  CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=native" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PIP) install -q --no-deps --force-reinstall --no-cache-dir \
+	    "llama-cpp-python==$(LLAMA_CPP_VERSION)" || exit 1; }
+	DATABASE_URL=$${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mixtralweb} \
+	  $(VENV)/bin/pytest -m gpu -p no:cacheprovider -s
 
 clean:
 	rm -rf $(VENV) var/*.sqlite3 var/staticfiles
