@@ -7,6 +7,7 @@ frames in both directions.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -21,6 +22,7 @@ from .models import Conversation, Generation, Message
 log = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
+QUEUE_UPDATE_S = 1.0
 
 
 def conversation_group(conversation_id: int) -> str:
@@ -35,9 +37,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         self.user = user
         self.groups_joined: set[str] = set()
+        self.queue_watchers: dict[int, asyncio.Future] = {}
         await self.accept()
 
     async def disconnect(self, code):
+        for watcher in list(getattr(self, "queue_watchers", {}).values()):
+            watcher.cancel()
         for group in getattr(self, "groups_joined", ()):
             await self.channel_layer.group_discard(group, self.channel_name)
 
@@ -78,7 +83,37 @@ class ChatConsumer(AsyncWebsocketConsumer):
             model_name=frame.get("model"),
             params=frame.get("params"),
             system_prompt=frame.get("system_prompt") or "",
+            overflow=frame.get("overflow"),
         )
+        await self._accepted(frame, conversation, message, generation)
+        # Tell the others watching this conversation, then follow the answer.
+        payloads = await database_sync_to_async(self._new_turn_payloads)(message, generation)
+        await self.channel_layer.group_send(
+            conversation_group(conversation.pk),
+            {"type": "conversation.turn", "conversation": conversation.pk, "messages": payloads},
+        )
+        await self._follow(generation.pk)
+
+    async def on_regenerate(self, frame):
+        conversation, replaced, generation = await database_sync_to_async(services.chat_regenerate)(
+            user=self.user,
+            conversation_id=frame.get("conversation"),
+            overflow=frame.get("overflow"),
+        )
+        await self._accepted(frame, conversation, replaced, generation)
+        await self._changed(conversation.pk)
+
+    async def on_edit(self, frame):
+        conversation, message, generation, _ = await database_sync_to_async(services.chat_edit)(
+            user=self.user,
+            message_id=frame.get("message"),
+            content=frame.get("content"),
+            overflow=frame.get("overflow"),
+        )
+        await self._accepted(frame, conversation, message, generation)
+        await self._changed(conversation.pk)
+
+    async def _accepted(self, frame, conversation, message, generation):
         await self.send_json(
             {
                 "type": "chat.accepted",
@@ -89,19 +124,22 @@ class ChatConsumer(AsyncWebsocketConsumer):
             }
         )
         await self._join(conversation_group(conversation.pk))
-        # Tell the others watching this conversation, then follow the answer.
-        payloads = await database_sync_to_async(self._new_turn_payloads)(message, generation)
+
+    async def _changed(self, conversation_id: int):
+        """Turns were replaced: everyone watching re-reads the conversation."""
         await self.channel_layer.group_send(
-            conversation_group(conversation.pk),
-            {"type": "conversation.turn", "conversation": conversation.pk, "messages": payloads},
+            conversation_group(conversation_id),
+            {"type": "conversation.changed", "conversation": conversation_id},
         )
-        await self._follow(generation.pk)
 
     async def on_open(self, frame):
         conversation = await database_sync_to_async(services.get_conversation_for_user)(
             self.user, frame.get("conversation")
         )
         await self._join(conversation_group(conversation.pk))
+        await self._send_conversation(conversation)
+
+    async def _send_conversation(self, conversation: Conversation):
         # Join every live generation's group before reading the snapshot: a token
         # is then either in the snapshot, in a later frame, or both (the client
         # de-duplicates by offset), never lost between the two.
@@ -112,6 +150,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         )
         for gen_id in live:
             await self._join(f"gen.{gen_id}")
+            self._watch_queue(gen_id)
         snapshot = await database_sync_to_async(self._conversation_snapshot)(conversation)
         await self.send_json(snapshot)
 
@@ -137,6 +176,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         "conversation.open": on_open,
         "generation.stop": on_stop,
         "generation.subscribe": on_subscribe,
+        "chat.regenerate": on_regenerate,
+        "chat.edit": on_edit,
     }
 
     # --- helpers ----------------------------------------------------------------
@@ -149,6 +190,30 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self._join(f"gen.{generation_id}")
         gen = await database_sync_to_async(Generation.objects.get)(pk=generation_id)
         await self.send_json(await database_sync_to_async(generation_snapshot)(gen))
+        self._watch_queue(generation_id)
+
+    def _watch_queue(self, generation_id: int):
+        """While the generation waits in the queue, send its position and estimate
+        every QUEUE_UPDATE_S, until a worker starts it."""
+        if generation_id in self.queue_watchers:
+            return
+        self.queue_watchers[generation_id] = asyncio.ensure_future(
+            self._queue_updates(generation_id)
+        )
+
+    async def _queue_updates(self, generation_id: int):
+        try:
+            while True:
+                gen = await database_sync_to_async(Generation.objects.get)(pk=generation_id)
+                if gen.state != Generation.QUEUED:
+                    return
+                await asyncio.sleep(QUEUE_UPDATE_S)
+                gen = await database_sync_to_async(Generation.objects.get)(pk=generation_id)
+                if gen.state != Generation.QUEUED:
+                    return
+                await self.send_json(await database_sync_to_async(generation_snapshot)(gen))
+        finally:
+            self.queue_watchers.pop(generation_id, None)
 
     @staticmethod
     def _new_turn_payloads(message: Message, generation: Generation) -> list[dict]:
@@ -160,7 +225,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     @staticmethod
     def _conversation_snapshot(conversation: Conversation) -> dict:
-        messages = conversation.messages.select_related("author", "generation__metrics")
+        messages = conversation.messages.current().select_related("author", "generation__metrics")
         return {
             "type": "conversation.snapshot",
             "conversation": {
@@ -196,10 +261,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def generation_final(self, event):
         await self.send_json(event)
 
+    async def conversation_changed(self, event):
+        conversation = await database_sync_to_async(services.get_conversation_for_user)(
+            self.user, event["conversation"]
+        )
+        await self._send_conversation(conversation)
+
     async def conversation_turn(self, event):
         generation = next(
             (m["generation"]["generation"] for m in event["messages"] if m["generation"]), None
         )
         if generation is not None:
             await self._join(f"gen.{generation}")
+            self._watch_queue(generation)
         await self.send_json(event)

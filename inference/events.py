@@ -64,16 +64,37 @@ def live_text(gen: Generation) -> str:
 
 
 def queue_position(gen: Generation) -> int | None:
+    """1 when next in line. Chat and API generations wait only behind each other:
+    background jobs use the model's bulk queue, which workers take last."""
     if gen.state != Generation.QUEUED:
         return None
     ahead = Generation.objects.filter(
         model_id=gen.model_id, state=Generation.QUEUED, queued_at__lt=gen.queued_at
-    ).count()
-    return ahead + 1
+    ).exclude(source=Generation.SOURCE_JOB)
+    return ahead.count() + 1
+
+
+def queue_eta_s(gen: Generation, position: int | None) -> float | None:
+    """About how long until it starts: the position times the mean duration of the
+    model's recent generations, plus what is left of the one running."""
+    if position is None:
+        return None
+    recent = list(
+        Generation.objects.filter(
+            model_id=gen.model_id, state=Generation.DONE, started_at__isnull=False
+        )
+        .order_by("-finished_at")
+        .values_list("started_at", "finished_at")[:20]
+    )
+    if not recent:
+        return None
+    mean_s = sum((end - start).total_seconds() for start, end in recent) / len(recent)
+    return round(position * mean_s, 1)
 
 
 def generation_snapshot(gen: Generation) -> dict:
     """A generation as it stands now; `text` is everything streamed so far."""
+    position = queue_position(gen)
     return {
         "type": "generation.snapshot",
         "generation": gen.pk,
@@ -82,7 +103,8 @@ def generation_snapshot(gen: Generation) -> dict:
         "text": live_text(gen),
         "reason": gen.reason,
         "finish_reason": gen.finish_reason,
-        "position": queue_position(gen),
+        "position": position,
+        "eta_s": queue_eta_s(gen, position),
         "metrics": metrics_payload(_metrics_of(gen)),
     }
 
@@ -95,6 +117,8 @@ def message_payload(message: Message) -> dict:
         "created_at": message.created_at.isoformat(),
         "text": message.content,
         "generation": None,
+        "edited": message.edited_from_id is not None,
+        "dropped_from_context": message.dropped_from_context,
     }
     if message.generation_id:
         snapshot = generation_snapshot(message.generation)

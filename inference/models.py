@@ -278,4 +278,5 @@ class Message(models.Model):
             return self.generation.text
         return self.content
 
+
 from .jobs.models import Job, JobChunk  # noqa: E402,F401  (long-context jobs, inference/jobs/)

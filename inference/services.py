@@ -9,6 +9,7 @@ from __future__ import annotations
 import redis
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from mixtralweb.quotas import QuotaExceeded, check_quota
@@ -85,6 +86,16 @@ def get_model(name: str | None) -> LanguageModel:
     return model
 
 
+def serving_models():
+    """Enabled models that a live worker serves (or is loading): the model picker
+    offers only these."""
+    from .models import WorkerHeartbeat
+    from .workers import live_workers
+
+    names = {w["model"] for w in live_workers() if w["state"] in WorkerHeartbeat.SERVING_STATES}
+    return LanguageModel.objects.filter(enabled=True, name__in=names)
+
+
 def get_conversation_for_user(user, conversation_id) -> Conversation:
     """The conversation if the user may see it; ChatError('not_found') otherwise,
     whether it does not exist or belongs to someone else."""
@@ -122,17 +133,14 @@ def get_generation_for_user(user, generation_id) -> Generation:
 
 
 def conversation_input(conversation: Conversation) -> list[dict]:
-    """The conversation as chat-template messages, system prompt first."""
+    """The conversation as chat-template messages, system prompt first: the current
+    turns not dropped from the context, without unfinished or empty answers."""
     messages = []
     if conversation.system_prompt:
         messages.append({"role": "system", "content": conversation.system_prompt})
-    for message in conversation.messages.select_related("generation"):
+    for message in conversation.messages.in_context().select_related("generation"):
         text = message.text
-        if (
-            message.role == Message.ASSISTANT
-            and (not message.generation or message.generation.state != Generation.DONE)
-            and not text
-        ):
+        if message.role == Message.ASSISTANT and not text:
             continue
         messages.append({"role": message.role, "content": text})
     return messages
@@ -147,6 +155,78 @@ def generation_enqueue(generation: Generation) -> None:
     )
 
 
+OVERFLOW_REFUSE = "refuse"
+OVERFLOW_DROP_OLDEST = "drop_oldest"
+
+
+def _fit_context(conversation: Conversation, overflow: str) -> list[dict]:
+    """The input for the next answer, checked against the model's context.
+
+    A prompt that does not fit is refused with both numbers, or, when the user chose
+    "drop_oldest", the oldest turns are marked dropped until it fits. Never silent.
+    """
+    from .tokens import count_chat_tokens
+
+    model = conversation.model
+    max_tokens = int((conversation.params or {}).get("max_tokens", DEFAULT_PARAMS["max_tokens"]))
+    while True:
+        messages = conversation_input(conversation)
+        prompt_tokens = count_chat_tokens(model, messages)
+        if prompt_tokens + max_tokens <= model.n_ctx:
+            return messages
+        oldest = list(conversation.messages.in_context().order_by("created_at", "id")[:2])
+        droppable = (
+            overflow == OVERFLOW_DROP_OLDEST
+            and len(conversation.messages.in_context().filter(role=Message.USER)) > 1
+        )
+        if not droppable:
+            raise ChatError(
+                f"The conversation is {prompt_tokens:,} tokens and the model's context is "
+                f"{model.n_ctx:,} (with {max_tokens:,} tokens reserved for the answer). "
+                "Start a new chat, shorten the message, or drop the oldest turns.",
+                code="context_overflow",
+            )
+        for message in oldest:
+            message.dropped_from_context = True
+            message.save(update_fields=["dropped_from_context"])
+
+
+def _queue_answer(
+    *, user, conversation: Conversation, overflow: str = OVERFLOW_REFUSE
+) -> tuple[Message, Generation]:
+    """Create the assistant turn for the conversation as it stands, and queue it."""
+    busy = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
+    if busy.exists():
+        raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
+    try:
+        check_quota(user=user, team=conversation.team, source=Generation.SOURCE_CHAT)
+    except QuotaExceeded as exc:
+        raise ChatError(str(exc), code="quota") from None
+    input_messages = _fit_context(conversation, overflow)
+    conversation.updated_at = timezone.now()
+    conversation.save()
+    generation = Generation.objects.create(
+        user=user,
+        team=conversation.team,
+        model=conversation.model,
+        source=Generation.SOURCE_CHAT,
+        conversation=conversation,
+        input_messages=input_messages,
+        params=conversation.params or clean_params(None),
+    )
+    assistant = Message.objects.create(
+        conversation=conversation, role=Message.ASSISTANT, generation=generation
+    )
+    generation_enqueue(generation)
+    return assistant, generation
+
+
+def _clean_overflow(overflow) -> str:
+    if overflow in (None, OVERFLOW_REFUSE, OVERFLOW_DROP_OLDEST):
+        return overflow or OVERFLOW_REFUSE
+    raise ChatError('overflow must be "refuse" or "drop_oldest"')
+
+
 @transaction.atomic
 def chat_send(
     *,
@@ -156,9 +236,11 @@ def chat_send(
     model_name: str | None = None,
     params: dict | None = None,
     system_prompt: str = "",
+    overflow: str | None = None,
 ) -> tuple[Conversation, Message, Generation]:
     """Post a user message and queue the assistant's answer."""
     content = clean_content(content)
+    overflow = _clean_overflow(overflow)
     if conversation_id is None:
         model = get_model(model_name)
         conversation = Conversation.objects.create(
@@ -170,34 +252,128 @@ def chat_send(
         )
     else:
         conversation = get_conversation_for_user(user, conversation_id)
-        busy = conversation.generations.filter(
-            state__in=[Generation.QUEUED, Generation.RUNNING]
-        ).exists()
-        if busy:
-            raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
         if params is not None:
             conversation.params = clean_params(params)
-    try:
-        check_quota(user=user, team=conversation.team, source=Generation.SOURCE_CHAT)
-    except QuotaExceeded as exc:
-        raise ChatError(str(exc), code="quota") from None
-    conversation.updated_at = timezone.now()
-    conversation.save()
     message = Message.objects.create(
         conversation=conversation, role=Message.USER, author=user, content=content
     )
-    generation = Generation.objects.create(
-        user=user,
-        team=conversation.team,
-        model=conversation.model,
-        source=Generation.SOURCE_CHAT,
-        conversation=conversation,
-        input_messages=conversation_input(conversation),
-        params=conversation.params or clean_params(None),
-    )
-    Message.objects.create(conversation=conversation, role=Message.ASSISTANT, generation=generation)
-    generation_enqueue(generation)
+    _, generation = _queue_answer(user=user, conversation=conversation, overflow=overflow)
     return conversation, message, generation
+
+
+@transaction.atomic
+def chat_regenerate(*, user, conversation_id, overflow: str | None = None):
+    """Replace the last answer with a new one to the same question."""
+    conversation = get_conversation_for_user(user, conversation_id)
+    last = conversation.messages.current().order_by("-created_at", "-id").first()
+    if last is None or last.role != Message.ASSISTANT:
+        raise ChatError("There is no answer to regenerate.", code="invalid")
+    if last.generation and not last.generation.is_final:
+        raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
+    last.superseded_at = timezone.now()
+    last.save(update_fields=["superseded_at"])
+    _, generation = _queue_answer(
+        user=user, conversation=conversation, overflow=_clean_overflow(overflow)
+    )
+    return conversation, last, generation
+
+
+@transaction.atomic
+def chat_edit(*, user, message_id, content, overflow: str | None = None):
+    """Replace an earlier user message: it and every later turn are superseded, the
+    new text is posted in its place, and a new answer is queued."""
+    content = clean_content(content)
+    try:
+        message_id = int(message_id)
+    except (TypeError, ValueError):
+        raise ChatError("Message not found.", code="not_found") from None
+    original = (
+        Message.objects.filter(
+            pk=message_id,
+            role=Message.USER,
+            superseded_at__isnull=True,
+            conversation__in=Conversation.objects.visible_to(user),
+        )
+        .select_related("conversation")
+        .first()
+    )
+    if original is None:
+        raise ChatError("Message not found.", code="not_found")
+    conversation = Conversation.objects.select_related("model").get(pk=original.conversation_id)
+    if conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING]).exists():
+        raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
+    now = timezone.now()
+    # Ids grow with time: the original and every turn after it.
+    replaced = conversation.messages.current().filter(pk__gte=original.pk)
+    replaced_count = replaced.update(superseded_at=now)
+    message = Message.objects.create(
+        conversation=conversation,
+        role=Message.USER,
+        author=user,
+        content=content,
+        edited_from=original,
+    )
+    _, generation = _queue_answer(
+        user=user, conversation=conversation, overflow=_clean_overflow(overflow)
+    )
+    return conversation, message, generation, replaced_count
+
+
+def _owned_conversation(user, conversation_id) -> Conversation:
+    conversation = get_conversation_for_user(user, conversation_id)
+    if conversation.owner_id != user.pk:
+        raise ChatError("Only the owner can do that.", code="forbidden")
+    return conversation
+
+
+def conversation_rename(*, user, conversation_id, title: str) -> Conversation:
+    title = (title or "").strip()
+    if not title:
+        raise ChatError("The title is empty.", code="empty")
+    if len(title) > 200:
+        raise ChatError("The title is longer than 200 characters.", code="too_large")
+    conversation = _owned_conversation(user, conversation_id)
+    conversation.title = title
+    conversation.save(update_fields=["title", "updated_at"])
+    return conversation
+
+
+def conversation_delete(*, user, conversation_id) -> None:
+    """Delete the conversation; its generations and their metrics stay as history."""
+    conversation = _owned_conversation(user, conversation_id)
+    with transaction.atomic():
+        running = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
+        for gen in running:
+            generation_stop(user=user, generation_id=gen.pk)
+        conversation.delete()
+
+
+def conversation_share(*, user, conversation_id, team_id) -> Conversation:
+    """Share the conversation with one of the owner's teams (None: stop sharing)."""
+    from mixtralweb.models import Team
+
+    conversation = _owned_conversation(user, conversation_id)
+    team = None
+    if team_id not in (None, ""):
+        team = Team.objects.filter(pk=team_id, memberships__user=user).first()
+        if team is None:
+            raise ChatError("You are not a member of that team.", code="not_found")
+    conversation.team = team
+    conversation.save(update_fields=["team", "updated_at"])
+    return conversation
+
+
+def conversations_matching(user, query: str):
+    """Conversations the user may see whose title, messages or answers contain query."""
+    visible = Conversation.objects.visible_to(user)
+    query = (query or "").strip()
+    if not query:
+        return visible
+    return visible.filter(
+        Q(title__icontains=query)
+        | Q(messages__content__icontains=query)
+        | Q(messages__generation__text__icontains=query)
+    ).distinct()
 
 
 def generation_stop(*, user, generation_id) -> Generation:

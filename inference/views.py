@@ -1,32 +1,89 @@
 """Pages for chat. Plain functions; access goes through services' helpers."""
 
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db.models import Q
 from django.http import Http404
-from django.shortcuts import render
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
 
 from . import services
-from .models import Conversation, LanguageModel
+from .models import LanguageModel
+
+
+def _conversation_or_404(user, conversation_id):
+    try:
+        return services.get_conversation_for_user(user, conversation_id)
+    except services.ChatError:
+        raise Http404("Conversation not found") from None
 
 
 @login_required
 def chat(request, conversation_id: int | None = None):
     conversation = None
     if conversation_id is not None:
-        try:
-            conversation = services.get_conversation_for_user(request.user, conversation_id)
-        except services.ChatError:
-            raise Http404("Conversation not found") from None
-    mine = Conversation.objects.filter(owner=request.user)
-    team = Conversation.objects.visible_to(request.user).filter(~Q(owner=request.user))
+        conversation = _conversation_or_404(request.user, conversation_id)
+    query = request.GET.get("q", "").strip()
+    visible = services.conversations_matching(request.user, query).select_related("owner", "team")
     return render(
         request,
         "inference/chat.html",
         {
             "conversation": conversation,
-            "my_conversations": mine[:50],
-            "team_conversations": team.select_related("owner", "team")[:50],
-            "models": LanguageModel.objects.filter(enabled=True),
+            "query": query,
+            "my_conversations": visible.filter(owner=request.user)[:100],
+            "team_conversations": visible.exclude(owner=request.user)[:100],
+            "models": services.serving_models(),
+            "all_models": LanguageModel.objects.filter(enabled=True),
+            "teams": request.user.teams.all(),
             "default_params": services.DEFAULT_PARAMS,
         },
     )
+
+
+@login_required
+@require_POST
+def conversation_rename(request, conversation_id: int):
+    try:
+        services.conversation_rename(
+            user=request.user, conversation_id=conversation_id, title=request.POST.get("title")
+        )
+    except services.ChatError as exc:
+        if exc.code == "not_found":
+            raise Http404("Conversation not found") from None
+        messages.error(request, str(exc))
+    return redirect("conversation", conversation_id=conversation_id)
+
+
+@login_required
+def conversation_delete(request, conversation_id: int):
+    conversation = _conversation_or_404(request.user, conversation_id)
+    if request.method == "POST":
+        try:
+            services.conversation_delete(user=request.user, conversation_id=conversation_id)
+        except services.ChatError as exc:
+            messages.error(request, str(exc))
+            return redirect("conversation", conversation_id=conversation_id)
+        messages.success(request, f"Deleted “{conversation}”.")
+        return redirect("chat")
+    return render(request, "inference/conversation_delete.html", {"conversation": conversation})
+
+
+@login_required
+@require_POST
+def conversation_share(request, conversation_id: int):
+    try:
+        conversation = services.conversation_share(
+            user=request.user,
+            conversation_id=conversation_id,
+            team_id=request.POST.get("team") or None,
+        )
+    except services.ChatError as exc:
+        if exc.code == "not_found" and not request.POST.get("team"):
+            raise Http404("Conversation not found") from None
+        messages.error(request, str(exc))
+    else:
+        if conversation.team:
+            messages.success(request, f"Shared with {conversation.team}.")
+        else:
+            messages.success(request, "No longer shared.")
+    return redirect("conversation", conversation_id=conversation_id)

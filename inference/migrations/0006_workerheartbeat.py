@@ -5,30 +5,60 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('inference', '0005_jobs'),
+        ("inference", "0005_jobs"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='WorkerHeartbeat',
+            name="WorkerHeartbeat",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('host', models.CharField(max_length=200)),
-                ('pid', models.PositiveIntegerField()),
-                ('model_name', models.CharField(db_index=True, max_length=100)),
-                ('device', models.CharField(help_text='"cpu" or "gpu:<index>".', max_length=100)),
-                ('state', models.CharField(choices=[('loading', 'Loading'), ('ready', 'Ready'), ('busy', 'Busy'), ('failed', 'Failed'), ('stopped', 'Stopped')], default='loading', max_length=10)),
-                ('load_progress', models.FloatField(blank=True, help_text='0 to 1 while loading.', null=True)),
-                ('reason', models.TextField(blank=True, help_text='Why it failed, in plain words.')),
-                ('generation_id', models.BigIntegerField(blank=True, help_text='Running now.', null=True)),
-                ('started_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('seen_at', models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("host", models.CharField(max_length=200)),
+                ("pid", models.PositiveIntegerField()),
+                ("model_name", models.CharField(db_index=True, max_length=100)),
+                ("device", models.CharField(help_text='"cpu" or "gpu:<index>".', max_length=100)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("loading", "Loading"),
+                            ("ready", "Ready"),
+                            ("busy", "Busy"),
+                            ("failed", "Failed"),
+                            ("stopped", "Stopped"),
+                        ],
+                        default="loading",
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "load_progress",
+                    models.FloatField(blank=True, help_text="0 to 1 while loading.", null=True),
+                ),
+                (
+                    "reason",
+                    models.TextField(blank=True, help_text="Why it failed, in plain words."),
+                ),
+                (
+                    "generation_id",
+                    models.BigIntegerField(blank=True, help_text="Running now.", null=True),
+                ),
+                ("started_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("seen_at", models.DateTimeField(default=django.utils.timezone.now)),
             ],
             options={
-                'ordering': ['model_name', 'host', 'pid'],
-                'constraints': [models.UniqueConstraint(fields=('host', 'pid'), name='one_heartbeat_per_process')],
+                "ordering": ["model_name", "host", "pid"],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("host", "pid"), name="one_heartbeat_per_process"
+                    )
+                ],
             },
         ),
     ]

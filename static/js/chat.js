@@ -20,6 +20,10 @@
   const messages = new Map(); // message id -> {el, role}
   const gens = new Map(); // generation id -> {text, state, el, metrics}
   let renderQueued = new Set();
+  let nextRequestId = 1;
+  const pending = new Map(); // request_id -> frame, until accepted or refused
+  const overflowBox = document.getElementById("overflow");
+  const meter = document.getElementById("context-meter");
 
   // ---------- socket ----------
   function connect() {
@@ -51,6 +55,13 @@
     return true;
   }
 
+  // A request whose answer we wait for: the input is kept until it is accepted.
+  function request(frame) {
+    frame.request_id = nextRequestId++;
+    pending.set(frame.request_id, frame);
+    return send(frame);
+  }
+
   // ---------- frames ----------
   function handle(frame) {
     switch (frame.type) {
@@ -61,7 +72,8 @@
       case "generation.started": return setState(frame.generation, "running");
       case "generation.token": return onToken(frame);
       case "generation.final": return onFinal(frame);
-      case "error": return showError(frame.message);
+      case "conversation.changed": return send({ type: "conversation.open", conversation: frame.conversation });
+      case "error": return onError(frame);
     }
   }
 
@@ -76,7 +88,22 @@
     updateControls();
   }
 
+  function onError(frame) {
+    const request = pending.get(frame.request_id);
+    pending.delete(frame.request_id);
+    showError(frame.message);
+    if (frame.code === "context_overflow" && request) {
+      overflowBox.hidden = false;
+      overflowBox.dataset.request = JSON.stringify(request);
+    }
+  }
+
   function onAccepted(frame) {
+    const request = pending.get(frame.request_id);
+    pending.delete(frame.request_id);
+    if (request && request.type === "chat.send") input.value = "";
+    overflowBox.hidden = true;
+    errorBox.hidden = true;
     if (!conversationId) {
       conversationId = frame.conversation;
       history.replaceState(null, "", root.dataset.conversationUrl + conversationId + "/");
@@ -91,6 +118,7 @@
     if (frame.text.length >= gen.text.length) gen.text = frame.text;
     gen.state = frame.state;
     gen.position = frame.position;
+    gen.eta_s = frame.eta_s;
     if (frame.metrics) gen.metrics = frame.metrics;
     if (frame.reason) gen.reason = frame.reason;
     queueRender(frame.generation);
@@ -134,25 +162,84 @@
     const meta = document.createElement("div");
     meta.className = "meta";
     meta.textContent = m.role === "user" ? (m.author || "user") : "assistant";
+    if (m.edited) addTag(meta, "edited — later turns replaced");
+    if (m.dropped_from_context) {
+      li.classList.add("dropped");
+      addTag(meta, "dropped from context");
+    }
     const body = document.createElement("div");
     body.className = "body";
     li.append(meta, body);
+    const actions = document.createElement("div");
+    actions.className = "actions";
     if (m.role === "user") {
       body.textContent = m.text;
+      li.append(actions);
+      const edit = actionButton("Edit", function () { startEdit(li, m); });
+      edit.className = "edit";
+      actions.append(edit);
     } else {
       const footer = document.createElement("div");
       footer.className = "footer";
-      li.append(footer);
+      li.append(footer, actions);
+      const regen = actionButton("Regenerate", function () {
+        request({ type: "chat.regenerate", conversation: conversationId });
+      });
+      regen.className = "regenerate";
+      regen.hidden = true;
+      actions.append(regen);
       const g = m.generation || {};
       gens.set(g.generation, {
         text: m.text || "", state: g.state, metrics: g.metrics, reason: g.reason,
-        position: g.position, el: li,
+        position: g.position, eta_s: g.eta_s, el: li,
       });
       queueRender(g.generation);
     }
     messages.set(m.id, { el: li, role: m.role });
     list.append(li);
     scrollDown();
+  }
+
+  function addTag(parent, text) {
+    const tag = document.createElement("span");
+    tag.className = "tag";
+    tag.textContent = text;
+    parent.append(tag);
+  }
+
+  function actionButton(label, onClick) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "link";
+    button.textContent = label;
+    button.addEventListener("click", onClick);
+    return button;
+  }
+
+  function startEdit(li, m) {
+    if (li.querySelector(".edit-box")) return;
+    const box = document.createElement("div");
+    box.className = "edit-box";
+    const area = document.createElement("textarea");
+    area.value = m.text;
+    area.rows = 3;
+    const save = document.createElement("button");
+    save.type = "button";
+    save.className = "primary";
+    save.textContent = "Save and send";
+    const cancel = document.createElement("button");
+    cancel.type = "button";
+    cancel.textContent = "Cancel";
+    const note = document.createElement("p");
+    note.className = "muted small";
+    note.textContent = "Sending replaces this message and every turn after it.";
+    box.append(area, note, save, cancel);
+    li.append(box);
+    area.focus();
+    cancel.addEventListener("click", function () { box.remove(); });
+    save.addEventListener("click", function () {
+      if (area.value.trim()) request({ type: "chat.edit", message: m.id, content: area.value });
+    });
   }
 
   function queueRender(id) {
@@ -179,7 +266,10 @@
       if (gen.state !== "running") Markdown.decorate(body);
     } else if (gen.state === "queued") {
       body.innerHTML = "";
-      body.textContent = "queued" + (gen.position ? " — position " + gen.position : "") + "…";
+      let text = "queued";
+      if (gen.position) text += " — position " + gen.position;
+      if (gen.eta_s != null) text += ", about " + Math.max(1, Math.round(gen.eta_s)) + " s";
+      body.textContent = text + "…";
     } else if (gen.state === "running") {
       body.textContent = "thinking…";
     }
@@ -212,6 +302,27 @@
     const busy = activeGeneration() !== null;
     stopButton.hidden = !busy;
     sendButton.disabled = busy;
+    list.querySelectorAll(".msg .edit").forEach(function (b) { b.hidden = busy; });
+    // Regenerate is offered on the last answer only, once it has ended.
+    const answers = list.querySelectorAll(".msg.assistant");
+    answers.forEach(function (li, i) {
+      const button = li.querySelector(".regenerate");
+      if (button) button.hidden = busy || i !== answers.length - 1;
+    });
+    updateMeter();
+  }
+
+  function updateMeter() {
+    if (!meter) return;
+    let latest = null;
+    gens.forEach(function (gen) { if (gen.metrics && gen.metrics.n_ctx) latest = gen.metrics; });
+    if (!latest) return;
+    const share = latest.context_used / latest.n_ctx;
+    meter.hidden = false;
+    meter.classList.toggle("warn", share > 0.8);
+    document.getElementById("context-fill").style.width = Math.min(100, share * 100) + "%";
+    document.getElementById("context-label").textContent =
+      "context " + latest.context_used.toLocaleString() + " / " + latest.n_ctx.toLocaleString();
   }
 
   function scrollDown() {
@@ -246,7 +357,16 @@
       frame.system_prompt = document.getElementById("system-prompt").value;
       frame.params = params();
     }
-    if (send(frame)) input.value = "";
+    request(frame);
+  });
+
+  document.getElementById("drop-oldest").addEventListener("click", function () {
+    const frame = JSON.parse(overflowBox.dataset.request || "null");
+    if (!frame) return;
+    delete frame.request_id;
+    frame.overflow = "drop_oldest";
+    overflowBox.hidden = true;
+    request(frame);
   });
 
   input.addEventListener("keydown", function (event) {

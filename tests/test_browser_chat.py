@@ -1,0 +1,243 @@
+"""The chat page in a real browser (Debian's Chromium) against the live stack, with
+the real worker and model. Screenshots land in docs/screenshots/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inference.models import Conversation, Generation, Message
+from tests.browser import log_in
+
+pytestmark = pytest.mark.browser
+
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+LONG = "Write a very long story about a dragon who learns to bake bread, with many chapters."
+
+
+def send(page, text: str, max_tokens: int | None = None):
+    if max_tokens is not None and page.locator("#p-max_tokens").count():
+        page.fill("#p-max_tokens", str(max_tokens))
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def last_answer(page):
+    return page.locator(".msg.assistant").last
+
+
+def wait_state(page, state: str, timeout_ms: int = 120_000):
+    page.wait_for_selector(f".msg.assistant:last-child[data-state={state}]", timeout=timeout_ms)
+
+
+def wait_for_text(page, min_chars: int = 20):
+    page.wait_for_function(
+        "n => { const a = [...document.querySelectorAll('.msg.assistant')].pop();"
+        " return a && a.dataset.state === 'running'"
+        " && a.querySelector('.body').innerText.length >= n }",
+        arg=min_chars,
+        timeout=120_000,
+    )
+
+
+def conversation_of(page) -> Conversation:
+    conversation_id = int(page.url.rstrip("/").split("/")[-1])
+    return Conversation.objects.get(pk=conversation_id)
+
+
+def test_a_user_logs_in_chats_and_sees_the_answer_stream(stack, cast, default_model, browser):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.screenshot(path=str(SHOTS / "new-chat.png"))
+    send(page, "Give me three tips for writing clear Python code.", max_tokens=200)
+    wait_for_text(page, 10)  # seen while running: it streams
+    wait_state(page, "done")
+    gen = Generation.objects.get(conversation=conversation_of(page))
+    assert gen.state == Generation.DONE and gen.text
+    footer = last_answer(page).locator(".footer").inner_text()
+    assert f"{gen.metrics.completion_tokens} tokens" in footer
+    assert f"context {gen.metrics.context_used} / {gen.metrics.n_ctx}" in footer
+    assert page.locator("#context-meter").is_visible()
+    page.screenshot(path=str(SHOTS / "chat.png"), full_page=True)
+    # After a reload the conversation is still there.
+    page.reload()
+    page.wait_for_selector(".msg.assistant[data-state=done]")
+    assert page.locator(".msg.user .body").inner_text().startswith("Give me three tips")
+
+
+def test_stop_ends_the_answer_and_keeps_the_text(stack, cast, default_model, browser):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    send(page, LONG, max_tokens=2000)
+    wait_for_text(page, 40)
+    page.click("#stop")
+    wait_state(page, "cancelled")
+    gen = Generation.objects.get(conversation=conversation_of(page))
+    assert gen.state == Generation.CANCELLED
+    assert len(gen.text) >= 40
+    assert "stopped" in last_answer(page).locator(".footer").inner_text()
+
+
+def test_escape_stops_the_answer(stack, cast, default_model, browser):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    send(page, LONG, max_tokens=2000)
+    wait_for_text(page, 20)
+    page.keyboard.press("Escape")
+    wait_state(page, "cancelled")
+
+
+def test_regenerate_replaces_the_last_answer(stack, cast, default_model, browser):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    send(page, "Name a fruit.", max_tokens=20)
+    wait_state(page, "done")
+    conversation = conversation_of(page)
+    first = Generation.objects.get(conversation=conversation)
+    last_answer(page).locator(".regenerate").click()
+    page.wait_for_function(
+        "id => [...document.querySelectorAll('.msg.assistant')].length === 1 &&"
+        " document.querySelector('.msg.assistant').dataset.id != id",
+        arg=str(first.message.pk),
+    )
+    wait_state(page, "done")
+    assert conversation.generations.count() == 2
+    assert Message.objects.get(generation=first).superseded_at is not None
+    assert conversation.messages.current().count() == 2
+
+
+def test_editing_a_message_replaces_the_later_turns(stack, cast, default_model, browser):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    send(page, "Name a colour.", max_tokens=16)
+    wait_state(page, "done")
+    page.locator(".msg.user .edit").click()
+    page.fill(".edit-box textarea", "Name an animal.")
+    page.click(".edit-box button.primary")
+    page.wait_for_selector(".msg.user .tag:has-text('edited')")
+    wait_state(page, "done")
+    conversation = conversation_of(page)
+    current = list(conversation.messages.current())
+    assert [m.role for m in current] == ["user", "assistant"]
+    assert current[0].content == "Name an animal." and current[0].edited_from is not None
+    assert page.locator(".msg.user .body").inner_text() == "Name an animal."
+
+
+def test_a_reload_in_the_middle_of_an_answer_continues_it(stack, cast, default_model, browser):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    send(page, LONG, max_tokens=600)
+    wait_for_text(page, 60)
+    before = last_answer(page).locator(".body").inner_text()
+    page.reload()
+    page.wait_for_selector(".msg.assistant")
+    after_reload = last_answer(page).locator(".body").inner_text()
+    assert after_reload.startswith(before[:40])
+    wait_state(page, "done")
+    gen = Generation.objects.get(conversation=conversation_of(page))
+    assert gen.state == Generation.DONE and len(gen.text) > len(before)
+    rendered = last_answer(page).locator(".body").inner_text()
+    assert rendered.split()[-1].strip("*_`.") in gen.text
+
+
+def test_a_team_mate_watches_the_live_stream(stack, cast, default_model, browser):
+    conversation = Conversation.objects.create(
+        owner=cast.alice, team=cast.red, model=default_model, title="Team plans"
+    )
+    alice = log_in(browser, stack, "alice", "alice-pass-123")
+    bob = log_in(browser, stack, "bob", "bob-pass-123")
+    alice.goto(f"{stack.http_url}/c/{conversation.pk}/")
+    bob.goto(f"{stack.http_url}/c/{conversation.pk}/")
+    assert "Team plans" in bob.locator(".sidebar").inner_text()
+    for page in (alice, bob):
+        page.wait_for_selector("#conn-status.ok", state="attached")
+    send(alice, LONG)
+    wait_for_text(bob, 30)  # Bob sees it while it is being written
+    bob.screenshot(path=str(SHOTS / "team-mate-watching.png"))
+    wait_state(bob, "done")
+    gen = Generation.objects.get(conversation=conversation)
+    bob_text = last_answer(bob).locator(".body").inner_text()
+    assert bob_text.split()[0].strip("*#_`") in gen.text
+    assert bob.locator(".msg.user .meta").inner_text().startswith("alice")
+    # Any member may post the next message, and it shows who wrote it.
+    send(bob, "Thanks! One more line please.")
+    alice.wait_for_function("document.querySelectorAll('.msg.user').length === 2")
+    wait_state(alice, "done")
+    authors = alice.locator(".msg.user .meta").all_inner_texts()
+    assert authors[0].startswith("alice") and authors[1].startswith("bob")
+
+
+XSS_CORPUS = "\n\n".join(
+    [
+        "```html\n<script>window.__xss = 'code'</script>\n```",
+        "<script>window.__xss = 'script'</script>",
+        "<img src=x onerror=\"window.__xss = 'img'\">",
+        "<svg onload=\"window.__xss = 'svg'\"></svg>",
+        "<iframe srcdoc=\"<script>parent.__xss = 'iframe'</script>\"></iframe>",
+        "[click me](javascript:window.__xss='md-link')",
+        "<a href=\"javascript:window.__xss='a-href'\">a link</a>",
+        "<details open ontoggle=\"window.__xss = 'details'\">x</details>",
+        "![img](x\" onerror=\"window.__xss='md-img')",
+        "<math><mtext><table><mglyph><style><img src=x onerror=\"window.__xss='mxss'\">",
+        "<form action=\"javascript:window.__xss='form'\"><button>go</button></form>",
+    ]
+)
+
+
+def test_script_in_model_output_never_runs(stack, cast, default_model, browser):
+    conversation = Conversation.objects.create(
+        owner=cast.alice, model=default_model, title="XSS corpus"
+    )
+    Message.objects.create(
+        conversation=conversation, role=Message.USER, author=cast.alice, content="hi"
+    )
+    gen = Generation.objects.create(
+        user=cast.alice,
+        model=default_model,
+        conversation=conversation,
+        state=Generation.DONE,
+        text=XSS_CORPUS,
+    )
+    Message.objects.create(conversation=conversation, role=Message.ASSISTANT, generation=gen)
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(f"{stack.http_url}/c/{conversation.pk}/")
+    page.wait_for_selector(".msg.assistant[data-state=done]")
+    body = last_answer(page).locator(".body")
+    for link in body.locator("a").all():
+        link.click(modifiers=["Control"], no_wait_after=True)
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.__xss") is None
+    assert dialogs == []
+    dangerous = body.evaluate(
+        """el => [...el.querySelectorAll('*')].flatMap(node => [
+            ...['SCRIPT', 'IFRAME', 'OBJECT', 'EMBED', 'FORM', 'STYLE'].includes(node.tagName)
+                ? [node.tagName] : [],
+            ...[...node.attributes]
+                .filter(a => a.name.startsWith('on') || /^\\s*javascript:/i.test(a.value))
+                .map(a => node.tagName + ' ' + a.name + '=' + a.value),
+        ])"""
+    )
+    assert dangerous == []
+    # The code block shows the script as text, highlighted, with a copy button.
+    assert "window.__xss = 'code'" in body.locator("pre code").inner_text()
+    assert body.locator("pre .copy").count() == 1
+
+
+def test_someone_outside_the_team_gets_nothing(stack, cast, default_model, browser):
+    conversation = Conversation.objects.create(
+        owner=cast.alice, team=cast.red, model=default_model, title="Red only"
+    )
+    page = log_in(browser, stack, "charlie", "charlie-pass-123")
+    assert "Red only" not in page.locator(".sidebar").inner_text()
+    response = page.goto(f"{stack.http_url}/c/{conversation.pk}/")
+    assert response.status == 404
+    assert "Red only" not in page.content()
+
+
+def test_the_chat_page_fits_a_phone(stack, cast, default_model, browser):
+    page = log_in(browser, stack, "alice", "alice-pass-123", viewport={"width": 375, "height": 740})
+    send(page, "Say hi in five words.", max_tokens=16)
+    wait_state(page, "done")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375, f"the page is {width}px wide on a 375px phone"
+    page.screenshot(path=str(SHOTS / "chat-phone.png"))
+    page.click("#sidebar-toggle")
+    assert page.locator("#sidebar").is_visible()
