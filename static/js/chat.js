@@ -107,9 +107,24 @@
     if (!conversationId) {
       conversationId = frame.conversation;
       history.replaceState(null, "", root.dataset.conversationUrl + conversationId + "/");
+      addToSidebar(conversationId, request ? request.content : "New chat");
       const settings = document.getElementById("new-chat-settings");
       if (settings) settings.remove();
     }
+  }
+
+  function addToSidebar(id, text) {
+    const mine = document.getElementById("my-conversations");
+    if (!mine) return;
+    mine.querySelectorAll("li.muted").forEach(function (li) { li.remove(); });
+    mine.querySelectorAll("li.active").forEach(function (li) { li.classList.remove("active"); });
+    const li = document.createElement("li");
+    li.className = "active";
+    const a = document.createElement("a");
+    a.href = root.dataset.conversationUrl + id + "/";
+    a.textContent = (text || "").trim().split("\n")[0].slice(0, 80);
+    li.append(a);
+    mine.prepend(li);
   }
 
   function onGenerationSnapshot(frame) {
