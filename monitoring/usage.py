@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 
 from django import forms
-from django.db.models import Count, F, Max, Q, QuerySet, Sum
+from django.db.models import F, Max, Q, QuerySet, Sum
 from django.utils import timezone
 
 from inference.models import Generation, LanguageModel
@@ -219,10 +219,6 @@ def histogram(values: list[float], bins: int = 12) -> dict:
         counts[min(bins - 1, int((value - low) / width))] += 1
     labels = [f"{low + i * width:.0f}–{low + (i + 1) * width:.0f}" for i in range(bins)]
     return {"labels": labels, "counts": counts}
-
-
-def state_counts(generations: QuerySet) -> dict:
-    return dict(generations.values_list("state").annotate(n=Count("id")).order_by())
 
 
 # --- CSV ---------------------------------------------------------------------------
