@@ -252,21 +252,25 @@ def test_a_model_no_worker_serves_is_refused_with_503(client, default_model):
     assert not Generation.objects.filter(model__name="orphan").exists()
 
 
-@pytest.mark.parametrize(
-    "body, param",
-    [
-        ({"model": MODEL, "messages": []}, "messages"),
-        ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-        ({"messages": HELLO}, "model"),
-        ({"model": MODEL, "messages": HELLO, "temperature": 5}, "temperature"),
-        ({"model": MODEL, "messages": HELLO, "n": 3}, "n"),
-        ({"model": MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ],
-)
-def test_invalid_fields_are_refused_with_400_naming_the_field(stack, alice_key, body, param):
-    status, error = post_raw(stack, "/v1/chat/completions", alice_key.secret, json.dumps(body))
-    assert status == 400
-    assert error["error"]["param"] == param and error["error"]["type"] == "invalid_request_error"
+INVALID_BODIES = [
+    ({"model": MODEL, "messages": []}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+    ({"messages": HELLO}, "model"),
+    ({"model": MODEL, "messages": HELLO, "temperature": 5}, "temperature"),
+    ({"model": MODEL, "messages": HELLO, "max_tokens": 0}, "max_tokens"),
+    ({"model": MODEL, "messages": HELLO, "n": 3}, "n"),
+    ({"model": MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": MODEL, "messages": HELLO, "stream": "yes"}, "stream"),
+]
+
+
+def test_invalid_fields_are_refused_with_400_naming_each_field(stack, alice_key):
+    # One test for the table (each live-stack test costs a database flush).
+    for body, param in INVALID_BODIES:
+        status, error = post_raw(stack, "/v1/chat/completions", alice_key.secret, json.dumps(body))
+        assert (status, error["error"]["param"]) == (400, param), body
+        assert error["error"]["type"] == "invalid_request_error"
     assert not Generation.objects.exists()
 
 

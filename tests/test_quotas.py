@@ -141,3 +141,20 @@ def test_the_api_answers_429_with_retry_after_when_the_days_tokens_are_spent(
     assert 0 < retry_after <= 24 * 3600
     assert "Team Red's limit is 100 tokens per day" in caught.value.body["message"]
     assert not Generation.objects.filter(user=cast.bob).exists()
+
+
+def test_an_admin_sets_a_quota_in_the_admin(cast):
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    admin = get_user_model().objects.create_superuser("root", "root@example.com", "pw-123456")
+    client = Client()
+    client.force_login(admin)
+    assert client.get("/admin/mixtralweb/quota/add/").status_code == 200
+    response = client.post(
+        "/admin/mixtralweb/quota/add/",
+        {"team": cast.red.pk, "requests_per_minute": "30", "tokens_per_day": ""},
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    quota = Quota.objects.get(team=cast.red)
+    assert quota.requests_per_minute == 30 and quota.tokens_per_day is None
