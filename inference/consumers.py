@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
+import redis.asyncio as aioredis
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 
 from . import services
 from .events import generation_snapshot, message_payload
@@ -38,6 +41,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.user = user
         self.groups_joined: set[str] = set()
         self.queue_watchers: dict[int, asyncio.Future] = {}
+        self.redis = None
         await self.accept()
 
     async def disconnect(self, code):
@@ -45,6 +49,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             watcher.cancel()
         for group in getattr(self, "groups_joined", ()):
             await self.channel_layer.group_discard(group, self.channel_name)
+        if getattr(self, "redis", None) is not None:
+            await self.redis.aclose()
 
     # --- client frames ----------------------------------------------------------
     async def receive(self, text_data=None, bytes_data=None):
@@ -62,6 +68,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return await self.send_error("bad_json", "The frame is not valid JSON.")
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
             return await self.send_error("bad_frame", 'A frame is a JSON object with a "type".')
+        retry_after_s = await self._rate_limited()
+        if retry_after_s:
+            return await self.send_error(
+                "rate_limited",
+                f"Too many messages: at most {settings.WS_RATE_LIMIT_FRAMES} every "
+                f"{settings.WS_RATE_LIMIT_WINDOW_S} s. Try again in {retry_after_s} s.",
+                frame,
+            )
         handler = self.HANDLERS.get(frame["type"])
         if handler is None:
             return await self.send_error(
@@ -71,6 +85,26 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await handler(self, frame)
         except services.ChatError as exc:
             await self.send_error(exc.code, str(exc), frame)
+        except (OperationalError, InterfaceError):
+            log.exception("database unavailable while handling %s", frame["type"])
+            await self.send_error(
+                "unavailable", "The database is not answering; nothing was saved. Try again.", frame
+            )
+
+    async def _rate_limited(self) -> int:
+        """Seconds to wait if this user sent too many frames in the current window
+        (counted across all their sockets, in Redis); 0 otherwise."""
+        window = settings.WS_RATE_LIMIT_WINDOW_S
+        now = int(time.time())
+        key = f"wsrate:{self.user.pk}:{now // window}"
+        if self.redis is None:
+            self.redis = aioredis.from_url(settings.REDIS_URL)
+        count = await self.redis.incr(key)
+        if count == 1:
+            await self.redis.expire(key, window * 2)
+        if count > settings.WS_RATE_LIMIT_FRAMES:
+            return window - now % window
+        return 0
 
     async def on_ping(self, frame):
         await self.send_json({"type": "pong", "request_id": frame.get("request_id")})

@@ -327,12 +327,12 @@ def _owned_conversation(user, conversation_id) -> Conversation:
 
 
 def conversation_rename(*, user, conversation_id, title: str) -> Conversation:
+    conversation = _owned_conversation(user, conversation_id)
     title = (title or "").strip()
     if not title:
         raise ChatError("The title is empty.", code="empty")
     if len(title) > 200:
         raise ChatError("The title is longer than 200 characters.", code="too_large")
-    conversation = _owned_conversation(user, conversation_id)
     conversation.title = title
     conversation.save(update_fields=["title", "updated_at"])
     return conversation

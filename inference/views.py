@@ -43,13 +43,12 @@ def chat(request, conversation_id: int | None = None):
 @login_required
 @require_POST
 def conversation_rename(request, conversation_id: int):
+    _conversation_or_404(request.user, conversation_id)
     try:
         services.conversation_rename(
             user=request.user, conversation_id=conversation_id, title=request.POST.get("title")
         )
     except services.ChatError as exc:
-        if exc.code == "not_found":
-            raise Http404("Conversation not found") from None
         messages.error(request, str(exc))
     return redirect("conversation", conversation_id=conversation_id)
 
@@ -71,6 +70,7 @@ def conversation_delete(request, conversation_id: int):
 @login_required
 @require_POST
 def conversation_share(request, conversation_id: int):
+    _conversation_or_404(request.user, conversation_id)
     try:
         conversation = services.conversation_share(
             user=request.user,
@@ -78,8 +78,6 @@ def conversation_share(request, conversation_id: int):
             team_id=request.POST.get("team") or None,
         )
     except services.ChatError as exc:
-        if exc.code == "not_found" and not request.POST.get("team"):
-            raise Http404("Conversation not found") from None
         messages.error(request, str(exc))
     else:
         if conversation.team:

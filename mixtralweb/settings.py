@@ -51,6 +51,19 @@ if not SECRET_KEY:
     SECRET_KEY = _key_file.read_text().strip()
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
+
+# Served over HTTPS by a TLS-terminating proxy (docs/deployment.md): secure cookies,
+# HSTS and a redirect to https. `manage.py check --deploy` passes with HTTPS=true,
+# DEBUG=false and a SECRET_KEY from the environment.
+HTTPS = env_bool("HTTPS", False)
+if HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
 SITE_NAME = env_str("SITE_NAME", "Mixtral Workbench")
 
@@ -78,6 +91,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "mixtralweb.errors.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "mixtralweb.urls"
@@ -232,6 +246,9 @@ CELERY_BEAT_SCHEDULE.update(
 # --- Limits on what a client may send ------------------------------------------
 CHAT_MESSAGE_MAX_CHARS = env_int("CHAT_MESSAGE_MAX_CHARS", 100_000)
 WS_FRAME_MAX_BYTES = env_int("WS_FRAME_MAX_BYTES", 512 * 1024)
+# Per user, across all their sockets: frames beyond this in one window get an error.
+WS_RATE_LIMIT_FRAMES = env_int("WS_RATE_LIMIT_FRAMES", 60)
+WS_RATE_LIMIT_WINDOW_S = env_int("WS_RATE_LIMIT_WINDOW_S", 10)
 # A long-context job's document, uploaded or pasted (docs/jobs.md).
 JOB_UPLOAD_MAX_BYTES = env_int("JOB_UPLOAD_MAX_BYTES", 20 * 1000 * 1000)
 # Pasted documents arrive as form fields: let them be as large as an upload.

@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+handler500 = "mixtralweb.errors.server_error"
+
 urlpatterns = [
     path("", include("inference.urls")),
     path("", include("monitoring.urls")),

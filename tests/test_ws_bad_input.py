@@ -91,3 +91,24 @@ def test_it_refuses_a_cross_origin_socket(stack, cast, ws_factory):
     with pytest.raises(InvalidStatus) as excinfo:
         ws_factory(cast.alice, origin="http://evil.example")
     assert excinfo.value.response.status_code == 403
+
+
+def test_a_flood_meets_the_per_user_rate_limit(stack, cast, ws_factory):
+    from django.conf import settings
+
+    first, second = ws_factory(cast.bob), ws_factory(cast.bob)
+    limit = settings.WS_RATE_LIMIT_FRAMES
+    # The limit is per user: two sockets share it.
+    for i in range(limit + 5):
+        (first if i % 2 else second).send({"type": "ping", "request_id": i})
+    replies = [first.recv() for _ in range((limit + 5) // 2)]
+    replies += [second.recv() for _ in range((limit + 5) - (limit + 5) // 2)]
+    errors = [r for r in replies if r["type"] == "error"]
+    pongs = [r for r in replies if r["type"] == "pong"]
+    assert len(pongs) <= limit and len(errors) >= 5
+    assert {e["code"] for e in errors} == {"rate_limited"}
+    assert "Try again in" in errors[0]["message"]
+    # Alice is not affected by Bob's flood.
+    alice = ws_factory(cast.alice)
+    alice.send({"type": "ping", "request_id": "alice"})
+    assert alice.recv()["type"] == "pong"
