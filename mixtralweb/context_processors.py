@@ -2,4 +2,10 @@ from django.conf import settings
 
 
 def site(request):
-    return {"SITE_NAME": settings.SITE_NAME}
+    user = getattr(request, "user", None)
+    can_invite = False
+    if user is not None and user.is_authenticated:
+        from .invitations import teams_user_can_invite_to
+
+        can_invite = user.is_staff or teams_user_can_invite_to(user).exists()
+    return {"SITE_NAME": settings.SITE_NAME, "can_invite": can_invite}

@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from mixtralweb import invitations
+
 handler500 = "mixtralweb.errors.server_error"
 
 urlpatterns = [
@@ -16,6 +18,8 @@ urlpatterns = [
         name="password_change",
     ),
     path("account/", include("mixtralweb.account_urls")),
+    path("account/invitations/", invitations.invitations, name="invitations"),
+    path("invite/<str:token>/", invitations.invitation_accept, name="invitation_accept"),
     path("v1/", include("inference.openai_api.urls")),
     path("admin/", admin.site.urls),
 ]
