@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+from contextlib import asynccontextmanager
 
 from asgiref.sync import sync_to_async
 from django.db import transaction
@@ -98,29 +99,29 @@ async def completions(request, key):
 async def _complete(request, key: ApiKey, kind: str):
     body = parsing.load_json(request.body)
     parsed = parsing.parse_chat(body) if kind == CHAT else parsing.parse_completion(body)
-    gen = await sync_to_async(start_generation)(key=key, parsed=parsed)
+    gen, counted = await sync_to_async(start_generation)(key=key, parsed=parsed)
     if parsed.stream:
         response = StreamingHttpResponse(
-            _sse(gen, key, parsed, kind), content_type="text/event-stream"
+            _sse(gen, key, parsed, kind, counted), content_type="text/event-stream"
         )
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # a proxy must not hold the stream back
         return response
     text, final = "", None
-    async with _stopping_if_abandoned(gen, key) as done:
+    async with stopped_if_abandoned(gen, key):
         async for item in follow(gen.pk):
             if isinstance(item, Text):
                 text += item.text
             else:
                 final = item.event
-        done()
     _raise_if_failed(final)
-    return JsonResponse(_whole_answer(gen, kind, text, final))
+    return JsonResponse(_whole_answer(gen, kind, text, final, counted))
 
 
 @transaction.atomic
-def start_generation(*, key: ApiKey, parsed: parsing.ApiRequest) -> Generation:
-    """Check the model, the context and the quotas; queue the generation."""
+def start_generation(*, key: ApiKey, parsed: parsing.ApiRequest) -> tuple[Generation, int | None]:
+    """Check the model, the context and the quotas; queue the generation. Returns it
+    with its prompt tokens as counted here (None if they could not be)."""
     try:
         model = services.get_model(parsed.model)
     except services.ChatError as exc:
@@ -142,9 +143,8 @@ def start_generation(*, key: ApiKey, parsed: parsing.ApiRequest) -> Generation:
         prompt_text=parsed.prompt or "",
         params=params,
     )
-    gen.counted_prompt_tokens = prompt_tokens
     services.generation_enqueue(gen)
-    return gen
+    return gen, prompt_tokens
 
 
 def _count_prompt_tokens(model, parsed: parsing.ApiRequest) -> int | None:
@@ -175,24 +175,15 @@ def _check_context(model, prompt_tokens: int, params: dict, parsed) -> None:
     params["max_tokens"] = min(params["max_tokens"], room)
 
 
-class _stopping_if_abandoned:
-    """Stops the generation if the client goes away before its end: the GPU is shared."""
-
-    def __init__(self, gen: Generation, key: ApiKey):
-        self.gen, self.key, self.finished = gen, key, False
-
-    def _done(self) -> None:
-        self.finished = True
-
-    async def __aenter__(self):
-        return self._done
-
-    async def __aexit__(self, *exc_info):
-        if not self.finished:
-            await sync_to_async(services.generation_stop)(
-                user=self.key.user, generation_id=self.gen.pk
-            )
-        return False
+@asynccontextmanager
+async def stopped_if_abandoned(gen: Generation, key: ApiKey):
+    """Stop the generation if following it ends early: the client hung up (the server
+    cancels the request, or closes the stream) and the GPU is shared."""
+    try:
+        yield
+    except BaseException:
+        await sync_to_async(services.generation_stop)(user=key.user, generation_id=gen.pk)
+        raise
 
 
 def _failure(final: dict) -> ApiError:
@@ -213,11 +204,12 @@ def _finish_reason(final: dict) -> str:
     return "length" if final.get("finish_reason") == "length" else "stop"
 
 
-def _usage(gen: Generation, final: dict) -> dict:
+def _usage(final: dict, counted: int | None) -> dict:
+    """As the worker counted; a generation that never ran has only the web's count."""
     metrics = final.get("metrics") or {}
     prompt = metrics.get("prompt_tokens")
     if prompt is None:
-        prompt = getattr(gen, "counted_prompt_tokens", None) or 0
+        prompt = counted or 0
     completion = metrics.get("completion_tokens") or 0
     return {
         "prompt_tokens": prompt,
@@ -234,7 +226,7 @@ def _ids(gen: Generation, kind: str) -> dict:
     }
 
 
-def _whole_answer(gen: Generation, kind: str, text: str, final: dict) -> dict:
+def _whole_answer(gen: Generation, kind: str, text: str, final: dict, counted) -> dict:
     if kind == CHAT:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         obj = "chat.completion"
@@ -242,7 +234,7 @@ def _whole_answer(gen: Generation, kind: str, text: str, final: dict) -> dict:
         choice = {"index": 0, "text": text, "logprobs": None}
         obj = "text_completion"
     choice["finish_reason"] = _finish_reason(final)
-    return {**_ids(gen, kind), "object": obj, "choices": [choice], "usage": _usage(gen, final)}
+    return {**_ids(gen, kind), "object": obj, "choices": [choice], "usage": _usage(final, counted)}
 
 
 def _chunk(gen: Generation, kind: str, piece: str | None, finish_reason=None, first=False) -> dict:
@@ -264,10 +256,10 @@ def _event(data) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def _sse(gen: Generation, key: ApiKey, parsed: parsing.ApiRequest, kind: str):
+async def _sse(gen: Generation, key: ApiKey, parsed: parsing.ApiRequest, kind: str, counted):
     """Server-sent events: a chunk per piece of text, a last chunk with the finish
     reason (and usage), the usage chunk if asked for, then [DONE]."""
-    async with _stopping_if_abandoned(gen, key) as done:
+    async with stopped_if_abandoned(gen, key):
         if kind == CHAT:
             yield _event(_chunk(gen, kind, "", first=True))
         async for item in follow(gen.pk):
@@ -275,11 +267,10 @@ async def _sse(gen: Generation, key: ApiKey, parsed: parsing.ApiRequest, kind: s
                 yield _event(_chunk(gen, kind, item.text))
                 continue
             final = item.event
-            done()
         if final["state"] == Generation.FAILED:
             yield _event(_failure(final).body())
             return
-        usage = _usage(gen, final)
+        usage = _usage(final, counted)
         last = _chunk(gen, kind, None, finish_reason=_finish_reason(final))
         # usage on the last chunk always: every response carries it.
         last["usage"] = usage
