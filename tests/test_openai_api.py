@@ -11,6 +11,7 @@ import urllib.request
 import openai
 import pytest
 from django.conf import settings
+from django.test import Client
 
 from inference.models import Generation, LanguageModel
 from mixtralweb.models import ApiKey, Quota
@@ -289,3 +290,9 @@ def post_raw(stack, path: str, secret: str | None, data: str) -> tuple[int, dict
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def test_a_wrong_method_is_refused_with_405_in_openais_shape(alice_key):
+    response = Client().get("/v1/chat/completions", HTTP_AUTHORIZATION=f"Bearer {alice_key.secret}")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
