@@ -71,22 +71,9 @@ class RequestMetrics(models.Model):
         return self.gpu_index is not None
 
 
-class UsageDaily(models.Model):
-    """Generations of one day, user, team, model and source, summed.
-
-    The usage pages and the admin overview read these rows instead of every
-    generation (a million rows answer slowly; their daily sums answer at once).
-    monitoring.rollup rebuilds a (user, day) slice whenever a generation of it ends.
-    Means are kept as sum and count so that any grouping can be averaged exactly.
-    """
-
-    day = models.DateField()
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
-    team = models.ForeignKey(
-        "mixtralweb.Team", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
-    )
-    model = models.ForeignKey("inference.LanguageModel", on_delete=models.CASCADE, related_name="+")
-    source = models.CharField(max_length=8)
+class UsageSums(models.Model):
+    """Sums over a set of generations. Means are kept as sum and count so that any
+    grouping of rows can be averaged exactly."""
 
     requests = models.PositiveIntegerField(default=0)
     failed = models.PositiveIntegerField(default=0)
@@ -106,6 +93,26 @@ class UsageDaily(models.Model):
     energy_j_sum = models.FloatField(null=True, blank=True)
 
     class Meta:
+        abstract = True
+
+
+class UsageDaily(UsageSums):
+    """Generations of one day, user, team, model and source, summed.
+
+    The usage pages read these rows instead of every generation (a million rows
+    answer slowly; their daily sums answer at once). monitoring.rollup rebuilds a
+    (user, day) slice whenever a generation of it ends.
+    """
+
+    day = models.DateField()
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    team = models.ForeignKey(
+        "mixtralweb.Team", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    model = models.ForeignKey("inference.LanguageModel", on_delete=models.CASCADE, related_name="+")
+    source = models.CharField(max_length=8)
+
+    class Meta:
         verbose_name_plural = "daily usage"
         indexes = [
             models.Index(fields=["day"]),
@@ -115,6 +122,46 @@ class UsageDaily(models.Model):
 
     def __str__(self) -> str:
         return f"{self.day} {self.user_id} {self.model_id} {self.source}"
+
+
+class UsageDailyTotal(UsageSums):
+    """UsageDaily summed over users: one row per day, team, model and source.
+
+    The admin overview's totals, charts and breakdowns read these (dozens of rows
+    a day, whatever the number of users); rebuilt with UsageDaily, in the same
+    transaction.
+    """
+
+    day = models.DateField(db_index=True)
+    team = models.ForeignKey(
+        "mixtralweb.Team", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    model = models.ForeignKey("inference.LanguageModel", on_delete=models.CASCADE, related_name="+")
+    source = models.CharField(max_length=8)
+
+    class Meta:
+        verbose_name_plural = "daily usage totals"
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.team_id} {self.model_id} {self.source}"
+
+
+class UsageDailyUser(UsageSums):
+    """UsageDaily summed over models, sources and teams: one row per day and user.
+
+    The admin overview ranks top users from these (a few hundred rows a day);
+    rebuilt with UsageDaily, in the same transaction.
+    """
+
+    day = models.DateField()
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+
+    class Meta:
+        verbose_name_plural = "daily usage per user"
+        indexes = [models.Index(fields=["day"])]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.user_id}"
 
 
 class GpuSample(models.Model):

@@ -1,8 +1,11 @@
-"""Keeps UsageDaily, the daily sums the usage pages read, in step with generations.
+"""Keeps the daily usage sums the pages read in step with generations.
 
-A slice (one user's day, or every user's days in a range) is recomputed from
-Generation and RequestMetrics and replaced whole, so a refresh is idempotent and a
-missed one is mended by the next (the beat task `refresh_recent_usage`).
+UsageDaily (day, user, team, model, source) is recomputed from Generation and
+RequestMetrics a slice at a time (one user's day, or everyone's days in a range)
+and replaced whole, so a refresh is idempotent and a missed one is mended by the
+next (the beat task `refresh_recent_usage`). Two coarser tables are re-summed from
+it in the same transaction: UsageDailyTotal (over users) and UsageDailyUser (over
+models, sources and teams), for the admin overview.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
 from inference.models import Generation
-from monitoring.models import UsageDaily
+from monitoring.models import UsageDaily, UsageDailyTotal, UsageDailyUser
 
 # Serialises refreshes on PostgreSQL: two workers finishing for the same user at once
 # must not both delete the old slice and both insert a new one.
@@ -74,7 +77,26 @@ def refresh(first: date, last: date, *, user_id: int | None = None) -> int:
         stale.delete()
         rows = [UsageDaily(**row) for row in _aggregate(generations).iterator(chunk_size=5000)]
         UsageDaily.objects.bulk_create(rows, batch_size=5000)
+        _resum(UsageDailyTotal, ["team_id", "model_id", "source"], first, last)
+        _resum(UsageDailyUser, ["user_id"], first, last, user_id=user_id)
     return len(rows)
+
+
+def _resum(target, keys: list[str], first: date, last: date, user_id: int | None = None):
+    """Rebuild `target`'s rows for the days first..last (and one user) by summing
+    UsageDaily over every column but `keys`."""
+    skip = {"id", "day", "user", "team", "model", "source", "vram_peak_max_bytes"}
+    sums = {f.name: Sum(f.name) for f in target._meta.concrete_fields if f.name not in skip}
+    sums["vram_peak_max_bytes"] = Max("vram_peak_max_bytes")
+    fine = UsageDaily.objects.filter(day__gte=first, day__lte=last)
+    stale = target.objects.filter(day__gte=first, day__lte=last)
+    if user_id is not None:
+        fine, stale = fine.filter(user_id=user_id), stale.filter(user_id=user_id)
+    stale.delete()
+    rows = fine.values("day", *keys).annotate(**sums).order_by()
+    target.objects.bulk_create(
+        [target(**row) for row in rows.iterator(chunk_size=5000)], batch_size=5000
+    )
 
 
 def refresh_for(generation: Generation) -> None:

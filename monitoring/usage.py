@@ -16,7 +16,7 @@ from django.db.models import F, Max, Q, QuerySet, Sum
 from django.utils import timezone
 
 from inference.models import Generation, LanguageModel
-from monitoring.models import RequestMetrics
+from monitoring.models import RequestMetrics, UsageDailyUser
 from monitoring.rollup import day_bounds
 
 DEFAULT_DAYS = 30
@@ -25,6 +25,9 @@ PAGE_SIZE = 50
 # The distributions and the scatter plot draw the latest requests of the range, at
 # most this many: enough for the shape, bounded in cost however large the table.
 DISTRIBUTION_SAMPLE = 2000
+
+# Columns a request list never shows: an answer's text can be megabytes.
+LIST_DEFERRED = ["text", "input_messages", "prompt_text", "params", "user__password"]
 
 SUM_FIELDS = [
     "requests",
@@ -90,6 +93,8 @@ class Filters:
 
     def daily(self, rows: QuerySet) -> QuerySet:
         rows = rows.filter(day__gte=self.start, day__lte=self.end)
+        if rows.model is UsageDailyUser:
+            return rows  # summed over models and sources
         if self.model:
             rows = rows.filter(model=self.model)
         if self.source:
@@ -170,8 +175,10 @@ def series(days: list[dict], start: date, end: date) -> dict:
 def page_of(generations: QuerySet, before: str | None) -> tuple[list[Generation], int | None]:
     """One page of generations, newest first, before the generation `before` (keyset
     pagination: no COUNT over a million rows, and stable while rows are added)."""
-    generations = generations.select_related("metrics", "model", "user").order_by(
-        "-queued_at", "-id"
+    generations = (
+        generations.select_related("metrics", "model", "user")
+        .defer(*LIST_DEFERRED)
+        .order_by("-queued_at", "-id")
     )
     if before and before.isdigit():
         anchor = Generation.objects.filter(pk=int(before)).values_list("queued_at", flat=True)

@@ -22,7 +22,7 @@ from inference.models import Generation
 from mixtralweb.models import Membership, Team
 from monitoring import history, prometheus, telemetry, usage
 from monitoring.alerts import gpu_alerts
-from monitoring.models import UsageDaily
+from monitoring.models import UsageDaily, UsageDailyTotal, UsageDailyUser
 from monitoring.nvml import NO_GPU_MESSAGE
 
 
@@ -151,7 +151,8 @@ def team_usage(request, team_id: int):
 @staff_required
 def admin_overview(request):
     filters, form = usage.Filters.from_request(request)
-    days = filters.daily(UsageDaily.objects.all())
+    days = filters.daily(UsageDaily.objects.all())  # by user: top users, CSV
+    totals = filters.daily(UsageDailyTotal.objects.all())  # summed over users: the rest
     generations = filters.generations(Generation.objects.all())
     export = request.GET.get("format")
     if export == "csv":
@@ -163,13 +164,19 @@ def admin_overview(request):
     context = {
         "form": form,
         "filters": filters,
-        "totals": usage.totals(days),
-        "chart": usage.series(usage.by(days, "day"), filters.start, filters.end),
+        "totals": usage.totals(totals),
+        "chart": usage.series(usage.by(totals, "day"), filters.start, filters.end),
         "distributions": usage.distributions(generations),
-        "top_users": usage.by(days, "user_id", "user__username", top=10),
-        "by_team": usage.by(days, "team__name"),
-        "by_model": usage.by(days, "model__name"),
-        "by_source": usage.by(days, "source"),
+        # Per-user daily sums rank users fastest; they know no model or source.
+        "top_users": usage.by(
+            days if filters.model or filters.source else filters.daily(UsageDailyUser.objects),
+            "user_id",
+            "user__username",
+            top=10,
+        ),
+        "by_team": usage.by(totals, "team__name"),
+        "by_model": usage.by(totals, "model__name"),
+        "by_source": usage.by(totals, "source"),
         "page": page,
         "older": older,
         "alerts": gpu_alerts(gpus),
