@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 from asgiref.sync import sync_to_async
 from django.db import transaction
@@ -108,8 +108,8 @@ async def _complete(request, key: ApiKey, kind: str):
         response["X-Accel-Buffering"] = "no"  # a proxy must not hold the stream back
         return response
     text, final = "", None
-    async with stopped_if_abandoned(gen, key):
-        async for item in follow(gen.pk):
+    async with stopped_if_abandoned(gen, key), aclosing(follow(gen.pk)) as items:
+        async for item in items:
             if isinstance(item, Text):
                 text += item.text
             else:
@@ -259,10 +259,10 @@ def _event(data) -> bytes:
 async def _sse(gen: Generation, key: ApiKey, parsed: parsing.ApiRequest, kind: str, counted):
     """Server-sent events: a chunk per piece of text, a last chunk with the finish
     reason (and usage), the usage chunk if asked for, then [DONE]."""
-    async with stopped_if_abandoned(gen, key):
+    async with stopped_if_abandoned(gen, key), aclosing(follow(gen.pk)) as items:
         if kind == CHAT:
             yield _event(_chunk(gen, kind, "", first=True))
-        async for item in follow(gen.pk):
+        async for item in items:
             if isinstance(item, Text):
                 yield _event(_chunk(gen, kind, item.text))
                 continue
