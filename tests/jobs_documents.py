@@ -75,9 +75,10 @@ def pdf_bomb(expanded_bytes: int) -> bytes:
     return pdf(b"BT /F1 12 Tf 72 720 Td (x) Tj ET\n" + b" " * expanded_bytes, compress=True)
 
 
-def register_smollm2():
+def register_smollm2(n_ctx: int | None = None):
     """The embedded model's row, written directly: inspecting the GGUF file again for
-    every test (as ensure_default_model does after a flush) takes seconds."""
+    every test (as ensure_default_model does after a flush) takes seconds. A smaller
+    n_ctx makes smaller chunks, for tests about the steps rather than the size."""
     from django.conf import settings
 
     from inference.models import LanguageModel
@@ -87,10 +88,13 @@ def register_smollm2():
         name=settings.DEFAULT_MODEL_NAME,
         defaults={
             "path": str(default_model_path()),
-            "n_ctx": settings.DEFAULT_MODEL_N_CTX,
+            "n_ctx": n_ctx or settings.DEFAULT_MODEL_N_CTX,
             "n_threads": settings.LLAMA_N_THREADS,
             "has_chat_template": True,
             "architecture": "llama",
         },
     )
+    if n_ctx and model.n_ctx != n_ctx:
+        model.n_ctx = n_ctx
+        model.save(update_fields=["n_ctx"])
     return model

@@ -207,6 +207,7 @@ def job_submit(*, user, job_id, strategy: str) -> Job:
     job.queued_at = timezone.now()
     job.save()
     _advance_locked(job)
+    announce(job)
     return job
 
 
@@ -222,8 +223,6 @@ def _pass_messages(job: Job, chunk: JobChunk, level_answers: list[str] | None) -
 
 
 def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = None) -> None:
-    from inference.tasks import generate
-
     gen = Generation.objects.create(
         user=job.user,
         team=job.team,
@@ -240,7 +239,9 @@ def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = Non
     chunk.save()
     chunk.generations.add(gen)
     queue = job.model.bulk_queue_name
-    transaction.on_commit(lambda: generate.apply_async(args=[gen.pk], queue=queue))
+    # Enqueued by _after_commit, after the watchers hear of the pass: their sockets
+    # then join its group before the worker can start streaming it.
+    job.passes_to_enqueue = [*getattr(job, "passes_to_enqueue", []), (gen.pk, queue)]
 
 
 def _finish_job(job: Job, state: str, reason: str = "", result: str = "") -> None:
@@ -388,9 +389,12 @@ def user_group(user_id: int) -> str:
 
 
 def announce(job: Job) -> None:
-    """After the commit, send the job's new state to its watchers, and tell the owner
-    when it has finished."""
+    """After the commit, send the job's new state to its watchers, tell the owner
+    when it has finished, then enqueue the passes it started."""
+    from inference.tasks import generate
+
     job_id, user_id, final = job.pk, job.user_id, job.is_final
+    passes, job.passes_to_enqueue = getattr(job, "passes_to_enqueue", []), []
 
     def send():
         from .events import job_snapshot, unread_count
@@ -413,4 +417,9 @@ def announce(job: Job) -> None:
                 },
             )
 
-    transaction.on_commit(send)
+    # A failed announcement must not keep the passes from being enqueued.
+    transaction.on_commit(send, robust=True)
+    for gen_id, queue in passes:
+        transaction.on_commit(
+            lambda gen_id=gen_id, queue=queue: generate.apply_async(args=[gen_id], queue=queue)
+        )

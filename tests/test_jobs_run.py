@@ -1,0 +1,246 @@
+"""Long-context jobs end to end, with the real model and a real worker: one pass,
+map-reduce, cancel, and a worker killed in the middle.
+
+Alice owns every job here (tests/conftest.py has the cast). Passes ask for few new
+tokens: the documents' prompt evaluation is what these tests exercise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import psutil
+import pytest
+from django.test import Client
+from websockets.sync.client import connect
+
+from inference.jobs import services
+from inference.models import Generation, Job, JobChunk
+from tests.conftest import session_cookie
+from tests.jobs_documents import document, register_smollm2
+
+INSTRUCTION = "List the places named in the document."
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(0.2)
+
+
+def running(chunk: JobChunk) -> bool:
+    chunk.refresh_from_db()
+    return (
+        chunk.generation is not None
+        and Generation.objects.filter(pk=chunk.generation_id, state=Generation.RUNNING).exists()
+    )
+
+
+class JobWatcher:
+    """A browser's job socket: subscribes to one job and records every frame."""
+
+    def __init__(self, stack, user, job_id: int):
+        self._connection = connect(
+            f"ws://127.0.0.1:{stack.port}/ws/jobs/",
+            additional_headers={"Origin": stack.http_url, "Cookie": session_cookie(user)},
+            open_timeout=10,
+        )
+        self.conn = self._connection.__enter__()
+        self.frames: list[dict] = []
+        self.job_id = job_id
+        self.conn.send(json.dumps({"type": "job.subscribe", "job": job_id}))
+
+    def until(self, predicate, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                kinds = [(f["type"], f.get("state"), f.get("passes_done")) for f in self.frames]
+                raise TimeoutError(f"no matching frame in {timeout} s; saw {kinds[-30:]}")
+            frame = json.loads(self.conn.recv(timeout=remaining))
+            self.frames.append(frame)
+            if predicate(frame):
+                return frame
+
+    def until_final(self, timeout: float) -> dict:
+        return self.until(
+            lambda f: (
+                f["type"] in {"job.progress", "job.snapshot"}
+                and f["state"] in {"done", "failed", "cancelled"}
+            ),
+            timeout,
+        )
+
+    def of_type(self, kind: str) -> list[dict]:
+        return [f for f in self.frames if f["type"] == kind]
+
+    def close(self):
+        self._connection.__exit__(None, None, None)
+
+
+@pytest.fixture
+def smollm2(transactional_db):
+    return register_smollm2()
+
+
+@pytest.fixture
+def watchers():
+    opened = []
+    yield opened
+    for watcher in opened:
+        watcher.close()
+
+
+def submit(user, paragraphs: int, max_tokens: int) -> Job:
+    """A counted draft, not queued yet."""
+    return services.job_draft(
+        user=user, instruction=INSTRUCTION, max_tokens=max_tokens, text=document(paragraphs)
+    )
+
+
+def test_a_6000_token_document_is_answered_in_one_pass(stack, cast, smollm2, watchers):
+    client = Client()
+    client.force_login(cast.alice)
+    client.post(
+        "/jobs/new/",
+        {"instruction": INSTRUCTION, "text": document(88), "model": smollm2.name, "max_tokens": 24},
+    )
+    job = Job.objects.get()
+    assert 5500 < job.document_tokens < 6500 and job.fits
+    watcher = JobWatcher(stack, cast.alice, job.pk)
+    watchers.append(watcher)
+    watcher.until(lambda f: f["type"] == "job.snapshot", 10)
+    assert client.post(f"/jobs/{job.pk}/run/", {"strategy": "single"}).status_code == 302
+
+    final = watcher.until_final(180)
+
+    job.refresh_from_db()
+    assert job.state == Job.DONE and final["state"] == "done"
+    chunk = job.chunks.get()
+    gen = chunk.generation
+    assert gen.state == Generation.DONE and gen.source == Generation.SOURCE_JOB
+    assert job.result == gen.text == final["result"] and job.result.strip()
+    # The whole document went in: nothing was cut off.
+    assert job.document in gen.input_messages[-1]["content"]
+    assert gen.metrics.prompt_tokens == job.prompt_tokens
+    assert gen.metrics.completion_tokens <= 24
+    # It ran on the bulk queue, and the socket showed the pass live.
+    assert watcher.of_type("generation.started")
+    assert watcher.of_type("generation.token")
+    assert final["metrics"][0]["metrics"]["prompt_tokens"] == job.prompt_tokens
+    page = client.get(f"/jobs/{job.pk}/").content.decode()
+    assert "Download .md" in page
+    download = client.get(f"/jobs/{job.pk}/result.txt")
+    assert download.content.decode() == job.result
+    assert 'filename="' in download["Content-Disposition"]
+    # Alice looked at it: no unread notification left.
+    job.refresh_from_db()
+    assert job.seen_at is not None
+
+
+def test_a_30000_token_document_runs_by_map_reduce(stack, cast, smollm2, watchers):
+    job = submit(cast.alice, paragraphs=445, max_tokens=12)
+    assert 28_000 < job.document_tokens < 32_000 and not job.fits
+    watcher = JobWatcher(stack, cast.alice, job.pk)
+    watchers.append(watcher)
+    watcher.until(lambda f: f["type"] == "job.snapshot", 10)
+    services.job_submit(user=cast.alice, job_id=job.pk, strategy=Job.MAP_REDUCE)
+
+    final = watcher.until_final(300)
+
+    job.refresh_from_db()
+    assert job.state == Job.DONE, job.reason
+    chunks = list(job.chunks.order_by("level", "index"))
+    maps = [c for c in chunks if c.level == 0]
+    assert len(maps) >= 4
+    # The chunks cover the whole document, in order, with nothing left out.
+    assert maps[0].start == 0 and maps[-1].end == len(job.document)
+    assert all(a.end == b.start for a, b in zip(maps, maps[1:], strict=False))
+    for chunk in maps:
+        assert chunk.prompt_tokens + job.max_tokens <= job.n_ctx
+        assert chunk.generation.metrics.prompt_tokens == chunk.prompt_tokens
+    combine = chunks[-1]
+    assert combine.level == 1 and combine.state == JobChunk.DONE
+    assert job.result == combine.generation.text == final["result"]
+    # Every chunk's answer went into the combine pass.
+    combine_prompt = combine.generation.input_messages[-1]["content"]
+    assert all(c.answer.strip() in combine_prompt for c in maps)
+    # Progress arrived chunk by chunk.
+    done_counts = [f["passes_done"] for f in watcher.of_type("job.progress")]
+    assert done_counts == sorted(done_counts)
+    assert set(range(1, len(chunks))) <= set(done_counts)
+    assert len(final["metrics"]) == len(chunks)
+    assert watcher.of_type("generation.started")
+
+
+def test_a_job_can_be_cancelled_in_the_middle(stack, cast, smollm2, watchers):
+    job = submit(cast.alice, paragraphs=20, max_tokens=2000)
+    watcher = JobWatcher(stack, cast.alice, job.pk)
+    watchers.append(watcher)
+    watcher.until(lambda f: f["type"] == "job.snapshot", 10)
+    services.job_submit(user=cast.alice, job_id=job.pk, strategy=Job.SINGLE)
+    wait_for(lambda: running(job.chunks.get()), 120, "the pass did not start")
+
+    client = Client()
+    client.force_login(cast.alice)
+    client.post(f"/jobs/{job.pk}/cancel/")
+
+    final = watcher.until_final(10)
+    assert final["state"] == "cancelled"
+    gen_final = watcher.until(lambda f: f["type"] == "generation.final", 60)
+    assert gen_final["state"] == "cancelled"
+    job.refresh_from_db()
+    assert job.state == Job.CANCELLED and "Cancelled by alice" in job.reason
+    gen = job.chunks.get().generation
+    gen.refresh_from_db()
+    assert gen.state == Generation.CANCELLED
+    assert Generation.objects.filter(source=Generation.SOURCE_JOB).count() == 1
+
+
+def test_a_job_resumes_from_its_finished_chunks_after_the_worker_is_killed(
+    stack, cast, transactional_db, watchers, settings
+):
+    from inference.tasks import reap_stale_generations
+
+    register_smollm2(n_ctx=1024)  # small chunks: this test is about the steps
+    job = submit(cast.alice, paragraphs=22, max_tokens=8)
+    assert job.n_ctx == 1024 and not job.fits
+    watcher = JobWatcher(stack, cast.alice, job.pk)
+    watchers.append(watcher)
+    watcher.until(lambda f: f["type"] == "job.snapshot", 10)
+    services.job_submit(user=cast.alice, job_id=job.pk, strategy=Job.MAP_REDUCE)
+    assert job.chunks.count() == 2
+    first, second = job.chunks.order_by("index")
+
+    # Chunk 1 done, chunk 2 started: kill the worker (and its pool process) hard.
+    watcher.until(lambda f: f["type"] == "job.progress" and f["passes_done"] == 1, 300)
+    wait_for(lambda: running(second), 120, "chunk 2 did not start")
+    worker = psutil.Process(stack.processes["worker"].pid)
+    pool = worker.children(recursive=True)
+    stack.stop("worker", sig=9)
+    for process in pool:
+        process.kill()
+    stack.start_worker()
+    stack.wait_worker()
+
+    # The reaper (beat, every 30 s) fails the pass once its worker's alive key has
+    # expired; the job then retries that pass, and only that pass.
+    settings.GENERATION_STALE_AFTER_S = 0
+    deadline = time.monotonic() + 60
+    while not reap_stale_generations() and time.monotonic() < deadline:
+        time.sleep(1)
+    final = watcher.until_final(180)
+
+    job.refresh_from_db()
+    assert job.state == Job.DONE and final["state"] == "done", job.reason
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert first.attempts == 1 and first.generations.count() == 1
+    assert second.attempts == 2
+    killed = second.generations.order_by("queued_at").first()
+    assert killed.state == Generation.FAILED and "stopped responding" in killed.reason
+    assert second.generation.state == Generation.DONE
+    assert job.result == job.chunks.get(level=1).answer
