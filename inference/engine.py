@@ -42,6 +42,10 @@ class Cancelled(Exception):
     """The caller asked to stop during prompt evaluation."""
 
 
+class TimeLimitExceeded(Exception):
+    """The run passed its deadline; the text streamed so far stands."""
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     path: str
@@ -192,6 +196,7 @@ class Engine:
         # The cancel flag of the run in progress; llama.cpp polls it between graph
         # computations, so a stop ends a long prompt evaluation within one batch.
         self._cancel = threading.Event()
+        self._deadline: float | None = None
         try:
             with _load_progress(on_load_progress):
                 self.llm = llama_cpp.Llama(
@@ -207,10 +212,19 @@ class Engine:
                 )
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
             raise ModelLoadError(f"{options.path}: llama.cpp could not load it ({exc})") from exc
-        self._abort_callback = llama_cpp.ggml_abort_callback(lambda _data: self._cancel.is_set())
+        # The deadline is enforced here rather than left to Celery's soft time limit:
+        # that arrives as a signal, and a signal that lands while llama.cpp is calling
+        # this Python callback is swallowed by ctypes ("Exception ignored").
+        self._abort_callback = llama_cpp.ggml_abort_callback(lambda _data: self._should_abort())
         llama_cpp.llama_set_abort_callback(self.llm._ctx.ctx, self._abort_callback, None)
         self.tokenizer = ChatTokenizer(self.llm, options.path)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+
+    def _should_abort(self) -> bool:
+        return self._cancel.is_set() or self._past_deadline()
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
 
     # --- what the file says ---------------------------------------------------
     @property
@@ -248,13 +262,16 @@ class Engine:
         cancel: threading.Event,
         stats: RunStats,
         on_prompt_progress: Callable[[int, int], None] | None = None,
+        deadline: float | None = None,
     ) -> Iterator[str]:
         """Yield the answer's text piece by piece (about a token each).
 
         Stops at end of generation, max_tokens, a stop string, or when `cancel` is
         set (checked each token). Raises Cancelled if it is set while the prompt is
         still being evaluated. A prompt longer than one batch reports its progress
-        through on_prompt_progress(evaluated, total) after each batch.
+        through on_prompt_progress(evaluated, total) after each batch. Raises
+        TimeLimitExceeded once time.monotonic() passes `deadline`, within one token
+        (or one graph node during prompt evaluation).
         """
         llm = self.llm
         self.check_fits(len(prompt_tokens), 1)
@@ -262,10 +279,12 @@ class Engine:
         stats.prompt_tokens = len(prompt_tokens)
         stats.started = time.monotonic()
         self._cancel = cancel
+        self._deadline = deadline
         try:
             stats.cached_tokens = self._prefill(prompt_tokens, cancel, on_prompt_progress)
-        except Cancelled:
-            self._cancel = threading.Event()
+        except (Cancelled, TimeLimitExceeded) as exc:
+            stats.finish_reason = "cancelled" if isinstance(exc, Cancelled) else "time_limit"
+            self._cancel, self._deadline = threading.Event(), None
             raise
         if sampling.seed is not None:
             llm.set_seed(sampling.seed)
@@ -288,6 +307,9 @@ class Engine:
                     stats.finish_reason = stats.finish_reason or "stop"
                     break
                 except RuntimeError as exc:
+                    if self._past_deadline():
+                        stats.finish_reason = "time_limit"
+                        raise TimeLimitExceeded() from exc
                     if not cancel.is_set():
                         raise _decode_error(exc) from exc
                     if stats.first_token is None:
@@ -318,12 +340,16 @@ class Engine:
                 if cancel.is_set():
                     stats.finish_reason = "cancelled"
                     break
+                if self._past_deadline():
+                    stats.finish_reason = "time_limit"
+                    raise TimeLimitExceeded()
             if stats.finish_reason != "cancelled" and held:
                 yield held
         finally:
             tokens.close()
             stats.finished = time.monotonic()
-            self._cancel = threading.Event()  # a stale stop must not abort the next run
+            # A stale stop or deadline must not abort the next run.
+            self._cancel, self._deadline = threading.Event(), None
 
     def _prefill(
         self,
@@ -346,12 +372,16 @@ class Engine:
         for start in range(0, len(todo), self.n_batch):
             if cancel.is_set():
                 raise Cancelled()
+            if self._past_deadline():
+                raise TimeLimitExceeded()
             batch = todo[start : start + self.n_batch]
             try:
                 llm.eval(batch)
             except RuntimeError as exc:
                 if cancel.is_set():
                     raise Cancelled() from exc
+                if self._past_deadline():
+                    raise TimeLimitExceeded() from exc
                 raise _decode_error(exc) from exc
             evaluated += len(batch)
             if report:

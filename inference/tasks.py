@@ -35,6 +35,7 @@ from .engine import (
     ModelLoadError,
     RunStats,
     Sampling,
+    TimeLimitExceeded,
 )
 from .events import final_event
 from .gguf_inspect import GGUFError, inspect_gguf
@@ -188,6 +189,9 @@ def generate(self, generation_id: int) -> None:
     if claimed is None:
         return
     gen, prefix = claimed
+    # Our own deadline, half a second inside Celery's soft time limit: the engine
+    # enforces it even where that limit's signal would be lost (engine.py).
+    deadline = time.monotonic() + settings.GENERATION_TIME_LIMIT_S - 0.5
     cancel = threading.Event()
     if Generation.objects.filter(pk=gen.pk, cancel_requested=True).exists():
         cancel.set()
@@ -222,7 +226,12 @@ def generate(self, generation_id: int) -> None:
                     prompt = engine.chat_prompt_tokens(gen.input_messages, assistant_prefix=prefix)
                 next_flush = time.monotonic() + flush_every
                 pieces = engine.stream(
-                    prompt, sampling_from(gen.params), cancel, stats, prompt_progress
+                    prompt,
+                    sampling_from(gen.params),
+                    cancel,
+                    stats,
+                    prompt_progress,
+                    deadline=deadline,
                 )
                 for piece in pieces:
                     text += piece
@@ -243,7 +252,7 @@ def generate(self, generation_id: int) -> None:
                 state, reason = Generation.FAILED, f"The model could not be loaded: {exc}"
             except DecodeError as exc:
                 state, reason = Generation.FAILED, str(exc)
-            except SoftTimeLimitExceeded:
+            except (SoftTimeLimitExceeded, TimeLimitExceeded):
                 state = Generation.FAILED
                 reason = f"Stopped by the time limit ({settings.GENERATION_TIME_LIMIT_S} s)."
             except MemoryError:

@@ -2,6 +2,7 @@
 the saved-state LRU, stop and abort, prompt progress, overflow, token counting."""
 
 import threading
+import time
 
 import pytest
 
@@ -14,6 +15,7 @@ from inference.engine import (
     PrefixCache,
     RunStats,
     Sampling,
+    TimeLimitExceeded,
 )
 from inference.registry import embedded_model_path
 from inference.tokens import count_chat_tokens
@@ -157,6 +159,31 @@ def test_a_stop_ends_decoding_within_one_token(engine):
     assert stats.completion_tokens == 3
     assert stats.finish_reason == "cancelled"
     assert "".join(pieces)  # the partial text is there for the caller to keep
+
+
+def test_a_run_past_its_deadline_stops_and_keeps_what_it_wrote(engine):
+    prompt = engine.chat_prompt_tokens(conversation("storms"))
+    run(engine, conversation("storms"))  # the prompt is then cached: the deadline falls in decoding
+    stats = RunStats()
+    pieces = []
+    deadline = time.monotonic() + 1.0
+    with pytest.raises(TimeLimitExceeded):
+        for piece in engine.stream(
+            prompt, Sampling(max_tokens=3000), threading.Event(), stats, deadline=deadline
+        ):
+            pieces.append(piece)
+    assert time.monotonic() - deadline < 1.0
+    assert stats.finish_reason == "time_limit"
+    assert "".join(pieces) and stats.completion_tokens < 3000
+
+
+def test_a_deadline_also_ends_a_long_prompt_evaluation(engine_without_saved_states):
+    engine = engine_without_saved_states
+    prompt = engine.chat_prompt_tokens(conversation("glaciers", 1200))
+    deadline = time.monotonic() + 0.3
+    with pytest.raises(TimeLimitExceeded):
+        next(engine.stream(prompt, GREEDY, threading.Event(), RunStats(), deadline=deadline))
+    assert engine.llm.n_tokens < 100  # stopped inside the one big batch
 
 
 def test_a_prompt_longer_than_the_context_is_refused_with_both_numbers(engine):
