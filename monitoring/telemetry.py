@@ -26,7 +26,7 @@ import redis
 from celery.signals import worker_ready, worker_shutdown
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -183,6 +183,7 @@ class HostTelemetry:
                 log.exception("GPU telemetry round failed")
             self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - began)))
         self._loop.close()
+        connection.close()  # this thread's own database connection
 
 
 _running: HostTelemetry | None = None

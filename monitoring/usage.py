@@ -78,9 +78,11 @@ class Filters:
     def from_request(cls, request) -> tuple[Filters, UsageFilterForm]:
         """Filters from the query string; an invalid form falls back to the defaults
         (the page shows the form's errors)."""
-        form = UsageFilterForm(request.GET or None)
         today = timezone.localdate()
         filters = cls(start=today - timedelta(days=DEFAULT_DAYS - 1), end=today)
+        form = UsageFilterForm(
+            request.GET or None, initial={"start": filters.start, "end": filters.end}
+        )
         if form.is_bound and form.is_valid():
             data = form.cleaned_data
             filters.end = data["end"] or today
@@ -217,14 +219,19 @@ def distributions(generations: QuerySet) -> dict:
 
 
 def histogram(values: list[float], bins: int = 12) -> dict:
+    """Equal-width bins from the minimum to the 99th percentile; the last bin also
+    holds the long tail above it (one slow request must not squash the rest)."""
     if not values:
         return {"labels": [], "counts": []}
-    low, high = min(values), max(values)
+    ordered = sorted(values)
+    low, high = ordered[0], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
     width = (high - low) / bins or 1
     counts = [0] * bins
     for value in values:
-        counts[min(bins - 1, int((value - low) / width))] += 1
+        counts[max(0, min(bins - 1, int((value - low) / width)))] += 1
     labels = [f"{low + i * width:.0f}–{low + (i + 1) * width:.0f}" for i in range(bins)]
+    if ordered[-1] > high:
+        labels[-1] = f"≥ {low + (bins - 1) * width:.0f}"
     return {"labels": labels, "counts": counts}
 
 

@@ -58,6 +58,45 @@ GPU_FIELDS = {
 }
 
 
+# How the detail page names each recorded field (units are shown with the values).
+FIELD_LABELS = {
+    "prompt_tokens": "Prompt tokens",
+    "cached_tokens": "Cached (reused) prompt tokens",
+    "completion_tokens": "Completion tokens",
+    "n_ctx": "Context size (n_ctx)",
+    "context_used": "Context used",
+    "queue_ms": "Queue wait",
+    "ttft_ms": "Time to first token (from start)",
+    "prompt_eval_ms": "Prompt evaluation",
+    "prompt_tokens_per_s": "Prompt evaluation speed",
+    "decode_ms": "Decode time",
+    "decode_tokens_per_s": "Decode speed",
+    "itl_p50_ms": "Inter-token latency p50",
+    "itl_p95_ms": "Inter-token latency p95",
+    "e2e_ms": "End to end (queued to finished)",
+    "host": "Host",
+    "pid": "Worker PID",
+    "gpu_index": "GPU index",
+    "gpu_uuid": "GPU UUID",
+    "vram_process_start_bytes": "VRAM of the process at start",
+    "vram_process_peak_bytes": "VRAM of the process, peak",
+    "vram_process_end_bytes": "VRAM of the process at end",
+    "vram_device_start_bytes": "VRAM of the device at start",
+    "vram_device_peak_bytes": "VRAM of the device, peak",
+    "vram_device_end_bytes": "VRAM of the device at end",
+    "gpu_util_mean_pct": "GPU utilisation, mean",
+    "power_mean_w": "Power, mean",
+    "energy_j": "Energy",
+    "temperature_max_c": "Temperature, maximum",
+    "sm_clock_mean_mhz": "SM clock, mean",
+    "mem_clock_mean_mhz": "Memory clock, mean",
+    "throttle_reasons": "Throttle reasons seen",
+    "cpu_mean_pct": "CPU share of the worker, mean",
+    "rss_peak_bytes": "Worker memory (RSS), peak",
+    "created_at": "Recorded at",
+}
+
+
 def _status(form) -> int:
     return 400 if form.is_bound and not form.is_valid() else 200
 
@@ -118,7 +157,8 @@ def request_detail(request, pk: int):
                 continue
             value = getattr(metrics, field.name)
             gpu_unknown = value is None and field.name in GPU_FIELDS and not metrics.has_gpu
-            rows.append((field.verbose_name, field.name, value, gpu_unknown))
+            label = FIELD_LABELS.get(field.name, field.verbose_name)
+            rows.append((label, field.name, value, gpu_unknown))
     return render(
         request,
         "monitoring/request_detail.html",

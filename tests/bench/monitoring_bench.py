@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import threading
@@ -115,7 +116,9 @@ def page_latency() -> None:
     quarter = {"start": today - timedelta(days=89), "end": today}
     mine = Generation.objects.filter(user=heavy).count()
     total = Generation.objects.count()
+    load = os.getloadavg()[0]
     print(f"\nPages over {total:,} requests ({mine:,} of them by the user 'bench')")
+    print(f"(in-process Django test client; load average {load:.1f} on {os.cpu_count()} cores)")
     print(f"{'page':52} {'p50 ms':>8} {'p95 ms':>8}")
     client = Client(SERVER_NAME="localhost")
     cases = [

@@ -1,0 +1,47 @@
+"""The GPU page in a real browser: history and live charts drawn, updated over the
+socket from a telemetry thread (NVML substituted), and a phone-width usage page."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from monitoring import telemetry
+from tests.browser import log_in
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def staff(transactional_db):
+    return get_user_model().objects.create_user(
+        "gpu-watcher", password="watch-pass-123", is_staff=True
+    )
+
+
+def test_the_gpu_page_draws_history_and_live_charts(browser, stack, staff, fake_gpus, redis_client):
+    redis_client.delete(telemetry.HOSTS_KEY, telemetry.GPUS_KEY)
+    telemetry.sample_once("browser-host")  # history, and the "now" table
+    page = log_in(browser, stack, "gpu-watcher", "watch-pass-123")
+    sampler = telemetry.HostTelemetry(interval_s=0.3, host="browser-host").start()
+    try:
+        page.goto(f"{stack.http_url}/gpus/")
+        assert page.locator("#history-charts canvas").count() == 2
+        assert page.locator("#live-charts canvas").count() == 2
+        # Live points arrive over the socket and are appended to the charts.
+        page.wait_for_function(
+            "Object.values(Chart.instances).some(c => c.canvas.closest('#live-charts')"
+            " && c.data.labels.length >= 3)",
+            timeout=20_000,
+        )
+    finally:
+        sampler.stop()
+        redis_client.delete(telemetry.HOSTS_KEY, telemetry.GPUS_KEY)
+    assert "browser-host" in page.inner_text("#gpu-now")
+
+
+def test_the_usage_page_fits_a_phone(browser, stack, cast):
+    page = log_in(browser, stack, "alice", "alice-pass-123", viewport={"width": 375, "height": 800})
+    page.goto(f"{stack.http_url}/usage/")
+    assert page.locator("canvas").count() == 3
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
