@@ -180,6 +180,11 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SOFT_TIME_LIMIT = GENERATION_TIME_LIMIT_S
 CELERY_TASK_TIME_LIMIT = GENERATION_TIME_LIMIT_S + 60
+# A pool process loads its model (worker_process_init) before it tells the worker it
+# is up. Celery's default of 4 s kills it mid-load and forks another, forever: a
+# large model never starts, and a killed pool process is never replaced.
+WORKER_MODEL_LOAD_TIMEOUT_S = env_int("WORKER_MODEL_LOAD_TIMEOUT_S", 900)
+CELERY_WORKER_PROC_ALIVE_TIMEOUT = WORKER_MODEL_LOAD_TIMEOUT_S
 # The broker re-delivers an unacknowledged task after this long: it must outlast
 # the longest generation, or a slow answer would be started twice.
 # "priority": a worker listening on several queues always drains the first listed

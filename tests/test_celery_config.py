@@ -23,3 +23,8 @@ def test_visibility_timeout_outlasts_the_longest_generation():
 def test_it_uses_redis_as_the_broker():
     assert app.conf.broker_url == settings.REDIS_URL
     assert app.conf.broker_url.startswith("redis://")
+
+
+def test_a_pool_process_has_time_to_load_its_model_before_it_must_say_it_is_up():
+    # Celery's default (4 s) kills a pool process still loading its model.
+    assert app.conf.worker_proc_alive_timeout == settings.WORKER_MODEL_LOAD_TIMEOUT_S >= 60
