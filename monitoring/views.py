@@ -200,12 +200,14 @@ def admin_overview(request):
     if export == "requests-csv":
         return _csv(usage.csv_rows(generations), f"requests-{filters.start}.csv")
     page, older = usage.page_of(generations, request.GET.get("before"))
+    per_day = usage.by(totals, "day")
     gpus = telemetry.current_gpus()
     context = {
         "form": form,
         "filters": filters,
         "totals": usage.totals(totals),
-        "chart": usage.series(usage.by(totals, "day"), filters.start, filters.end),
+        "chart": usage.series(per_day, filters.start, filters.end),
+        "by_day": per_day[::-1],
         "distributions": usage.distributions(generations),
         # Per-user daily sums rank users fastest; they know no model or source.
         "top_users": usage.by(

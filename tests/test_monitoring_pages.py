@@ -7,6 +7,7 @@ members' usage and requests; staff see everything.
 
 import csv
 import io
+from collections import Counter
 from datetime import timedelta
 
 import pytest
@@ -218,6 +219,9 @@ def test_the_admin_overview_sums_everyone_and_ranks_top_users(client, staff, cas
     assert response.context["totals"]["failed"] == 1
     assert [row["name"] for row in response.context["top_users"]][0] == "alice"
     assert response.context["distributions"]["sample_size"] == 6
+    by_day = {row["name"]: row["requests"] for row in response.context["by_day"]}
+    gens = [*usage.alice, usage.api, usage.bob, usage.charlie]
+    assert by_day == dict(Counter(timezone.localdate(g.queued_at) for g in gens))
     html = response.content.decode()
     assert "no NVIDIA GPU" in html
     assert f"/usage/requests/{usage.charlie.pk}/" in html

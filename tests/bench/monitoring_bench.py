@@ -19,7 +19,9 @@ from datetime import timedelta
 
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from inference.engine import Engine, RunStats, Sampling
@@ -119,7 +121,7 @@ def page_latency() -> None:
     load = os.getloadavg()[0]
     print(f"\nPages over {total:,} requests ({mine:,} of them by the user 'bench')")
     print(f"(in-process Django test client; load average {load:.1f} on {os.cpu_count()} cores)")
-    print(f"{'page':52} {'p50 ms':>8} {'p95 ms':>8}")
+    print(f"{'page':52} {'p50 ms':>8} {'p95 ms':>8} {'queries':>8} {'SQL ms':>8}")
     client = Client(SERVER_NAME="localhost")
     cases = [
         ("My usage, last 30 days", heavy, "/usage/", {}),
@@ -141,7 +143,10 @@ def page_latency() -> None:
             params = {"before": older.group(1)}
         p50, p95 = time_page(client, url, params)
         worst = max(worst, p95)
-        print(f"{label:52} {p50:8.1f} {p95:8.1f}")
+        with CaptureQueriesContext(connection) as queries:
+            client.get(url, params)
+        sql_ms = sum(float(q["time"]) for q in queries.captured_queries) * 1000
+        print(f"{label:52} {p50:8.1f} {p95:8.1f} {len(queries.captured_queries):8d} {sql_ms:8.1f}")
     print(
         f"worst p95 {worst:.1f} ms: {'within' if worst <= TARGET_P95_MS else 'OVER'} "
         f"the {TARGET_P95_MS} ms target"
