@@ -208,3 +208,13 @@ def test_a_file_llama_cpp_cannot_load_is_named_in_the_error(tmp_path):
     broken.write_bytes(embedded_model_path().read_bytes()[:4096])
     with pytest.raises(ModelLoadError, match="broken.gguf"):
         Engine(options(path=str(broken)))
+
+
+def test_llama_cpp_running_out_of_memory_is_said_in_words():
+    from inference.engine import DecodeError, _decode_error
+
+    error = _decode_error(RuntimeError("llama_decode returned 1"))
+    assert isinstance(error, DecodeError) and "out of memory" in str(error)
+    assert "compute buffers" in str(_decode_error(RuntimeError("llama_decode returned -2")))
+    unknown = RuntimeError("something else")
+    assert _decode_error(unknown) is unknown

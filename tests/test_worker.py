@@ -27,6 +27,15 @@ def wait_for(predicate, timeout_s=30.0, every_s=0.2):
     raise TimeoutError("condition not met")
 
 
+def wait_finished(gen: Generation, state: str) -> Generation:
+    """The generation once it is in `state` and its worker has finished with it
+    (the heartbeat no longer names it): nothing is still being written, so the
+    tables can be emptied after the test."""
+    gen = wait_for(lambda: Generation.objects.filter(pk=gen.pk, state=state).first(), 120)
+    wait_for(lambda: all(w["generation"] != gen.pk for w in live_workers(gen.model.name)), 30)
+    return gen
+
+
 def send(ws, **frame):
     ws.send({"type": "chat.send", "request_id": 1, **frame})
     reply, _ = ws.recv_until(lambda f: f["type"] in {"chat.accepted", "error"})
@@ -157,6 +166,24 @@ def test_the_worker_refuses_a_prompt_longer_than_its_context_with_both_numbers(
             params={"max_tokens": 8},
         )
         generation_enqueue(gen)
-    gen = wait_for(lambda: Generation.objects.filter(pk=gen.pk, state="failed").first(), 120)
+    gen = wait_finished(gen, "failed")
     assert f"{default_model.n_ctx:,}" in gen.reason
     assert "The prompt is 9," in gen.reason  # 9,0xx tokens
+
+
+def test_a_generation_sent_to_a_worker_that_cannot_load_its_model_fails_with_why(
+    broken_model, cast
+):
+    # An answer queued before the file was damaged (or by a client that skipped the
+    # web's checks) reaches the failed worker: it ends failed, saying why.
+    with transaction.atomic():
+        gen = Generation.objects.create(
+            user=cast.alice,
+            model=broken_model,
+            input_messages=[{"role": "user", "content": "Hello?"}],
+            params={"max_tokens": 8},
+        )
+        generation_enqueue(gen)
+    gen = wait_finished(gen, "failed")
+    assert gen.reason.startswith("The model could not be loaded")
+    assert "broken.gguf" in gen.reason and "truncated" in gen.reason
