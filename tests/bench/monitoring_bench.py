@@ -97,16 +97,19 @@ def ensure_records() -> None:
         print(f"Generated {RECORDS - have:,} records in {time.monotonic() - began:.0f} s")
 
 
-def time_page(client: Client, url: str, params: dict) -> tuple[float, float]:
+def time_page(client: Client, url: str, params: dict) -> tuple[float, float, float]:
+    """Wall-clock p50 and p95, and the p95 of this (web) process's CPU time: on a
+    shared, busy machine the wall clock also counts waiting for a core."""
     for _ in range(3):
         assert client.get(url, params).status_code == 200, url
-    times = []
+    wall, cpu = [], []
     for _ in range(PAGE_REQUESTS):
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         response = client.get(url, params)
-        times.append((time.perf_counter() - began) * 1000)
+        wall.append((time.perf_counter() - began) * 1000)
+        cpu.append((time.process_time() - began_cpu) * 1000)
         assert response.status_code == 200
-    return statistics.median(times), percentile(times, 95)
+    return statistics.median(wall), percentile(wall, 95), percentile(cpu, 95)
 
 
 def page_latency() -> None:
@@ -121,7 +124,7 @@ def page_latency() -> None:
     load = os.getloadavg()[0]
     print(f"\nPages over {total:,} requests ({mine:,} of them by the user 'bench')")
     print(f"(in-process Django test client; load average {load:.1f} on {os.cpu_count()} cores)")
-    print(f"{'page':52} {'p50 ms':>8} {'p95 ms':>8} {'queries':>8} {'SQL ms':>8}")
+    print(f"{'page':44} {'p50 ms':>8} {'p95 ms':>8} {'CPU p95':>8} {'queries':>8} {'SQL ms':>8}")
     client = Client(SERVER_NAME="localhost")
     cases = [
         ("My usage, last 30 days", heavy, "/usage/", {}),
@@ -141,12 +144,13 @@ def page_latency() -> None:
         if params.get("before") == "__older__":
             older = re.search(r"before=(\d+)", client.get(url).content.decode())
             params = {"before": older.group(1)}
-        p50, p95 = time_page(client, url, params)
+        p50, p95, cpu95 = time_page(client, url, params)
         worst = max(worst, p95)
         with CaptureQueriesContext(connection) as queries:
             client.get(url, params)
         sql_ms = sum(float(q["time"]) for q in queries.captured_queries) * 1000
-        print(f"{label:52} {p50:8.1f} {p95:8.1f} {len(queries.captured_queries):8d} {sql_ms:8.1f}")
+        count = len(queries.captured_queries)
+        print(f"{label:44} {p50:8.1f} {p95:8.1f} {cpu95:8.1f} {count:8d} {sql_ms:8.1f}")
     print(
         f"worst p95 {worst:.1f} ms: {'within' if worst <= TARGET_P95_MS else 'OVER'} "
         f"the {TARGET_P95_MS} ms target"
