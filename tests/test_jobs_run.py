@@ -42,7 +42,7 @@ def running(chunk: JobChunk) -> bool:
 class JobWatcher:
     """A browser's job socket: subscribes to one job and records every frame."""
 
-    def __init__(self, stack, user, job_id: int):
+    def __init__(self, stack, user, job_id: int | None):
         self._connection = connect(
             f"ws://127.0.0.1:{stack.port}/ws/jobs/",
             additional_headers={"Origin": stack.http_url, "Cookie": session_cookie(user)},
@@ -51,7 +51,11 @@ class JobWatcher:
         self.conn = self._connection.__enter__()
         self.frames: list[dict] = []
         self.job_id = job_id
-        self.conn.send(json.dumps({"type": "job.subscribe", "job": job_id}))
+        if job_id is not None:
+            self.send({"type": "job.subscribe", "job": job_id})
+
+    def send(self, frame: dict):
+        self.conn.send(json.dumps(frame))
 
     def until(self, predicate, timeout: float):
         deadline = time.monotonic() + timeout
@@ -184,8 +188,15 @@ def test_a_30000_token_document_runs_by_map_reduce(stack, cast, smollm2, watcher
 def test_a_job_can_be_cancelled_in_the_middle(stack, cast, smollm2, watchers):
     job = submit(cast.alice, paragraphs=20, max_tokens=2000)
     watcher = JobWatcher(stack, cast.alice, job.pk)
-    watchers.append(watcher)
+    # Alice elsewhere in the app: a page that only listens for notifications.
+    elsewhere = JobWatcher(stack, cast.alice, None)
+    # Charlie may not follow Alice's job.
+    outsider = JobWatcher(stack, cast.charlie, job.pk)
+    watchers.extend([watcher, elsewhere, outsider])
     watcher.until(lambda f: f["type"] == "job.snapshot", 10)
+    assert elsewhere.until(lambda f: f["type"] == "jobs.unread", 10)["count"] == 0
+    refused = outsider.until(lambda f: f["type"] == "error", 10)
+    assert refused["code"] == "not_found"
     services.job_submit(user=cast.alice, job_id=job.pk, strategy=Job.SINGLE)
     wait_for(lambda: running(job.chunks.get()), 120, "the pass did not start")
 
@@ -195,14 +206,21 @@ def test_a_job_can_be_cancelled_in_the_middle(stack, cast, smollm2, watchers):
 
     final = watcher.until_final(10)
     assert final["state"] == "cancelled"
-    gen_final = watcher.until(lambda f: f["type"] == "generation.final", 60)
-    assert gen_final["state"] == "cancelled"
     job.refresh_from_db()
     assert job.state == Job.CANCELLED and "Cancelled by alice" in job.reason
+    # The worker stops the running pass: cooperative, within a batch or a token.
     gen = job.chunks.get().generation
+    wait_for(lambda: Generation.objects.get(pk=gen.pk).is_final, 60, "the pass did not stop")
     gen.refresh_from_db()
     assert gen.state == Generation.CANCELLED
     assert Generation.objects.filter(source=Generation.SOURCE_JOB).count() == 1
+    # The notification (toast and badge) reached Alice's other page, and only hers.
+    notice = elsewhere.until(lambda f: f["type"] == "job.finished", 10)
+    assert notice["state"] == "cancelled" and notice["unread"] == 1
+    assert notice["url"] == f"/jobs/{job.pk}/"
+    assert not [f for f in outsider.frames if f["type"] == "job.finished"]
+    elsewhere.send({"type": "job.seen", "job": job.pk})
+    assert elsewhere.until(lambda f: f["type"] == "jobs.unread", 10)["count"] == 0
 
 
 @pytest.mark.timeout(900)

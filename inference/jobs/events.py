@@ -49,16 +49,21 @@ def job_snapshot(job: Job) -> dict:
     """A job as it stands now."""
     chunks = list(job.chunks.select_related("generation__metrics").order_by("level", "index"))
     current = next((c for c in chunks if c.state == JobChunk.RUNNING), None)
+    if job.is_final:
+        current = None
     phase, position = _phase(job, current)
     passes = []
     for chunk in chunks:
         gen = chunk.generation
+        state = chunk.state
+        if job.is_final and state == JobChunk.RUNNING:
+            state = gen.state if gen else JobChunk.PENDING  # the pass the job ended in
         passes.append(
             {
                 "level": chunk.level,
                 "index": chunk.index,
                 "label": pass_label(job, chunk),
-                "state": chunk.state,
+                "state": state,
                 "prompt_tokens": chunk.prompt_tokens,
                 "weight": chunk.prompt_tokens + job.max_tokens,
                 "generation": gen.pk if gen else None,

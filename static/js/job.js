@@ -146,7 +146,13 @@
 
   JobSocket.on(onFrame);
   JobSocket.onOpen(function () { JobSocket.send({ type: "job.subscribe", job: snap.job }); });
-  setInterval(function () { if (snap.state === "queued" || snap.state === "running") render(); }, 1000);
+  let ticks = 0;
+  setInterval(function () {
+    if (snap.state !== "queued" && snap.state !== "running") return;
+    render();
+    // The queue moves without telling this job: refresh the position now and then.
+    if (snap.phase === "queued" && ++ticks % 10 === 0) JobSocket.send({ type: "job.subscribe", job: snap.job });
+  }, 1000);
   const cur = currentPass();
   live.generation = cur ? cur.generation : null;
   render();
