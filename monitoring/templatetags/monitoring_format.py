@@ -18,6 +18,13 @@ def ms(value):
 
 
 @register.filter
+def count(value):
+    """An integer with thousands separators (humanize's intcomma, without its
+    localisation machinery, which is slow over hundreds of table cells)."""
+    return DASH if value is None or value == "" else f"{value:,}"
+
+
+@register.filter
 def num(value, digits=1):
     if value is None or value == "":
         return DASH
