@@ -52,7 +52,8 @@ def get_job_for_user(user, job_id) -> Job:
         job_id = int(job_id)
     except (TypeError, ValueError):
         raise JobError("Job not found.", code="not_found") from None
-    job = Job.objects.visible_to(user).select_related("model", "team").filter(pk=job_id).first()
+    jobs = Job.objects.visible_to(user).select_related("model", "team").defer("document")
+    job = jobs.filter(pk=job_id).first()
     if job is None:
         raise JobError("Job not found.", code="not_found")
     return job
@@ -400,7 +401,7 @@ def announce(job: Job) -> None:
         from .events import job_snapshot, unread_count
 
         layer = get_channel_layer()
-        fresh = Job.objects.select_related("model").get(pk=job_id)
+        fresh = Job.objects.select_related("model").defer("document").get(pk=job_id)
         snapshot = job_snapshot(fresh)
         async_to_sync(layer.group_send)(fresh.group_name, {**snapshot, "type": "job.progress"})
         if final:

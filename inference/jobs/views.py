@@ -35,7 +35,11 @@ def _job_or_404(user, job_id) -> Job:
 
 @login_required
 def job_list(request):
-    jobs = Job.objects.visible_to(request.user).select_related("model", "user", "team")
+    jobs = (
+        Job.objects.visible_to(request.user)
+        .select_related("model", "user", "team")
+        .defer("document", "result", "instruction")
+    )
     state = request.GET.get("state", "")
     if state in STATE_FILTERS:
         jobs = jobs.filter(state__in=STATE_FILTERS[state])
