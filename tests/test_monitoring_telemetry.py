@@ -25,18 +25,19 @@ def test_a_round_stores_every_gpu_of_the_host(db, fake_gpus, clean_redis):
     assert [(r.host, r.gpu_index) for r in rows] == [("gpu-host-a", 0), ("gpu-host-a", 1)]
     assert rows[1].temperature_c == 88.0 and rows[1].throttle_reasons == ["hw_thermal"]
     assert rows[0].memory_total_bytes == 80 * GIB and rows[0].processes[0]["used_bytes"] > 0
-    gpus = telemetry.current_gpus()
-    assert [(g["host"], g["index"]) for g in gpus] == [("gpu-host-a", 0), ("gpu-host-a", 1)]
-    assert telemetry.current_hosts() == [
-        {"host": "gpu-host-a", "gpus": 2, "seen_at": gpus[0]["sampled_at"]}
-    ]
+    # (A model worker of the test stack may report its own host meanwhile.)
+    gpus = [g for g in telemetry.current_gpus() if g["host"] == "gpu-host-a"]
+    assert [g["index"] for g in gpus] == [0, 1]
+    hosts = [h for h in telemetry.current_hosts() if h["host"] == "gpu-host-a"]
+    assert hosts == [{"host": "gpu-host-a", "gpus": 2, "seen_at": gpus[0]["sampled_at"]}]
 
 
 def test_a_host_without_a_gpu_is_reported_with_none_and_stores_nothing(db, no_gpu, clean_redis):
     telemetry.sample_once("cpu-host")
     assert GpuSample.objects.count() == 0
-    assert [(h["host"], h["gpus"]) for h in telemetry.current_hosts()] == [("cpu-host", 0)]
-    assert telemetry.current_gpus() == []
+    hosts = {h["host"]: h["gpus"] for h in telemetry.current_hosts()}
+    assert hosts["cpu-host"] == 0
+    assert not [g for g in telemetry.current_gpus() if g["host"] == "cpu-host"]
 
 
 def test_a_host_that_stopped_reporting_drops_out_of_the_live_view(
