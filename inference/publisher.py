@@ -79,7 +79,7 @@ class Publisher:
 
     async def _main(self) -> None:
         layer = get_channel_layer()
-        redis = aioredis.from_url(settings.REDIS_URL)
+        redis = aioredis.from_url(settings.REDIS_URL, **settings.REDIS_ASYNC_OPTIONS)
         watcher = asyncio.ensure_future(self._watch_cancel(redis))
         try:
             while True:

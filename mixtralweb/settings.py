@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from redis.asyncio.retry import Retry as AsyncRedisRetry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
@@ -154,6 +157,14 @@ WHITENOISE_USE_FINDERS = True
 
 # --- Redis: Celery broker and the Channels layer share one server. -------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+# A restarting Redis closes every connection, and redis-py's asyncio pools (the
+# channel layer's, the publisher's) do not retry: each stale connection would fail
+# one command, closing a socket or losing a token. Retry on a new connection for
+# about 8 s instead (tests/test_faults.py restarts Redis during a stream).
+REDIS_ASYNC_OPTIONS = {
+    "retry": AsyncRedisRetry(ExponentialBackoff(cap=1.0, base=0.05), 12),
+    "retry_on_error": [RedisConnectionError],
+}
 
 CHANNEL_LAYERS = {
     "default": {
@@ -161,7 +172,7 @@ CHANNEL_LAYERS = {
         "CONFIG": {
             # redis-py 8 times out reads after 5 s by default, exactly the time a
             # channel layer's blocking receive (BZPOPMIN) waits: reads need longer.
-            "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30, **REDIS_ASYNC_OPTIONS}],
             "prefix": env_str("CHANNEL_PREFIX", "asgi"),
             "capacity": 1000,
             "expiry": 60,
