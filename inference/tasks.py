@@ -175,8 +175,14 @@ def _finish(gen: Generation, state: str, reason: str = "", finish_reason: str = 
     gen.finish_reason = finish_reason or gen.finish_reason
     gen.finished_at = timezone.now()
     gen.save()
-    _announce_final(gen)
-    generation_finished.send(sender=Generation, generation=gen)
+
+    def announce() -> None:
+        _announce_final(gen)
+        generation_finished.send(sender=Generation, generation=gen)
+
+    # Called inside _claim's transaction: a client that reads the generation on
+    # hearing the final event must find it final, so announce after the commit.
+    transaction.on_commit(announce)
 
 
 def _announce_final(gen: Generation) -> None:
@@ -301,10 +307,15 @@ def reap_stale_generations() -> int:
     for gen in stale:
         if client.exists(alive_key(gen.pk)):
             continue  # a long prompt evaluation: the publisher still says it is alive
+        # The database has the text of the last flush; the user saw up to the live
+        # text. Keep what they saw, or the final event would take words back.
+        live = client.get(live_text_key(gen.pk))
+        if live is not None and len(live.decode("utf-8", "replace")) > len(gen.text):
+            gen.text = live.decode("utf-8", "replace")
         gen.state = Generation.FAILED
         gen.reason = f"The worker ({gen.worker}) stopped responding; the answer so far is kept."
         gen.finished_at = timezone.now()
-        gen.save(update_fields=["state", "reason", "finished_at"])
+        gen.save(update_fields=["text", "state", "reason", "finished_at"])
         _announce_final(gen)
         generation_finished.send(sender=Generation, generation=gen)
         count += 1
