@@ -15,7 +15,7 @@ WORDS = (
 
 
 def document(paragraphs: int, seed: int = 1) -> str:
-    """Plain English-like prose; 100 paragraphs are about 6,700 SmolLM2 tokens."""
+    """Plain English-like prose; 100 paragraphs are about 7,300 SmolLM2 tokens."""
     rnd = random.Random(seed)
     out = []
     for number in range(paragraphs):

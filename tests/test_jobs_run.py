@@ -149,16 +149,16 @@ def test_a_6000_token_document_is_answered_in_one_pass(stack, cast, smollm2, wat
     assert job.seen_at is not None
 
 
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(3600)  # minutes when the machine is quiet; far more when shared
 def test_a_30000_token_document_runs_by_map_reduce(stack, cast, smollm2, watchers):
-    job = submit(cast.alice, paragraphs=445, max_tokens=12)
+    job = submit(cast.alice, paragraphs=410, max_tokens=12)
     assert 28_000 < job.document_tokens < 32_000 and not job.fits
     watcher = JobWatcher(stack, cast.alice, job.pk)
     watchers.append(watcher)
     watcher.until(lambda f: f["type"] == "job.snapshot", 10)
     services.job_submit(user=cast.alice, job_id=job.pk, strategy=Job.MAP_REDUCE)
 
-    final = watcher.until_final(1200)
+    final = watcher.until_final(3300)
 
     job.refresh_from_db()
     assert job.state == Job.DONE, job.reason

@@ -73,6 +73,7 @@
   }
 
   window.JobSocket = {
+    isOpen: function () { return !!socket && socket.readyState === WebSocket.OPEN; },
     on: function (fn) { listeners.push(fn); },
     onOpen: function (fn) {
       openers.push(fn);
