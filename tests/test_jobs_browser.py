@@ -1,0 +1,73 @@
+"""The job pages in a real browser (Debian's Chromium), with the real worker and
+model: the toast and badge when a job finishes elsewhere in the app, then the job
+page with its result as markdown, progress, downloads and metrics. Screenshots land
+in docs/screenshots/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inference.jobs import services
+from inference.models import Job
+from tests.browser import log_in
+from tests.jobs_documents import register_smollm2
+
+pytestmark = pytest.mark.browser
+
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+
+@pytest.fixture
+def smollm2(transactional_db):
+    return register_smollm2()
+
+
+def test_a_job_that_finishes_elsewhere_shows_a_toast_then_its_result(stack, cast, smollm2, browser):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page = log_in(browser, stack, "alice", "alice-pass-123")  # the chat page
+    page.wait_for_function("window.JobSocket && window.JobSocket.isOpen()")
+    job = services.job_draft(
+        user=cast.alice,
+        instruction="Write a markdown list of the fruits in the document.",
+        max_tokens=32,
+        text="The orchard grows apples, pears and plums. The market sells them in May.",
+        title="Fruit list",
+    )
+    services.job_submit(user=cast.alice, job_id=job.pk, strategy=Job.SINGLE)
+
+    toast = page.locator(".toast.done")
+    toast.wait_for(timeout=240_000)
+    assert "Fruit list" in toast.inner_text() and "is done" in toast.inner_text()
+    assert page.locator("#jobs-unread").inner_text() == "1"
+    page.screenshot(path=str(SHOTS / "job-toast.png"))
+
+    page.click(".toast a")
+    page.wait_for_selector("#job[data-state=done]")
+    job.refresh_from_db()
+    assert page.locator("#job-phase").inner_text() == "Done"
+    assert page.locator("#job-bar").get_attribute("value") is not None
+    assert page.eval_on_selector("#job-bar", "bar => bar.value") == 1
+    result = page.locator("#job-result")
+    assert result.is_visible()
+    first_words = job.result.strip().split()[0].strip("*-#`_").lower()
+    assert first_words in result.inner_text().lower()
+    assert page.locator("#job-result-tools a").count() == 2
+    assert page.locator("#job-passes tr").count() == 1
+    assert (
+        f"{job.chunks.get().generation.metrics.prompt_tokens:,}"
+        in page.locator("#job-passes").inner_text()
+    )
+    # Opening the job read the notification.
+    assert page.locator("#jobs-unread").is_hidden()
+    page.screenshot(path=str(SHOTS / "job-done.png"), full_page=True)
+
+    phone = log_in(
+        browser, stack, "alice", "alice-pass-123", viewport={"width": 375, "height": 800}
+    )
+    phone.goto(f"{stack.http_url}/jobs/{job.pk}/")
+    phone.wait_for_selector("#job[data-state=done]")
+    width = phone.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375, "the job page scrolls sideways on a phone"
+    phone.screenshot(path=str(SHOTS / "job-phone.png"), full_page=True)
