@@ -170,6 +170,7 @@ def test_a_document_too_long_for_the_context_offers_map_reduce_or_refuse(alice):
     assert job.prompt_tokens > 8192 and not job.fits
     page = alice.get(response["Location"]).content.decode()
     assert "It does not fit." in page and "Map-reduce" in page and "Refuse" in page
+    assert "split into about 2 chunks" in page
     # One pass is not allowed: it would cut the document off.
     alice.post(f"/jobs/{job.pk}/run/", {"strategy": "single"})
     job.refresh_from_db()
@@ -208,3 +209,10 @@ def test_the_jobs_list_filters_by_state(alice, cast):
     assert "Alpha" in page and "Beta" not in page
     page = alice.get("/jobs/?q=bet").content.decode()
     assert "Beta" in page and "Alpha" not in page
+
+
+def test_a_draft_says_when_map_reduce_cannot_work(alice):
+    response = post_job(alice, text=document(150), max_tokens=4000)
+    page = alice.get(response["Location"]).content.decode()
+    assert "Map-reduce is not possible" in page and "Lower the maximum new tokens" in page
+    assert 'value="map_reduce"' not in page and "Refuse" in page

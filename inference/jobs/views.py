@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
@@ -12,7 +14,7 @@ from django.views.decorators.http import require_POST
 
 from inference.models import LanguageModel
 
-from . import services
+from . import planning, services
 from .events import job_snapshot
 from .forms import JobForm
 from .models import Job
@@ -114,17 +116,31 @@ def job_detail(request, job_id: int):
     job = _job_or_404(request.user, job_id)
     if job.is_final and job.user_id == request.user.pk and job.seen_at is None:
         services.job_mark_seen(user=request.user, job_id=job.pk)
-    snapshot = job_snapshot(job)
+    if job.state == Job.DRAFT:
+        return render(request, "inference/jobs/draft.html", _draft_context(request, job))
     return render(
         request,
-        "inference/jobs/draft.html" if job.state == Job.DRAFT else "inference/jobs/detail.html",
-        {
-            "job": job,
-            "snapshot": snapshot,
-            "is_owner": job.user_id == request.user.pk,
-            "room": job.n_ctx - job.max_tokens,
-        },
+        "inference/jobs/detail.html",
+        {"job": job, "snapshot": job_snapshot(job), "is_owner": job.user_id == request.user.pk},
     )
+
+
+def _draft_context(request, job: Job) -> dict:
+    """What the user needs to choose: the counts, and for a document that does not
+    fit, about how many chunks map-reduce takes, or why it cannot."""
+    context = {
+        "job": job,
+        "is_owner": job.user_id == request.user.pk,
+        "room": job.n_ctx - job.max_tokens,
+    }
+    if not job.fits:
+        try:
+            planning.check_map_reduce(job.model, job.instruction, job.max_tokens, job.n_ctx)
+            budget = planning.chunk_budget(job.model, job.instruction, job.max_tokens, job.n_ctx)
+            context["chunks_estimate"] = math.ceil(job.document_tokens / budget)
+        except planning.PlanError as exc:
+            context["map_reduce_error"] = str(exc)
+    return context
 
 
 @login_required
