@@ -1,21 +1,18 @@
 """How a job's document is put to the model: the prompts, their token counts, and
 the split into chunks that fit the context.
 
-Counting uses the model's own tokenizer and chat template, exactly as the worker
-renders the prompt (inference.engine), so a chunk that is counted to fit does fit.
-The web process loads only the vocabulary (llama.cpp `vocab_only`), once per
-model file, never the weights.
+Counting goes through inference.tokens: the model's own tokenizer and chat
+template, exactly as the worker renders the prompt, so a chunk that is counted to
+fit does fit. The web process loads only the vocabulary, never the weights.
 """
 
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import llama_cpp
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from inference.tokens import count_chat_tokens, count_text_tokens
 
 # Room left free in every chunk for what counting piece by piece cannot see
 # (tokens that merge across the seams, the part numbers in the prompt).
@@ -24,58 +21,19 @@ SAFETY_TOKENS = 32
 # too large for this model's context.
 MIN_CHUNK_TOKENS = 256
 
-_tokenizers: dict[str, tuple[llama_cpp.Llama, Jinja2ChatFormatter]] = {}
-_lock = threading.Lock()
-
 
 class PlanError(ValueError):
     """The job cannot be laid out in this context; the message says why."""
 
 
-def _tokenizer(model_path: str) -> tuple[llama_cpp.Llama, Jinja2ChatFormatter]:
-    with _lock:
-        cached = _tokenizers.get(model_path)
-        if cached is None:
-            llm = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
-            template = llm.metadata.get("tokenizer.chat_template")
-            if not template:
-                raise PlanError("This model has no chat template; it cannot run jobs.")
-            inner = llm._model
-            eos, bos = inner.token_eos(), inner.token_bos()
-            formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=inner.token_get_text(eos) if eos != -1 else "",
-                bos_token=inner.token_get_text(bos) if bos != -1 else "",
-            )
-            cached = _tokenizers[model_path] = (llm, formatter)
-        return cached
-
-
-try:  # the shared counter, when this checkout has it
-    from inference.tokens import count_chat_tokens, count_text_tokens
-except ImportError:  # pragma: no cover - older checkouts
-    count_chat_tokens = count_text_tokens = None
-
-
 def count_text(model, text: str) -> int:
     """Tokens of `text` alone, as the worker tokenizes a prompt."""
-    if not text:
-        return 0
-    if count_text_tokens is not None:
-        return count_text_tokens(model, text)
-    llm, _ = _tokenizer(model.path)
-    with _lock:
-        return len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+    return count_text_tokens(model, text) if text else 0
 
 
 def count_chat(model, messages: Sequence[dict]) -> int:
     """Tokens of the whole prompt the worker will evaluate for these messages."""
-    if count_chat_tokens is not None:
-        return count_chat_tokens(model, messages)
-    llm, formatter = _tokenizer(model.path)
-    prompt = formatter(messages=list(messages)).prompt
-    with _lock:
-        return len(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+    return count_chat_tokens(model, messages)
 
 
 # --- prompts ---------------------------------------------------------------------

@@ -131,8 +131,8 @@ def job_draft(
     try:
         document_tokens = planning.count_text(model, document)
         prompt_tokens = planning.count_chat(model, planning.single_messages(instruction, document))
-    except planning.PlanError as exc:
-        raise JobError(str(exc), field="model") from None
+    except (ValueError, OSError) as exc:  # no chat template, an unreadable file
+        raise JobError(f"{model.name} cannot count this document: {exc}", field="model") from None
     title = (title or "").strip() or (file_name or instruction.splitlines()[0])
     return Job.objects.create(
         user=user,
