@@ -11,7 +11,6 @@ import urllib.request
 import openai
 import pytest
 from django.conf import settings
-from django.test import Client
 
 from inference.models import Generation, LanguageModel
 from mixtralweb.models import ApiKey, Quota
@@ -292,7 +291,12 @@ def post_raw(stack, path: str, secret: str | None, data: str) -> tuple[int, dict
         return exc.code, json.loads(exc.read())
 
 
-def test_a_wrong_method_is_refused_with_405_in_openais_shape(alice_key):
-    response = Client().get("/v1/chat/completions", HTTP_AUTHORIZATION=f"Bearer {alice_key.secret}")
-    assert response.status_code == 405
-    assert response.json()["error"]["code"] == "method_not_allowed"
+def test_a_wrong_method_is_refused_with_405_in_openais_shape(stack, alice_key):
+    request = urllib.request.Request(
+        stack.http_url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {alice_key.secret}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 405
+    assert json.loads(caught.value.read())["error"]["code"] == "method_not_allowed"
