@@ -52,6 +52,12 @@ bench: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mixtralweb_bench} \
 	  $(PY) -m tests.bench.run
 
+# 100 simulated chat users against the real stack, then an audit (docs/loadtest.md).
+# Not part of `make test`. LOAD_USERS, LOAD_MESSAGES, LOAD_MAX_TOKENS, LOAD_WORKERS.
+loadtest: $(STAMP)
+	LOAD_DATABASE_URL=$${LOAD_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mixtralweb_load} \
+	  $(PY) -m tests.load.run
+
 # The gpu-marked tests (tests/test_gpu.py). A CPU-only llama-cpp-python is rebuilt
 # with CUDA first, for this machine's GPU only (native), on every core.
 gpu-check: $(STAMP)

@@ -10,7 +10,7 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from inference.models import Conversation, Generation, WorkerHeartbeat
-from tests.cluster import Cluster, RedisServer, connect, merge, send, until_final, wait_for
+from tests.cluster import Cluster, Reader, RedisServer, connect, send, until_final, wait_for
 from tests.conftest import session_cookie
 
 
@@ -41,6 +41,7 @@ def test_a_team_mate_on_another_server_watches_the_answer_live_while_another_wor
     shared = Conversation.objects.create(owner=cast.alice, team=cast.red, model=default_model)
     alice = connect(server_a, cast.alice)
     bob = connect(server_b, cast.bob)
+    bob_own = connect(server_b, cast.bob)  # a second tab, for his own conversation
     try:
         bob.send({"type": "conversation.open", "conversation": shared.pk})
         bob.recv_until(lambda f: f["type"] == "conversation.snapshot")
@@ -52,33 +53,39 @@ def test_a_team_mate_on_another_server_watches_the_answer_live_while_another_wor
             content="Write three sentences about lighthouses.",
             params={"max_tokens": 48, "seed": 1},
         )
-        own = send(bob, content="Name two rivers.", params={"max_tokens": 48, "seed": 2})
+        own = send(bob_own, content="Name two rivers.", params={"max_tokens": 48, "seed": 2})
+        own_reader = Reader(bob_own, own["generation"])
         assert accepted["type"] == own["type"] == "chat.accepted"
         gen_id = accepted["generation"]
 
-        # Bob hears of Alice's new turn on server B and follows it from a snapshot.
+        # Bob hears of Alice's new turn on server B and follows it live (asking for
+        # a snapshot if he joined after the first tokens, as the page does).
         bob.recv_until(
             lambda f: f["type"] == "conversation.turn" and f["conversation"] == shared.pk
         )
-        bob.send({"type": "generation.subscribe", "generation": gen_id})
-        alice_final, alice_frames = until_final(alice, gen_id)
-        bob_final, bob_frames = until_final(bob, gen_id)
-        _, own_frames = until_final(bob, own["generation"])
+        alice_reader, bob_reader = Reader(alice, gen_id), Reader(bob, gen_id)
+        alice_final = alice_reader.until_final()
+        bob_final = bob_reader.until_final()
+        own_final = own_reader.until_final()
     finally:
-        alice.close()
-        bob.close()
+        for ws in (alice, bob, bob_own):
+            ws.close()
 
     gen = Generation.objects.get(pk=gen_id)
     assert gen.state == Generation.DONE and gen.text
-    assert merge(alice_frames, gen_id) == gen.text == alice_final["text"]
+    assert alice_reader.text == gen.text == alice_final["text"]
     # Bob's copy came over server B's socket, token by token, and matches.
-    bob_tokens = [f for f in bob_frames if f["type"] == "generation.token"]
+    bob_tokens = [
+        f
+        for f in bob_reader.frames
+        if f["type"] == "generation.token" and f["generation"] == gen_id
+    ]
     assert bob_tokens, "the team-mate saw no live tokens"
-    assert merge(bob_frames, gen_id) == gen.text == bob_final["text"]
+    assert bob_reader.text == gen.text == bob_final["text"]
 
     # The two answers ran at the same time on the two workers of the one queue.
     other = Generation.objects.get(pk=own["generation"])
-    assert other.state == Generation.DONE and merge(own_frames, other.pk) == other.text
+    assert other.state == Generation.DONE and own_reader.text == other.text == own_final["text"]
     assert gen.worker and other.worker and gen.worker != other.worker
     assert gen.started_at < other.finished_at and other.started_at < gen.finished_at
 
