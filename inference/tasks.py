@@ -177,11 +177,12 @@ def _finish(gen: Generation, state: str, reason: str = "", finish_reason: str = 
     gen.save()
 
     def announce() -> None:
-        _announce_final(gen)
         generation_finished.send(sender=Generation, generation=gen)
+        _announce_final(gen)
 
     # Called inside _claim's transaction: a client that reads the generation on
-    # hearing the final event must find it final, so announce after the commit.
+    # hearing the final event must find it final, so announce after the commit
+    # (listeners first, as in generate: the final event comes after their records).
     transaction.on_commit(announce)
 
 
