@@ -25,7 +25,10 @@ from .models import Conversation, Generation, Message
 log = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
-QUEUE_UPDATE_S = 1.0
+# Each queued answer's socket re-reads its position this often. Every read goes
+# through Channels' one database thread, so with many sockets waiting a shorter
+# interval delays everything else (docs/loadtest.md).
+QUEUE_UPDATE_S = 3.0
 
 
 def conversation_group(conversation_id: int) -> str:
@@ -98,7 +101,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         now = int(time.time())
         key = f"wsrate:{self.user.pk}:{now // window}"
         if self.redis is None:
-            self.redis = aioredis.from_url(settings.REDIS_URL)
+            self.redis = aioredis.from_url(settings.REDIS_URL, **settings.REDIS_ASYNC_OPTIONS)
         count = await self.redis.incr(key)
         if count == 1:
             await self.redis.expire(key, window * 2)
