@@ -198,6 +198,8 @@ def _queue_answer(
     busy = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
     if busy.exists():
         raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
+    # The model's worker may have gone since the conversation began.
+    get_model(conversation.model.name)
     try:
         check_quota(user=user, team=conversation.team, source=Generation.SOURCE_CHAT)
     except QuotaExceeded as exc:

@@ -70,6 +70,7 @@
       case "chat.accepted": return onAccepted(frame);
       case "generation.snapshot": return onGenerationSnapshot(frame);
       case "generation.started": return setState(frame.generation, "running");
+      case "generation.progress": return onProgress(frame);
       case "generation.token": return onToken(frame);
       case "generation.final": return onFinal(frame);
       case "conversation.changed": return send({ type: "conversation.open", conversation: frame.conversation });
@@ -136,6 +137,14 @@
     gen.eta_s = frame.eta_s;
     if (frame.metrics) gen.metrics = frame.metrics;
     if (frame.reason) gen.reason = frame.reason;
+    queueRender(frame.generation);
+  }
+
+  function onProgress(frame) {
+    const gen = gens.get(frame.generation);
+    if (!gen) return;
+    gen.state = "running";
+    gen.progress = frame;
     queueRender(frame.generation);
   }
 
@@ -285,6 +294,10 @@
       if (gen.position) text += " — position " + gen.position;
       if (gen.eta_s != null) text += ", about " + Math.max(1, Math.round(gen.eta_s)) + " s";
       body.textContent = text + "…";
+    } else if (gen.state === "running" && gen.progress) {
+      const p = gen.progress;
+      body.textContent = "reading the prompt: " + p.evaluated.toLocaleString() + " of " +
+        p.total.toLocaleString() + " tokens (" + Math.floor(100 * p.evaluated / p.total) + "%)…";
     } else if (gen.state === "running") {
       body.textContent = "thinking…";
     }
