@@ -250,3 +250,25 @@ def ws_factory(stack):
 @pytest.fixture(scope="session")
 def redis_client():
     return redis.Redis.from_url(settings.REDIS_URL)
+
+
+@pytest.fixture(autouse=True)
+def _workers_idle_before_the_tables_are_emptied(request):
+    """For tests on the running stack: before pytest-django empties the tables,
+    wait until no worker is still busy with a generation. A worker finishing its
+    last writes while the tables are truncated deadlocks with the flush.
+
+    transactional_db is requested here, so this teardown runs before its flush."""
+    if "stack" not in request.fixturenames:
+        yield
+        return
+    request.getfixturevalue("transactional_db")
+    yield
+    from inference.workers import live_workers
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if not any(w.get("generation") for w in live_workers()):
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)  # a margin for the task's last statements after it reports idle
