@@ -308,7 +308,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         generation = next(
             (m["generation"]["generation"] for m in event["messages"] if m["generation"]), None
         )
-        if generation is not None:
-            await self._join(f"gen.{generation}")
-            self._watch_queue(generation)
         await self.send_json(event)
+        if generation is not None:
+            # Join, then send the text so far: this consumer handles one event at a
+            # time, so every token frame queued meanwhile follows the snapshot and
+            # continues it; a viewer who joined late sees no gap.
+            await self._follow(generation)
