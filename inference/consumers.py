@@ -35,7 +35,24 @@ def conversation_group(conversation_id: int) -> str:
     return f"conv.{conversation_id}"
 
 
-class ChatConsumer(AsyncWebsocketConsumer):
+class GenerationEventsMixin:
+    """Forwards a generation's channel-layer events (docs/protocol.md) to the client
+    as they are. Shared by the chat and the jobs sockets."""
+
+    async def generation_token(self, event):
+        await self.send_json(event)
+
+    async def generation_started(self, event):
+        await self.send_json(event)
+
+    async def generation_progress(self, event):
+        await self.send_json(event)
+
+    async def generation_final(self, event):
+        await self.send_json(event)
+
+
+class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -285,18 +302,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             error["request_id"] = frame["request_id"]
         await self.send_json(error)
 
-    # --- channel-layer events, forwarded to the client ----------------------------
-    async def generation_token(self, event):
-        await self.send_json(event)
-
-    async def generation_started(self, event):
-        await self.send_json(event)
-
-    async def generation_progress(self, event):
-        await self.send_json(event)
-
-    async def generation_final(self, event):
-        await self.send_json(event)
+    # --- channel-layer events: generation.* come from GenerationEventsMixin --------
 
     async def conversation_changed(self, event):
         conversation = await database_sync_to_async(services.get_conversation_for_user)(

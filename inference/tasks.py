@@ -269,7 +269,7 @@ def generate(self, generation_id: int) -> None:
                 state, reason = Generation.FAILED, f"{type(exc).__name__}: {exc}"
     finally:
         gen.text = text
-        gen.first_token_at = _wall(stats.first_token, stats)
+        gen.first_token_at = _wall(stats.first_token)
         gen.finish_reason = stats.finish_reason
         record = record_metrics(gen, stats, sampler.summary(), n_ctx=n_ctx)
         gen.metrics = record
@@ -287,7 +287,7 @@ def generate(self, generation_id: int) -> None:
             )
 
 
-def _wall(monotonic_at: float | None, stats: RunStats):
+def _wall(monotonic_at: float | None):
     """Convert a monotonic instant of this run into wall-clock time."""
     if monotonic_at is None:
         return None

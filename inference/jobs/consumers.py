@@ -13,6 +13,7 @@ import json
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from ..consumers import GenerationEventsMixin
 from . import services
 from .events import job_snapshot, unread_count
 
@@ -20,7 +21,7 @@ CLOSE_UNAUTHENTICATED = 4401
 FRAME_MAX_BYTES = 4096
 
 
-class JobConsumer(AsyncWebsocketConsumer):
+class JobConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -105,16 +106,4 @@ class JobConsumer(AsyncWebsocketConsumer):
         await self.send_json(event)
 
     async def job_finished(self, event):
-        await self.send_json(event)
-
-    async def generation_started(self, event):
-        await self.send_json(event)
-
-    async def generation_progress(self, event):
-        await self.send_json(event)
-
-    async def generation_token(self, event):
-        await self.send_json(event)
-
-    async def generation_final(self, event):
         await self.send_json(event)
