@@ -21,6 +21,7 @@ from django.db import InterfaceError, OperationalError
 from . import services
 from .events import generation_snapshot, message_payload
 from .models import Conversation, Generation, Message
+from .publisher import queue_stop_request
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         self.user = user
         self.groups_joined: set[str] = set()
         self.queue_watchers: dict[int, asyncio.Future] = {}
+        # Generations of this user that this socket follows: a stop for one of them
+        # raises the worker's flag before any database work (on_stop).
+        self.own_generations: set[int] = set()
         self.redis = None
         await self.accept()
 
@@ -117,14 +121,18 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         window = settings.WS_RATE_LIMIT_WINDOW_S
         now = int(time.time())
         key = f"wsrate:{self.user.pk}:{now // window}"
-        if self.redis is None:
-            self.redis = aioredis.from_url(settings.REDIS_URL, **settings.REDIS_ASYNC_OPTIONS)
-        count = await self.redis.incr(key)
+        redis = self._redis()
+        count = await redis.incr(key)
         if count == 1:
-            await self.redis.expire(key, window * 2)
+            await redis.expire(key, window * 2)
         if count > settings.WS_RATE_LIMIT_FRAMES:
             return window - now % window
         return 0
+
+    def _redis(self) -> aioredis.Redis:
+        if self.redis is None:
+            self.redis = aioredis.from_url(settings.REDIS_URL, **settings.REDIS_ASYNC_OPTIONS)
+        return self.redis
 
     async def on_ping(self, frame):
         await self.send_json({"type": "pong", "request_id": frame.get("request_id")})
@@ -168,6 +176,7 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         await self._changed(conversation.pk)
 
     async def _accepted(self, frame, conversation, message, generation):
+        self.own_generations.add(generation.pk)
         await self.send_json(
             {
                 "type": "chat.accepted",
@@ -209,6 +218,10 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         await self.send_json(snapshot)
 
     async def on_stop(self, frame):
+        if frame.get("generation") in self.own_generations:
+            async with self._redis().pipeline(transaction=False) as pipe:
+                queue_stop_request(pipe, frame["generation"])
+                await pipe.execute()
         gen = await database_sync_to_async(services.generation_stop)(
             user=self.user, generation_id=frame.get("generation")
         )
@@ -243,6 +256,8 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
     async def _follow(self, generation_id: int):
         await self._join(f"gen.{generation_id}")
         gen = await database_sync_to_async(Generation.objects.get)(pk=generation_id)
+        if gen.user_id == self.user.pk:
+            self.own_generations.add(gen.pk)
         await self.send_json(await database_sync_to_async(generation_snapshot)(gen))
         self._watch_queue(generation_id)
 

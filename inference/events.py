@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import redis
-from django.conf import settings
+from mixtralweb import redis_pool
 
 from .models import Generation, Message
 from .publisher import live_text_key
@@ -55,7 +54,7 @@ def live_text(gen: Generation) -> str:
     """What the user has seen of a running generation: the Redis live text, which
     is ahead of the periodic database flush, or the database text."""
     if gen.state == Generation.RUNNING:
-        live = redis.Redis.from_url(settings.REDIS_URL).get(live_text_key(gen.pk))
+        live = redis_pool.client().get(live_text_key(gen.pk))
         if live is not None:
             text = live.decode("utf-8", "replace")
             if len(text) >= len(gen.text):

@@ -6,16 +6,16 @@ that can be shown to the user as it is.
 
 from __future__ import annotations
 
-import redis
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from mixtralweb import redis_pool
 from mixtralweb.quotas import QuotaExceeded, check_quota
 
 from .models import Conversation, Generation, LanguageModel, Message
-from .publisher import cancel_key
+from .publisher import queue_stop_request
 
 DEFAULT_PARAMS = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 512, "seed": None}
 PARAM_LIMITS = {
@@ -192,14 +192,19 @@ def _fit_context(conversation: Conversation, overflow: str) -> list[dict]:
 
 
 def _queue_answer(
-    *, user, conversation: Conversation, overflow: str = OVERFLOW_REFUSE
+    *,
+    user,
+    conversation: Conversation,
+    overflow: str = OVERFLOW_REFUSE,
+    model_checked: bool = False,
 ) -> tuple[Message, Generation]:
     """Create the assistant turn for the conversation as it stands, and queue it."""
     busy = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
     if busy.exists():
         raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
-    # The model's worker may have gone since the conversation began.
-    get_model(conversation.model.name)
+    if not model_checked:
+        # The model's worker may have gone since the conversation began.
+        get_model(conversation.model.name)
     try:
         check_quota(user=user, team=conversation.team, source=Generation.SOURCE_CHAT)
     except QuotaExceeded as exc:
@@ -259,7 +264,12 @@ def chat_send(
     message = Message.objects.create(
         conversation=conversation, role=Message.USER, author=user, content=content
     )
-    _, generation = _queue_answer(user=user, conversation=conversation, overflow=overflow)
+    _, generation = _queue_answer(
+        user=user,
+        conversation=conversation,
+        overflow=overflow,
+        model_checked=conversation_id is None,  # get_model() just checked it
+    )
     return conversation, message, generation
 
 
@@ -378,13 +388,23 @@ def conversations_matching(user, query: str):
     ).distinct()
 
 
+def request_stop(generation_id: int) -> None:
+    """Raise the stop flag that the worker running `generation_id` polls. Only for a
+    generation the caller may stop (generation_stop checks; the chat socket calls it
+    directly for an answer it already follows, before that check, to save time)."""
+    with redis_pool.client().pipeline(transaction=False) as pipe:
+        queue_stop_request(pipe, generation_id)
+        pipe.execute()
+
+
 def generation_stop(*, user, generation_id) -> Generation:
     """Ask the worker to stop; a generation still queued is cancelled at once."""
     gen = get_generation_for_user(user, generation_id)
     if gen.is_final:
         return gen
+    # The Redis flag is what a running worker watches: set it before anything else.
+    request_stop(gen.pk)
     Generation.objects.filter(pk=gen.pk).update(cancel_requested=True)
-    redis.Redis.from_url(settings.REDIS_URL).set(cancel_key(gen.pk), "1", ex=3600)
     with transaction.atomic():
         locked = Generation.objects.select_for_update().get(pk=gen.pk)
         if locked.state == Generation.QUEUED:

@@ -24,6 +24,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from mixtralweb import redis_pool
 from monitoring.recording import record_metrics
 from monitoring.sampler import ResourceSampler
 
@@ -119,7 +120,7 @@ def worker_name() -> str:
 
 
 def _redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL)
+    return redis_pool.client()
 
 
 def sampling_from(params: dict) -> Sampling:
@@ -177,12 +178,12 @@ def _finish(gen: Generation, state: str, reason: str = "", finish_reason: str = 
     gen.save()
 
     def announce() -> None:
-        generation_finished.send(sender=Generation, generation=gen)
         _announce_final(gen)
+        generation_finished.send(sender=Generation, generation=gen)
 
     # Called inside _claim's transaction: a client that reads the generation on
     # hearing the final event must find it final, so announce after the commit
-    # (listeners first, as in generate: the final event comes after their records).
+    # (the final event first, then the listeners, as in generate).
     transaction.on_commit(announce)
 
 
@@ -200,12 +201,12 @@ def generate(self, generation_id: int) -> None:
     # enforces it even where that limit's signal would be lost (engine.py).
     deadline = time.monotonic() + settings.GENERATION_TIME_LIMIT_S - 0.5
     cancel = threading.Event()
-    if Generation.objects.filter(pk=gen.pk, cancel_requested=True).exists():
+    if gen.cancel_requested:  # read under the claim's lock
         cancel.set()
     publisher = Publisher(gen.pk, cancel, start_offset=len(prefix)).start()
     publisher.event({"type": "generation.started", "generation": gen.pk, "worker": gen.worker})
     if _heartbeat:
-        _heartbeat.report(state=WorkerHeartbeat.BUSY, generation=gen.pk)
+        _heartbeat.report_soon(state=WorkerHeartbeat.BUSY, generation=gen.pk)
 
     def prompt_progress(evaluated: int, total: int) -> None:
         publisher.event(
@@ -275,14 +276,17 @@ def generate(self, generation_id: int) -> None:
         gen.metrics = record
         gen.state, gen.reason, gen.finished_at = state, reason, timezone.now()
         gen.save()
-        # Listeners (usage rollups, jobs) run before the final event goes out: a
-        # client that has the final event sees every record the run produced.
-        generation_finished.send(sender=Generation, generation=gen)
+        # The final event goes out as soon as the answer and its metrics row are
+        # committed; the listeners (usage rollups, Prometheus, jobs) run after it,
+        # so a stop or an end of answer is not delayed by bookkeeping (the rollup
+        # of a busy user's day takes tens of milliseconds). Pages that show those
+        # records are eventually consistent by that much.
         publisher.close(final_event(gen))
+        generation_finished.send(sender=Generation, generation=gen)
         _redis().delete(live_text_key(gen.pk), cancel_key(gen.pk))
         if _heartbeat:
             ready = _engine is not None
-            _heartbeat.report(
+            _heartbeat.report_soon(
                 state=WorkerHeartbeat.READY if ready else WorkerHeartbeat.FAILED, generation=None
             )
 

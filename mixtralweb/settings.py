@@ -224,6 +224,9 @@ DEFAULT_MODEL_N_CTX = env_int("DEFAULT_MODEL_N_CTX", 8192)
 LLAMA_N_THREADS = env_int("LLAMA_N_THREADS", 0)  # 0: llama.cpp's own choice
 # Partial answers are written to the database this often (seconds), not per token.
 GENERATION_FLUSH_INTERVAL_S = env_float("GENERATION_FLUSH_INTERVAL_S", 1.0)
+# The publisher sends a generation's tokens at most this often (events at once):
+# fewer, larger channel-layer sends keep the decode loop fast (inference/publisher.py).
+STREAM_COALESCE_MS = env_float("STREAM_COALESCE_MS", 25.0)
 # A running generation whose worker has not been heard from for this long is failed.
 GENERATION_STALE_AFTER_S = env_int("GENERATION_STALE_AFTER_S", 120)
 # Each model worker refreshes its heartbeat this often; one not heard from for three

@@ -254,21 +254,32 @@ def redis_client():
 
 @pytest.fixture(autouse=True)
 def _workers_idle_before_the_tables_are_emptied(request):
-    """For tests on the running stack: before pytest-django empties the tables,
-    wait until no worker is still busy with a generation. A worker finishing its
-    last writes while the tables are truncated deadlocks with the flush.
+    """For tests on a running stack or cluster: before pytest-django empties the
+    tables, wait until no worker is still busy with a generation. A worker finishing
+    its last writes (the usage rollups run after the final event) while the tables
+    are truncated deadlocks with the flush.
 
     transactional_db is requested here, so this teardown runs before its flush."""
-    if "stack" not in request.fixturenames:
+    readers = []
+    if "stack" in request.fixturenames:
+        from inference.workers import live_workers
+
+        readers.append(live_workers)
+    if "cluster" in request.fixturenames:
+        readers.append(request.getfixturevalue("cluster").redis.worker_states)
+    if not readers:
         yield
         return
     request.getfixturevalue("transactional_db")
     yield
-    from inference.workers import live_workers
+
+    def busy() -> bool:
+        try:
+            return any(w.get("generation") for read in readers for w in read())
+        except redis.RedisError:
+            return True  # a test restarted Redis: ask again
 
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if not any(w.get("generation") for w in live_workers()):
-            break
+    while time.monotonic() < deadline and busy():
         time.sleep(0.2)
     time.sleep(0.5)  # a margin for the task's last statements after it reports idle
