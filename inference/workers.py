@@ -2,8 +2,10 @@
 
 Each model worker process writes a Redis key `worker:<host>:<pid>` with a TTL and
 refreshes it from a thread; a worker that dies stops refreshing and its key expires,
-so "is this model served?" never trusts a dead process. The same state is mirrored
-into the WorkerHeartbeat table for the workers page and the admin.
+so "is this model served?" never trusts a dead process. A sorted set indexes the
+keys by expiry, so that reading the live workers (on every chat message) costs two
+round trips however many other keys Redis holds. The same state is mirrored into
+the WorkerHeartbeat table for the workers page and the admin.
 """
 
 from __future__ import annotations
@@ -16,22 +18,21 @@ import threading
 import time
 from datetime import timedelta
 
-import redis
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.db import close_old_connections
 from django.shortcuts import render
 from django.utils import timezone
 
+from mixtralweb import redis_pool
+
 from .models import LanguageModel, WorkerHeartbeat
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "worker:"
-
-
-def _redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL)
+# Sorted set: each worker key, scored by the time its heartbeat expires.
+INDEX_KEY = "workers:live"
 
 
 def worker_key(host: str, pid: int) -> str:
@@ -40,8 +41,11 @@ def worker_key(host: str, pid: int) -> str:
 
 def live_workers(model_name: str | None = None) -> list[dict]:
     """The workers whose heartbeat has not expired, optionally for one model."""
-    client = _redis()
-    keys = list(client.scan_iter(match=f"{KEY_PREFIX}*", count=500))
+    client = redis_pool.client()
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zremrangebyscore(INDEX_KEY, "-inf", time.time())
+        pipe.zrange(INDEX_KEY, 0, -1)
+        _, keys = pipe.execute()
     workers = []
     for raw in client.mget(keys) if keys else []:
         if raw is None:
@@ -101,6 +105,7 @@ class Heartbeat:
         }
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._last_progress_write = 0.0
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -119,6 +124,13 @@ class Heartbeat:
             self.state.update(changes)
         self.write()
 
+    def report_soon(self, **changes) -> None:
+        """Change the state and have the heartbeat thread write it now, without
+        waiting for the write (a generation's start must not wait for it)."""
+        with self._lock:
+            self.state.update(changes)
+        self._wake.set()
+
     def loading_progress(self, fraction: float) -> None:
         """For llama.cpp's load progress callback: written at most twice a second."""
         now = time.monotonic()
@@ -131,10 +143,20 @@ class Heartbeat:
         with self._lock:
             state = dict(self.state)
         ttl = max(1, int(self.interval_s * 3))
+        key = worker_key(self.host, self.pid)
+        # The row first, so that whoever sees the new state in Redis finds it
+        # stored; but Redis even when the database is down: Redis is what says
+        # whether the model is served. A heartbeat never takes the worker down.
         try:
-            _redis().set(worker_key(self.host, self.pid), json.dumps(state), ex=ttl)
             self._write_row(state)
-        except Exception:  # noqa: BLE001 - a heartbeat must never take the worker down
+        except Exception:  # noqa: BLE001
+            log.exception("could not write the worker heartbeat row")
+        try:
+            with redis_pool.client().pipeline(transaction=False) as pipe:
+                pipe.set(key, json.dumps(state), ex=ttl)
+                pipe.zadd(INDEX_KEY, {key: time.time() + ttl})
+                pipe.execute()
+        except Exception:  # noqa: BLE001
             log.exception("could not write the worker heartbeat")
 
     def _write_row(self, state: dict) -> None:
@@ -164,11 +186,20 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self.report(state=WorkerHeartbeat.STOPPED, generation=None)
-        _redis().delete(worker_key(self.host, self.pid))
+        key = worker_key(self.host, self.pid)
+        with redis_pool.client().pipeline(transaction=False) as pipe:
+            pipe.delete(key)
+            pipe.zrem(INDEX_KEY, key)
+            pipe.execute()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             self.write()
         close_old_connections()
 
