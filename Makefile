@@ -48,8 +48,11 @@ install-cuda: $(STAMP)
 	$(PY) -c "import llama_cpp, sys; ok = llama_cpp.llama_supports_gpu_offload(); \
 	  print('GPU offload:', ok); sys.exit(0 if ok else 1)"
 
+# Its own database and Redis database number (BENCH_REDIS_URL), so that no key of
+# a benchmark's generations (live text, stop requests) meets the tests' or the app's.
 bench: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mixtralweb_bench} \
+	REDIS_URL=$${BENCH_REDIS_URL:-redis://127.0.0.1:6379/3} \
 	  $(PY) -m tests.bench.run
 
 # 100 simulated chat users against the real stack, then an audit (docs/loadtest.md).

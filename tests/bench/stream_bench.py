@@ -67,12 +67,14 @@ def e2e_runs(stack, user) -> list[dict]:
     for i, prompt in enumerate(PROMPTS):
         started = time.time()
         ws.send({"type": "chat.send", "content": prompt, "params": SAMPLING})
-        first = last = None
+        first = last = gen_id = None
         lags = []
         while True:
             frame = json.loads(ws.conn.recv(timeout=300))
             now = time.time()
-            if frame["type"] == "generation.token":
+            if frame["type"] == "chat.accepted":
+                gen_id = frame["generation"]
+            elif frame["type"] == "generation.token":
                 first = first or now
                 last = now
                 lags.extend(now - at for at in frame["produced_at"])
@@ -87,10 +89,29 @@ def e2e_runs(stack, user) -> list[dict]:
                 "tokens": completion,
                 "decode_tps": (completion - 1) / (last - first),
                 "lags_ms": [lag * 1000 for lag in lags],
+                "segments_ms": ttft_segments(gen_id, started, first),
             }
         )
     ws.close()
     return results
+
+
+def ttft_segments(gen_id: int, sent: float, received: float) -> dict:
+    """Where the end-to-end time to first token went, from the generation's own
+    timestamps (same host, same clock)."""
+    from inference.models import Generation
+
+    gen = Generation.objects.select_related("metrics").get(pk=gen_id)
+    queued, started = gen.queued_at.timestamp(), gen.started_at.timestamp()
+    first = gen.first_token_at.timestamp()
+    prompt_eval_s = gen.metrics.prompt_eval_ms / 1000
+    return {
+        "client → queued (consumer, its transaction)": (queued - sent) * 1000,
+        "queued → claimed (Celery hand-off, claim)": (started - queued) * 1000,
+        "claimed → prompt evaluation starts": (first - prompt_eval_s - started) * 1000,
+        "prompt evaluation + first token": prompt_eval_s * 1000,
+        "first token → client": (received - first) * 1000,
+    }
 
 
 def main() -> None:
@@ -137,3 +158,6 @@ def main() -> None:
     print("| measure | raw | end to end | |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    print("\n| end-to-end time to first token, by segment | median ms |\n|---|---|")
+    for segment in e2e[0]["segments_ms"]:
+        print(f"| {segment} | {statistics.median(r['segments_ms'][segment] for r in e2e):.1f} |")
