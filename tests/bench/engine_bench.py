@@ -67,7 +67,9 @@ def one_turn(engine: Engine, messages: list[dict]) -> tuple[float, int, str, flo
     return stats.prompt_eval_s * 1000, stats.cached_tokens, "".join(pieces), cpu_first
 
 
-def conversation_ttfts(engine: Engine, name: str, *, reuse: bool) -> list[tuple]:
+def conversation_ttfts(
+    engine: Engine, name: str, *, reuse: bool, prompts: list | None = None
+) -> list[tuple]:
     messages, rows = [], []
     for turn in range(1, TURNS + 1):
         messages.append({"role": "user", "content": user_turn(engine, name, turn)})
@@ -75,7 +77,10 @@ def conversation_ttfts(engine: Engine, name: str, *, reuse: bool) -> list[tuple]
             engine.llm.reset()
             engine.prefix_cache = PrefixCache(0)
         ttft_ms, cached, answer, cpu_s = one_turn(engine, messages)
-        prompt_tokens = len(engine.chat_prompt_tokens(messages))
+        prompt = engine.chat_prompt_tokens(messages)
+        prompt_tokens = len(prompt)
+        if prompts is not None:
+            prompts.append((prompt, cached))
         messages.append({"role": "assistant", "content": answer})
         rows.append((turn, prompt_tokens, cached, ttft_ms, cpu_s))
         print(
@@ -83,6 +88,23 @@ def conversation_ttfts(engine: Engine, name: str, *, reuse: bool) -> list[tuple]
             flush=True,
         )
     return rows
+
+
+def raw_floor_ms(engine: Engine, prompt: list[int], cached: int, repeats: int = 3) -> float:
+    """llama.cpp alone evaluating what the engine had to evaluate for that turn: the
+    tokens after `cached`, at the same positions (the context holds prompt[:cached]
+    first, untimed). The median of `repeats`. No engine, no sampling: the floor."""
+    llm = engine.llm
+    times = []
+    for _ in range(repeats):
+        llm.reset()
+        if cached:
+            llm.eval(prompt[:cached])
+        started = time.perf_counter()
+        llm.eval(prompt[cached:])
+        times.append((time.perf_counter() - started) * 1000)
+    llm.reset()
+    return sorted(times)[len(times) // 2]
 
 
 def interleaved_ttfts(engine: Engine) -> list[tuple]:
@@ -151,9 +173,10 @@ def main() -> None:
     stack = start_stack()
     try:
         stack.wait_model()
-        user = bench_user("engine-bench")
-        decoding = stop_latencies(stack, user, during_prompt=False)
-        prompting = stop_latencies(stack, user, during_prompt=True)
+        # A user each: 20 runs of two frames each stay under the socket's rate limit
+        # (WS_RATE_LIMIT_FRAMES per window), which a quick stop would otherwise reach.
+        decoding = stop_latencies(stack, bench_user("engine-bench-1"), during_prompt=False)
+        prompting = stop_latencies(stack, bench_user("engine-bench-2"), during_prompt=True)
     finally:
         stack.stop_all()
     print(
@@ -168,7 +191,10 @@ def main() -> None:
 
     engine = Engine(options, prefix_cache_bytes=1024 * 1024 * 1024)
     one_turn(engine, [{"role": "user", "content": "Warm up."}])
-    reuse = conversation_ttfts(engine, "talk R", reuse=True)
+    prompts: list = []
+    reuse = conversation_ttfts(engine, "talk R", reuse=True, prompts=prompts)
+    floor_1 = raw_floor_ms(engine, *prompts[0])
+    floor_8 = raw_floor_ms(engine, *prompts[-1])
     interleaved = interleaved_ttfts(Engine(options, prefix_cache_bytes=1024 * 1024 * 1024))
     fresh = conversation_ttfts(engine, "talk F", reuse=False)
     del engine
@@ -188,3 +214,7 @@ def main() -> None:
             f"turn 8 / turn 1, {label}: {rows[-1][3] / rows[0][3]:.2f} wall, "
             f"{rows[-1][4] / rows[0][4]:.2f} CPU (target with reuse <= 1.5)"
         )
+    print(
+        f"floor, llama.cpp alone on the same new tokens at the same positions: turn 1 "
+        f"{floor_1:.0f} ms, turn 8 {floor_8:.0f} ms, turn 8 / turn 1 {floor_8 / floor_1:.2f}"
+    )

@@ -3,12 +3,15 @@
 Raw: llama-cpp-python's own streaming (create_completion) in this process.
 End to end: websocket → consumer → Celery → worker → channel layer → websocket.
 Both get the same prompts in the same order (so prefix caching matches), the same
-sampling, seed, max_tokens and thread count (llama-cpp-python's default).
+sampling, seed, max_tokens and thread count (llama-cpp-python's default). The two
+alternate run by run, so that a change in the machine's speed (a shared host)
+weighs on both alike.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 
@@ -17,7 +20,7 @@ from inference.registry import embedded_model_path, load_options
 from tests.bench.harness import bench_user, prepare_database, start_stack
 from tests.conftest import WSClient
 
-RUNS = 5
+RUNS = int(os.environ.get("STREAM_BENCH_RUNS", 8))
 MAX_TOKENS = 256
 SAMPLING = {"temperature": 0.7, "top_p": 0.95, "seed": 1234, "max_tokens": MAX_TOKENS}
 PROMPTS = [
@@ -32,68 +35,51 @@ def percentile(values, pct):
     return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))]
 
 
-def raw_runs(model) -> list[dict]:
-    engine = Engine(load_options(model))
+def raw_run(engine: Engine, prompt: str) -> dict:
     llm = engine.llm
-    results = []
-    for i, prompt in enumerate(PROMPTS):
-        tokens = engine.chat_prompt_tokens([{"role": "user", "content": prompt}])
-        started = time.perf_counter()
-        times = []
-        for _chunk in llm.create_completion(
-            prompt=tokens,
-            max_tokens=MAX_TOKENS,
-            temperature=SAMPLING["temperature"],
-            top_p=SAMPLING["top_p"],
-            seed=SAMPLING["seed"],
-            stream=True,
-        ):
-            times.append(time.perf_counter())
-        if i == 0:
-            continue  # warm-up
-        results.append(
-            {
-                "ttft_ms": (times[0] - started) * 1000,
-                "tokens": len(times),
-                "decode_tps": (len(times) - 1) / (times[-1] - times[0]),
-            }
-        )
-    return results
+    tokens = engine.chat_prompt_tokens([{"role": "user", "content": prompt}])
+    started = time.perf_counter()
+    times = []
+    for _chunk in llm.create_completion(
+        prompt=tokens,
+        max_tokens=MAX_TOKENS,
+        temperature=SAMPLING["temperature"],
+        top_p=SAMPLING["top_p"],
+        seed=SAMPLING["seed"],
+        stream=True,
+    ):
+        times.append(time.perf_counter())
+    return {
+        "ttft_ms": (times[0] - started) * 1000,
+        "tokens": len(times),
+        "decode_tps": (len(times) - 1) / (times[-1] - times[0]),
+    }
 
 
-def e2e_runs(stack, user) -> list[dict]:
-    ws = WSClient(stack, user)
-    results = []
-    for i, prompt in enumerate(PROMPTS):
-        started = time.time()
-        ws.send({"type": "chat.send", "content": prompt, "params": SAMPLING})
-        first = last = gen_id = None
-        lags = []
-        while True:
-            frame = json.loads(ws.conn.recv(timeout=300))
-            now = time.time()
-            if frame["type"] == "chat.accepted":
-                gen_id = frame["generation"]
-            elif frame["type"] == "generation.token":
-                first = first or now
-                last = now
-                lags.extend(now - at for at in frame["produced_at"])
-            elif frame["type"] == "generation.final":
-                completion = frame["metrics"]["completion_tokens"]
-                break
-        if i == 0:
-            continue
-        results.append(
-            {
-                "ttft_ms": (first - started) * 1000,
-                "tokens": completion,
-                "decode_tps": (completion - 1) / (last - first),
-                "lags_ms": [lag * 1000 for lag in lags],
-                "segments_ms": ttft_segments(gen_id, started, first),
-            }
-        )
-    ws.close()
-    return results
+def e2e_run(ws: WSClient, prompt: str) -> dict:
+    started = time.time()
+    ws.send({"type": "chat.send", "content": prompt, "params": SAMPLING})
+    first = last = gen_id = None
+    lags = []
+    while True:
+        frame = json.loads(ws.conn.recv(timeout=300))
+        now = time.time()
+        if frame["type"] == "chat.accepted":
+            gen_id = frame["generation"]
+        elif frame["type"] == "generation.token":
+            first = first or now
+            last = now
+            lags.extend(now - at for at in frame["produced_at"])
+        elif frame["type"] == "generation.final":
+            completion = frame["metrics"]["completion_tokens"]
+            break
+    return {
+        "ttft_ms": (first - started) * 1000,
+        "tokens": completion,
+        "decode_tps": (completion - 1) / (last - first),
+        "lags_ms": [lag * 1000 for lag in lags],
+        "segments_ms": ttft_segments(gen_id, started, first),
+    }
 
 
 def ttft_segments(gen_id: int, sent: float, received: float) -> dict:
@@ -120,10 +106,23 @@ def main() -> None:
 
     model = ensure_default_model()
     print(f"model: {embedded_model_path().name}, n_ctx {model.n_ctx}, {RUNS} runs + warm-up")
-    raw = raw_runs(model)
+    engine = Engine(load_options(model))
     stack = start_stack()
+    raw, e2e = [], []
     try:
-        e2e = e2e_runs(stack, bench_user())
+        ws = WSClient(stack, bench_user())
+        for i, prompt in enumerate(PROMPTS):
+            raw_row, e2e_row = raw_run(engine, prompt), e2e_run(ws, prompt)
+            if i == 0:
+                continue  # warm-up
+            raw.append(raw_row)
+            e2e.append(e2e_row)
+            print(
+                f"  run {i}: decode {raw_row['decode_tps']:.1f} / {e2e_row['decode_tps']:.1f} "
+                f"tok/s, TTFT {raw_row['ttft_ms']:.0f} / {e2e_row['ttft_ms']:.0f} ms",
+                flush=True,
+            )
+        ws.close()
     finally:
         stack.stop_all()
 
