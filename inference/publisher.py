@@ -1,29 +1,39 @@
 """Carries a generation's text from the decode loop to the channel layer.
 
-The decode loop calls put() and returns at once; a thread with its own event loop
-sends the text to the channel layer. A token that arrives while the previous send
-was in flight, or less than `coalesce_s` after it, waits and goes out with the
-tokens that follow it (events and the close go out at once). Sending every token
-on its own costs the decode loop about 14 % of its speed (the sends hold the GIL;
-docs/benchmarks.md); a few tens of milliseconds of coalescing bring that near zero
-and stay well inside the stream-lag budget. The same thread appends the text to a
-short-lived Redis key (the live text a reconnecting client starts from) and waits,
-blocked in Redis (BLPOP) rather than polling, for the stop request that the web
-process pushes: a stop reaches the decode loop at once, and costs nothing until then.
+The decode loop calls put() and returns at once: the text goes down a pipe to the
+worker process's stream relay (inference/relay.py), a helper process that
+coalesces it and sends it to the channel layer (inference/streams.py). Sending
+from a thread of the decoding process instead cost the decode loop about 10 % of
+its speed, even coalesced (the sends' Python competes with the loop's for the
+GIL); the same sends from another process cost it nothing (docs/benchmarks.md).
+
+A thread of this process waits, blocked in Redis (BLPOP) rather than polling, for
+the stop request that the web process pushes, and keeps the generation's alive key
+fresh for the reaper: a stop reaches the decode loop at once, and costs nothing
+until then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
+import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 
 import redis.asyncio as aioredis
+from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from redis.exceptions import RedisError
+
+from mixtralweb import redis_pool
+
+log = logging.getLogger(__name__)
 
 LIVE_TEXT_TTL_S = 3600
 STOP_TTL_S = 3600
@@ -61,9 +71,8 @@ def group_name(generation_id: int) -> str:
 
 
 class _LoopThread:
-    """One event loop per process, in a daemon thread, shared by every Publisher:
-    the channel layer's and Redis's connection pools (bound to a loop) then last
-    from one generation to the next instead of being opened for each."""
+    """One event loop per process, in a daemon thread, for the stop watchers: its
+    Redis pool lasts from one generation to the next."""
 
     _instance: _LoopThread | None = None
     _lock = threading.Lock()
@@ -72,7 +81,7 @@ class _LoopThread:
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self.redis: aioredis.Redis | None = None
-        threading.Thread(target=self.loop.run_forever, name="publisher-loop", daemon=True).start()
+        threading.Thread(target=self.loop.run_forever, name="stop-watch", daemon=True).start()
 
     @classmethod
     def get(cls) -> _LoopThread:
@@ -83,15 +92,87 @@ class _LoopThread:
             return cls._instance
 
     def client(self) -> aioredis.Redis:
-        """The loop's Redis client (call in the loop). Its pool lends the stop
-        watcher's BLPOP a connection of its own."""
+        """The loop's Redis client (call in the loop). Its pool lends each BLPOP a
+        connection of its own."""
         if self.redis is None:
             self.redis = aioredis.from_url(settings.REDIS_URL, **settings.REDIS_ASYNC_OPTIONS)
         return self.redis
 
 
+class RelayClient:
+    """This process's stream relay (inference/relay.py), started on first use and
+    again if it has died; one JSON line per operation down its stdin, one line back
+    per closed generation."""
+
+    _instance: RelayClient | None = None
+    _lock = threading.Lock()
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "inference.relay"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=settings.BASE_DIR,
+            env=os.environ.copy(),
+        )
+        self._write_lock = threading.Lock()
+        self._waiting: dict[int, tuple[threading.Event, list]] = {}
+        threading.Thread(target=self._read, name="relay-reader", daemon=True).start()
+
+    @classmethod
+    def get(cls) -> RelayClient:
+        with cls._lock:
+            relay = cls._instance
+            if relay is None or relay.pid != os.getpid() or relay.process.poll() is not None:
+                cls._instance = cls()
+            return cls._instance
+
+    @classmethod
+    def stop(cls, timeout_s: float = 10) -> None:
+        with cls._lock:
+            relay, cls._instance = cls._instance, None
+        if relay is not None and relay.pid == os.getpid():
+            try:
+                relay.process.stdin.close()  # the relay finishes what it has, then exits
+                relay.process.wait(timeout_s)
+            except (OSError, subprocess.TimeoutExpired):
+                relay.process.kill()
+
+    def expect_close(self, generation_id: int) -> tuple[threading.Event, list]:
+        waiter = (threading.Event(), [])
+        self._waiting[generation_id] = waiter
+        return waiter
+
+    def send(self, message: dict) -> None:
+        """Raises OSError if the relay has gone."""
+        data = json.dumps(message).encode() + b"\n"
+        with self._write_lock:
+            self.process.stdin.write(data)
+            self.process.stdin.flush()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if "closed" in message:
+                waiter = self._waiting.pop(message["closed"], None)
+                if waiter is not None:
+                    waiter[1].append(message.get("error"))
+                    waiter[0].set()
+        for event, result in list(self._waiting.values()):  # the relay has gone
+            result.append("the stream relay exited")
+            event.set()
+
+
 class Publisher:
-    """Streams one generation: pieces of text in order, then one final event."""
+    """Streams one generation: pieces of text in order, then one final event.
+
+    Writes to the process's relay and returns at once. If the relay has gone, the
+    rest of the text is not streamed (the worker still saves all of it) and the
+    final event is sent from here, so that every client still learns the end."""
 
     def __init__(
         self,
@@ -101,116 +182,75 @@ class Publisher:
         coalesce_s: float | None = None,
     ):
         self.generation_id = generation_id
-        self.group = group_name(generation_id)
         self.cancel = cancel
-        self.sent_chars = start_offset
-        if coalesce_s is None:
-            coalesce_s = settings.STREAM_COALESCE_MS / 1000
+        self.start_offset = start_offset
         self.coalesce_s = coalesce_s
-        self._loop_thread = _LoopThread.get()
-        self._loop = self._loop_thread.loop
-        self._queue: asyncio.Queue = asyncio.Queue()
-        # Set when an event or the close is queued: it ends a coalescing wait.
-        self._urgent = asyncio.Event()
-        self._done: concurrent.futures.Future | None = None
-        self.error: BaseException | None = None
+        self.error: str | None = None
+        self._relay: RelayClient | None = None
+        self._closed: tuple[threading.Event, list] | None = None
+        self._watcher: concurrent.futures.Future | None = None
 
     def start(self) -> Publisher:
-        self._done = asyncio.run_coroutine_threadsafe(self._main(), self._loop)
+        self._relay = RelayClient.get()
+        self._closed = self._relay.expect_close(self.generation_id)
+        self._write(
+            {
+                "op": "open",
+                "gen": self.generation_id,
+                "offset": self.start_offset,
+                "coalesce_s": self.coalesce_s,
+            }
+        )
+        watch = _LoopThread.get()
+        self._watcher = asyncio.run_coroutine_threadsafe(self._watch_cancel(watch), watch.loop)
         return self
 
     def put(self, text: str) -> None:
-        """Queue a piece of text. Never blocks."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, ("text", text, time.time()))
+        """Queue a piece of text. Never blocks on Redis."""
+        self._write({"op": "text", "gen": self.generation_id, "text": text, "at": time.time()})
 
     def event(self, message: dict) -> None:
         """Queue an event for the group, after the text queued before it."""
-        self._loop.call_soon_threadsafe(self._put_urgent, ("event", message, None))
+        self._write({"op": "event", "gen": self.generation_id, "event": message})
 
     def close(self, final: dict | None = None, timeout_s: float = 10.0) -> None:
-        """Send what is queued, then `final`, then stop the thread."""
-        self._loop.call_soon_threadsafe(self._put_urgent, ("close", final, None))
+        """Send what is queued, then `final`; wait (at most timeout_s) until it is sent."""
+        delivered = self._write({"op": "close", "gen": self.generation_id, "final": final})
+        if delivered:
+            event, result = self._closed
+            if not event.wait(timeout_s):
+                self.error = f"the stream relay did not finish in {timeout_s} s"
+            elif result and result[0]:
+                self.error = result[0]
+        if self.error:
+            log.warning("generation %s: streaming failed: %s", self.generation_id, self.error)
+            if final is not None:
+                try:
+                    async_to_sync(get_channel_layer().group_send)(
+                        group_name(self.generation_id), final
+                    )
+                except Exception:  # noqa: BLE001 - the row is final; a reload shows it
+                    log.exception("generation %s: the final event was not sent", self.generation_id)
+        self._watcher.cancel()
         try:
-            self._done.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            self.error = TimeoutError(f"the publisher did not finish in {timeout_s} s")
+            redis_pool.client().delete(alive_key(self.generation_id))
+        except RedisError:
+            pass  # it expires by itself
 
-    def _put_urgent(self, item: tuple) -> None:
-        self._queue.put_nowait(item)
-        self._urgent.set()
-
-    async def _main(self) -> None:
-        layer = get_channel_layer()
-        redis = self._loop_thread.client()
-        watcher = asyncio.ensure_future(self._watch_cancel(redis))
-        last_send = float("-inf")
+    def _write(self, message: dict) -> bool:
+        if self.error is not None:
+            return False
         try:
-            while True:
-                batch = [await self._queue.get()]
-                wait = last_send + self.coalesce_s - self._loop.time()
-                if batch[0][0] == "text" and wait > 0 and not self._urgent.is_set():
-                    try:
-                        await asyncio.wait_for(self._urgent.wait(), wait)
-                    except TimeoutError:
-                        pass
-                self._urgent.clear()
-                while not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                closing = await self._send(layer, redis, batch)
-                last_send = self._loop.time()
-                if closing:
-                    return
-        except BaseException as exc:  # noqa: BLE001 - reported to the task, never raised there
-            self.error = exc
-        finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
-            try:
-                await redis.delete(alive_key(self.generation_id))
-            except RedisError:
-                pass  # it expires by itself
+            self._relay.send(message)
+            return True
+        except (OSError, ValueError) as exc:  # BrokenPipe; ValueError: the pipe is closed
+            self.error = f"the stream relay has gone ({exc})"
+            return False
 
-    async def _send(self, layer, redis, batch: list[tuple]) -> bool:
-        texts: list[str] = []
-        produced_at: list[float] = []
-
-        async def flush_texts() -> None:
-            if not texts:
-                return
-            text = "".join(texts)
-            key = live_text_key(self.generation_id)
-            async with redis.pipeline(transaction=False) as pipe:
-                await pipe.append(key, text.encode("utf-8")).expire(key, LIVE_TEXT_TTL_S).execute()
-            await layer.group_send(
-                self.group,
-                {
-                    "type": "generation.token",
-                    "generation": self.generation_id,
-                    "offset": self.sent_chars,
-                    "text": text,
-                    "produced_at": produced_at[:],
-                },
-            )
-            self.sent_chars += len(text)
-            texts.clear()
-            produced_at.clear()
-
-        for kind, payload, at in batch:
-            if kind == "text":
-                texts.append(payload)
-                produced_at.append(at)
-                continue
-            await flush_texts()
-            if payload is not None:
-                await layer.group_send(self.group, payload)
-            if kind == "close":
-                return True
-        await flush_texts()
-        return False
-
-    async def _watch_cancel(self, redis) -> None:
+    async def _watch_cancel(self, watch: _LoopThread) -> None:
         """Wait for a stop request, and keep the alive key fresh for the reaper.
         (BLPOP holds a connection of the client's pool while it waits.)"""
+        redis = watch.client()
         key = cancel_key(self.generation_id)
         alive = alive_key(self.generation_id)
         while True:

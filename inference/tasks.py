@@ -41,7 +41,7 @@ from .engine import (
 from .events import final_event
 from .gguf_inspect import GGUFError, inspect_gguf
 from .models import Generation, LanguageModel, WorkerHeartbeat
-from .publisher import Publisher, alive_key, cancel_key, live_text_key
+from .publisher import Publisher, RelayClient, alive_key, cancel_key, live_text_key
 from .registry import load_options
 from .signals import generation_finished
 from .workers import Heartbeat, describe_device
@@ -101,6 +101,7 @@ def _load_model_after_fork(**_kwargs) -> None:
     if model is None:
         return
     _heartbeat = Heartbeat(model.name, describe_device(model.n_gpu_layers)).start()
+    RelayClient.get()  # the stream relay starts while the model loads
     try:
         get_engine(model)
     except ModelLoadError as exc:
@@ -111,6 +112,7 @@ def _load_model_after_fork(**_kwargs) -> None:
 
 @worker_process_shutdown.connect
 def _say_goodbye(**_kwargs) -> None:
+    RelayClient.stop()
     if _heartbeat:
         _heartbeat.stop()
 
