@@ -81,3 +81,53 @@ def test_a_follow_up_sees_the_earlier_turns(stack, cast, default_model, ws_facto
     assert len(contents) == 3
     # The shared prefix was reused from the KV cache, not evaluated again.
     assert gen.metrics.cached_tokens > 0
+
+
+def test_if_the_stream_relay_dies_mid_answer_the_answer_still_ends_whole_and_the_next_streams(
+    stack, cast, default_model, ws_factory
+):
+    """The worker's stream relay (inference/relay.py) is killed after the first
+    token: the worker still saves the whole answer and sends the final event itself;
+    the next answer streams through a new relay."""
+    import psutil
+
+    from inference.workers import live_workers
+
+    def relays():
+        (worker,) = live_workers(default_model.name)
+        return [
+            child
+            for child in psutil.Process(worker["pid"]).children()
+            if "inference.relay" in " ".join(child.cmdline())
+        ]
+
+    ws = ws_factory(cast.alice)
+    ws.send(
+        {
+            "type": "chat.send",
+            "content": "Write a long story about a lighthouse keeper.",
+            "params": {"max_tokens": 160, "seed": 3},
+        }
+    )
+    accepted, _ = ws.recv_until(lambda f: f["type"] == "chat.accepted")
+    gen_id = accepted["generation"]
+    ws.recv_until(lambda f: f["type"] == "generation.token" and f["generation"] == gen_id)
+    (relay,) = relays()
+    relay.kill()
+    final, _ = ws.recv_until(
+        lambda f: f["type"] == "generation.final" and f["generation"] == gen_id, timeout=120
+    )
+    gen = Generation.objects.get(pk=gen_id)
+    assert gen.state == Generation.DONE and gen.metrics.completion_tokens > 20
+    assert final["text"] == gen.text
+
+    _, final, frames, streamed = send_and_collect(
+        ws,
+        conversation=accepted["conversation"],
+        content="Now say hello.",
+        params={"max_tokens": 24},
+    )
+    assert [f for f in frames if f["type"] == "generation.token"], "the next answer did not stream"
+    assert streamed == final["text"] == Generation.objects.get(pk=final["generation"]).text
+    (new_relay,) = relays()
+    assert new_relay.pid != relay.pid
