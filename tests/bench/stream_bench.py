@@ -82,6 +82,17 @@ def e2e_run(ws: WSClient, prompt: str) -> dict:
     }
 
 
+def worker_idle(timeout_s: float = 30) -> None:
+    """Wait until no worker reports a generation (the heartbeat goes idle after the
+    run's listeners), then a moment for its last statements."""
+    from inference.workers import live_workers
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(w.get("generation") for w in live_workers()):
+        time.sleep(0.05)
+    time.sleep(0.3)
+
+
 def ttft_segments(gen_id: int, sent: float, received: float) -> dict:
     """Where the end-to-end time to first token went, from the generation's own
     timestamps (same host, same clock)."""
@@ -113,6 +124,7 @@ def main() -> None:
         ws = WSClient(stack, bench_user())
         for i, prompt in enumerate(PROMPTS):
             raw_row, e2e_row = raw_run(engine, prompt), e2e_run(ws, prompt)
+            worker_idle()  # its bookkeeping after the final event must not slow the next raw run
             if i == 0:
                 continue  # warm-up
             raw.append(raw_row)
