@@ -168,7 +168,10 @@ def _claim(generation_id: int) -> tuple[Generation, str] | None:
         gen.started_at = gen.started_at or timezone.now()
         gen.heartbeat_at = timezone.now()
         gen.worker = worker_name()
-        gen.save()
+        # Only what changed: the row also holds the input, up to a whole document.
+        gen.save(
+            update_fields=["state", "attempts", "text", "started_at", "heartbeat_at", "worker"]
+        )
     return gen, prefix
 
 
