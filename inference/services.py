@@ -196,13 +196,15 @@ def _queue_answer(
     user,
     conversation: Conversation,
     overflow: str = OVERFLOW_REFUSE,
-    model_checked: bool = False,
+    new_conversation: bool = False,
 ) -> tuple[Message, Generation]:
-    """Create the assistant turn for the conversation as it stands, and queue it."""
-    busy = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
-    if busy.exists():
-        raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
-    if not model_checked:
+    """Create the assistant turn for the conversation as it stands, and queue it.
+    (A conversation created in this transaction has no answer yet, and its model
+    was just checked: those queries are skipped.)"""
+    if not new_conversation:
+        busy = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
+        if busy.exists():
+            raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
         # The model's worker may have gone since the conversation began.
         get_model(conversation.model.name)
     try:
@@ -210,8 +212,9 @@ def _queue_answer(
     except QuotaExceeded as exc:
         raise ChatError(str(exc), code="quota") from None
     input_messages = _fit_context(conversation, overflow)
-    conversation.updated_at = timezone.now()
-    conversation.save()
+    if not new_conversation:
+        conversation.updated_at = timezone.now()
+        conversation.save()
     generation = Generation.objects.create(
         user=user,
         team=conversation.team,
@@ -268,7 +271,7 @@ def chat_send(
         user=user,
         conversation=conversation,
         overflow=overflow,
-        model_checked=conversation_id is None,  # get_model() just checked it
+        new_conversation=conversation_id is None,
     )
     return conversation, message, generation
 

@@ -61,7 +61,8 @@ class ResourceSampler:
 
     def __enter__(self) -> ResourceSampler:
         self._process.cpu_percent(None)  # the first call only starts the interval
-        self._sample()
+        # The thread takes the first ("start") sample at once: the generation does
+        # not wait for it (an NVML read with its process list takes milliseconds).
         self._thread.start()
         return self
 
@@ -71,6 +72,7 @@ class ResourceSampler:
         self._sample()
 
     def _run(self) -> None:
+        self._sample()
         while not self._stop.wait(self.interval_s):
             self._sample()
 
