@@ -26,6 +26,8 @@ TURNS = 8
 TOKENS_PER_TURN = 400
 ANSWER_TOKENS = 16
 STOP_RUNS = int(os.environ.get("ENGINE_BENCH_STOP_RUNS", 20))
+# "stop", "turns" or both (the default): which half of the benchmark runs.
+PARTS = os.environ.get("ENGINE_BENCH_PARTS", "stop,turns").split(",")
 SAMPLING = Sampling(max_tokens=ANSWER_TOKENS, temperature=0.0, seed=1)
 
 
@@ -170,25 +172,31 @@ def main() -> None:
         f"model: {embedded_model_path().name}, n_ctx {options.n_ctx}, n_batch {options.n_batch}, "
         f"{TURNS} turns of ~{TOKENS_PER_TURN} tokens, answers of {ANSWER_TOKENS} tokens"
     )
-    stack = start_stack()
-    try:
-        stack.wait_model()
-        # A user each: 20 runs of two frames each stay under the socket's rate limit
-        # (WS_RATE_LIMIT_FRAMES per window), which a quick stop would otherwise reach.
-        decoding = stop_latencies(stack, bench_user("engine-bench-1"), during_prompt=False)
-        prompting = stop_latencies(stack, bench_user("engine-bench-2"), during_prompt=True)
-    finally:
-        stack.stop_all()
-    print(
-        "\n| stop latency (stop sent -> final received) | runs | p50 ms | p95 ms | max ms |"
-        "\n|---|---|---|---|---|"
-    )
-    for label, values in (("while decoding", decoding), ("during prompt evaluation", prompting)):
+    if "stop" in PARTS:
+        stack = start_stack()
+        try:
+            stack.wait_model()
+            # A user each: 20 runs of two frames each stay under the socket's rate limit
+            # (WS_RATE_LIMIT_FRAMES per window), which a quick stop would otherwise reach.
+            decoding = stop_latencies(stack, bench_user("engine-bench-1"), during_prompt=False)
+            prompting = stop_latencies(stack, bench_user("engine-bench-2"), during_prompt=True)
+        finally:
+            stack.stop_all()
         print(
-            f"| {label} | {len(values)} | {percentile(values, 50):.0f} | "
-            f"{percentile(values, 95):.0f} | {max(values):.0f} |"
+            "\n| stop latency (stop sent -> final received) | runs | p50 ms | p95 ms | max ms |"
+            "\n|---|---|---|---|---|"
         )
+        for label, values in (
+            ("while decoding", decoding),
+            ("during prompt evaluation", prompting),
+        ):
+            print(
+                f"| {label} | {len(values)} | {percentile(values, 50):.0f} | "
+                f"{percentile(values, 95):.0f} | {max(values):.0f} |"
+            )
 
+    if "turns" not in PARTS:
+        return
     engine = Engine(options, prefix_cache_bytes=1024 * 1024 * 1024)
     one_turn(engine, [{"role": "user", "content": "Warm up."}])
     prompts: list = []
