@@ -8,12 +8,12 @@ LLAMA_CPP_VERSION := 0.3.36
 # CUDA build: make install CMAKE_ARGS="-DGGML_CUDA=on" (see docs/deployment.md)
 export CMAKE_ARGS
 
-.PHONY: run test lint install install-cuda bench loadtest gpu-check clean vendor
+.PHONY: run test lint install install-cuda bench loadtest gpu-check clean vendor chromium
 
 run: $(STAMP)
 	$(PY) manage.py runstack
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	DATABASE_URL=$${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mixtralweb} \
@@ -24,6 +24,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 install: $(STAMP)
+
+# The browser tests drive Debian's Chromium through Playwright (never a downloaded
+# browser): installed with apt-get when missing and running as root.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing Debian's chromium for the browser tests…"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null || { \
+	      apt-get update -q >/dev/null && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
+	  else \
+	    echo "The browser tests need Chromium: sudo apt-get install chromium" >&2; exit 1; \
+	  fi; }
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
