@@ -61,8 +61,9 @@ class ResourceSampler:
 
     def __enter__(self) -> ResourceSampler:
         self._process.cpu_percent(None)  # the first call only starts the interval
-        # The thread takes the first ("start") sample at once: the generation does
-        # not wait for it (an NVML read with its process list takes milliseconds).
+        # The "start" reading is taken here, before the run allocates anything: a
+        # reading in the thread could come after the first allocations.
+        self._sample()
         self._thread.start()
         return self
 
@@ -72,7 +73,6 @@ class ResourceSampler:
         self._sample()
 
     def _run(self) -> None:
-        self._sample()
         while not self._stop.wait(self.interval_s):
             self._sample()
 
