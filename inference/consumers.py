@@ -13,15 +13,17 @@ import logging
 import time
 
 import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
+from mixtralweb import redis_pool
+
 from . import services
 from .events import generation_snapshot, message_payload
 from .models import Conversation, Generation, Message
-from .publisher import queue_stop_request
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
 
     def _redis(self) -> aioredis.Redis:
         if self.redis is None:
-            self.redis = aioredis.from_url(settings.REDIS_URL, **settings.REDIS_ASYNC_OPTIONS)
+            self.redis = redis_pool.async_client()
         return self.redis
 
     async def on_ping(self, frame):
@@ -218,12 +220,13 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         await self.send_json(snapshot)
 
     async def on_stop(self, frame):
-        if frame.get("generation") in self.own_generations:
-            async with self._redis().pipeline(transaction=False) as pipe:
-                queue_stop_request(pipe, frame["generation"])
-                await pipe.execute()
+        # For the user's own answer, raise the worker's flag at once, outside the
+        # one database thread; generation_stop then does the database part.
+        requested = frame.get("generation") in self.own_generations
+        if requested:
+            await sync_to_async(services.request_stop, thread_sensitive=False)(frame["generation"])
         gen = await database_sync_to_async(services.generation_stop)(
-            user=self.user, generation_id=frame.get("generation")
+            user=self.user, generation_id=frame.get("generation"), stop_requested=requested
         )
         if gen.state == Generation.CANCELLED and not gen.started_at:
             # Never reached a worker: announce it ourselves.

@@ -95,7 +95,7 @@ class _LoopThread:
         """The loop's Redis client (call in the loop). Its pool lends each BLPOP a
         connection of its own."""
         if self.redis is None:
-            self.redis = aioredis.from_url(settings.REDIS_URL, **settings.REDIS_ASYNC_OPTIONS)
+            self.redis = redis_pool.async_client()
         return self.redis
 
 

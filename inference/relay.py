@@ -24,10 +24,12 @@ log = logging.getLogger("inference.relay")
 async def relay(reader: asyncio.StreamReader, write_line) -> None:
     from channels.layers import get_channel_layer
 
-    from .streams import Stream, redis_client
+    from mixtralweb import redis_pool
+
+    from .streams import Stream
 
     layer = get_channel_layer()
-    redis = redis_client()
+    redis = redis_pool.async_client()
     streams: dict[int, Stream] = {}
     tasks: set[asyncio.Task] = set()
 
@@ -74,7 +76,6 @@ def main() -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        write_line({"ready": os.getpid()})
         await relay(reader, write_line)
 
     asyncio.run(start())

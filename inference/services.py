@@ -392,21 +392,23 @@ def conversations_matching(user, query: str):
 
 
 def request_stop(generation_id: int) -> None:
-    """Raise the stop flag that the worker running `generation_id` polls. Only for a
-    generation the caller may stop (generation_stop checks; the chat socket calls it
-    directly for an answer it already follows, before that check, to save time)."""
+    """Push the stop request that the worker running `generation_id` waits on. Only
+    for a generation the caller may stop (generation_stop checks; the chat socket
+    calls it first for its user's own answer, to save the check's time)."""
     with redis_pool.client().pipeline(transaction=False) as pipe:
         queue_stop_request(pipe, generation_id)
         pipe.execute()
 
 
-def generation_stop(*, user, generation_id) -> Generation:
-    """Ask the worker to stop; a generation still queued is cancelled at once."""
+def generation_stop(*, user, generation_id, stop_requested: bool = False) -> Generation:
+    """Ask the worker to stop; a generation still queued is cancelled at once.
+    stop_requested: the caller already pushed the request (request_stop)."""
     gen = get_generation_for_user(user, generation_id)
     if gen.is_final:
         return gen
-    # The Redis flag is what a running worker watches: set it before anything else.
-    request_stop(gen.pk)
+    # The Redis request is what a running worker waits on: push it before the rest.
+    if not stop_requested:
+        request_stop(gen.pk)
     Generation.objects.filter(pk=gen.pk).update(cancel_requested=True)
     with transaction.atomic():
         locked = Generation.objects.select_for_update().get(pk=gen.pk)

@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import asyncio
 
-import redis.asyncio as aioredis
 from django.conf import settings
 
 from .publisher import LIVE_TEXT_TTL_S, group_name, live_text_key
-
-
-def redis_client() -> aioredis.Redis:
-    return aioredis.from_url(settings.REDIS_URL, **settings.REDIS_ASYNC_OPTIONS)
 
 
 class Stream:

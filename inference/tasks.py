@@ -14,7 +14,6 @@ import threading
 import time
 from datetime import timedelta
 
-import redis
 from asgiref.sync import async_to_sync
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -121,10 +120,6 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _redis() -> redis.Redis:
-    return redis_pool.client()
-
-
 def sampling_from(params: dict) -> Sampling:
     return Sampling(
         max_tokens=int(params.get("max_tokens", 512)),
@@ -150,7 +145,7 @@ def _claim(generation_id: int) -> tuple[Generation, str] | None:
         prefix = gen.text
         if gen.state == Generation.RUNNING:
             # Redelivered: the worker that had it died. Keep what the user saw.
-            live = _redis().get(live_text_key(gen.pk))
+            live = redis_pool.client().get(live_text_key(gen.pk))
             if live is not None and len(live.decode("utf-8", "replace")) > len(prefix):
                 prefix = live.decode("utf-8", "replace")
             if gen.attempts >= MAX_ATTEMPTS:
@@ -288,7 +283,7 @@ def generate(self, generation_id: int) -> None:
         # records are eventually consistent by that much.
         publisher.close(final_event(gen))
         generation_finished.send(sender=Generation, generation=gen)
-        _redis().delete(live_text_key(gen.pk), cancel_key(gen.pk))
+        redis_pool.client().delete(live_text_key(gen.pk), cancel_key(gen.pk))
         if _heartbeat:
             ready = _engine is not None
             _heartbeat.report_soon(
@@ -313,7 +308,7 @@ def reap_stale_generations() -> int:
     cutoff = timezone.now() - timedelta(seconds=settings.GENERATION_STALE_AFTER_S)
     stale = Generation.objects.filter(state=Generation.RUNNING, heartbeat_at__lt=cutoff)
     count = 0
-    client = _redis()
+    client = redis_pool.client()
     for gen in stale:
         if client.exists(alive_key(gen.pk)):
             continue  # a long prompt evaluation: the publisher still says it is alive

@@ -14,8 +14,6 @@ with our own prefix.
 
 from __future__ import annotations
 
-import redis
-from django.conf import settings
 from django.db.models import Count
 from prometheus_client.core import (
     CollectorRegistry,
@@ -26,6 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 
 from inference.models import Generation
+from mixtralweb import redis_pool
 from monitoring.models import RequestMetrics
 
 PREFIX = "workbench:"
@@ -94,10 +93,6 @@ COUNTERS = {
 }
 
 
-def _redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL)
-
-
 def _models_key() -> str:
     return f"{KEY_PREFIX}:models"
 
@@ -122,7 +117,7 @@ def _observe(pipe, model: str, name: str, value: float, times: int = 1) -> None:
 def observe(generation: Generation) -> bool:
     """Add a finished generation to the shared counters. Once per generation: a
     second call (a redelivered signal) changes nothing and returns False."""
-    client = _redis()
+    client = redis_pool.client()
     # The id alone could repeat if the database were recreated beside the same Redis.
     seen = f"{KEY_PREFIX}:seen:{generation.pk}:{generation.queued_at.timestamp():.6f}"
     if not client.set(seen, 1, nx=True, ex=SEEN_TTL_S):
@@ -157,7 +152,7 @@ class WorkbenchCollector:
     def collect(self):
         from monitoring import telemetry
 
-        client = _redis()
+        client = redis_pool.client()
         models = sorted(m.decode() for m in client.smembers(_models_key()))
 
         running = GaugeMetricFamily(

@@ -30,6 +30,7 @@ from django.db import close_old_connections, connection
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from mixtralweb import redis_pool
 from monitoring import nvml
 from monitoring.models import GpuSample
 
@@ -39,10 +40,6 @@ LIVE_GROUP = "gpu.telemetry"
 HOSTS_KEY = "monitoring:hosts"  # hash: host -> {"host", "gpus", "seen_at"}
 GPUS_KEY = "monitoring:gpus"  # hash: "host/index" -> latest reading
 LOCK_KEY = "monitoring:telemetry-lock:{host}"
-
-
-def _redis() -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL)
 
 
 def _stale_after_s() -> float:
@@ -87,7 +84,7 @@ def sample_once(host: str | None = None) -> list[GpuSample]:
     if rows:
         GpuSample.objects.bulk_create(rows)
     latest = [reading_dict(r, host, now) for r in readings]
-    client = _redis()
+    client = redis_pool.client()
     pipe = client.pipeline()
     pipe.hset(
         HOSTS_KEY,
@@ -107,13 +104,13 @@ def _fresh(items: list[dict], field: str) -> list[dict]:
 
 def current_hosts() -> list[dict]:
     """Worker hosts heard from recently, each with its number of GPUs (0: none)."""
-    values = [json.loads(v) for v in _redis().hvals(HOSTS_KEY)]
+    values = [json.loads(v) for v in redis_pool.client().hvals(HOSTS_KEY)]
     return sorted(_fresh(values, "seen_at"), key=lambda h: h["host"])
 
 
 def current_gpus() -> list[dict]:
     """The latest reading of every GPU heard from recently, as dicts."""
-    values = [json.loads(v) for v in _redis().hvals(GPUS_KEY)]
+    values = [json.loads(v) for v in redis_pool.client().hvals(GPUS_KEY)]
     return sorted(_fresh(values, "sampled_at"), key=lambda g: (g["host"], g["index"]))
 
 
@@ -172,7 +169,7 @@ class HostTelemetry:
         # One event loop for the thread's whole life: the channel layer keeps its
         # Redis connections per loop.
         self._loop = asyncio.new_event_loop()
-        client = _redis()
+        client = redis_pool.client()
         while not self._stop.is_set():
             began = time.monotonic()
             try:
