@@ -6,6 +6,7 @@ One Engine per worker process, created inside that process, used by one thread.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -198,7 +199,11 @@ class Engine:
         self._cancel = threading.Event()
         self._deadline: float | None = None
         try:
-            with _load_progress(on_load_progress):
+            extra_buffers = use_extra_buffers()
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        try:
+            with _model_params(on_load_progress, extra_buffers):
                 self.llm = llama_cpp.Llama(
                     model_path=options.path,
                     n_ctx=options.n_ctx,
@@ -455,17 +460,52 @@ def _decode_error(exc: RuntimeError) -> Exception:
     return DecodeError(f"llama.cpp could not evaluate the prompt: {meaning} ({message}).")
 
 
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU offers AMX (Intel Sapphire Rapids and later), from the flags
+    in /proc/cpuinfo (or the text given)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return "amx_int8" in line.split(":", 1)[-1].split()
+    return False
+
+
+def use_extra_buffers(choice: str | None = None) -> bool:
+    """Whether llama.cpp may repack weights into its extra CPU buffer types
+    (LLAMA_EXTRA_BUFFERS: "on", "off" or "auto", the default).
+
+    "auto" turns them off on CPUs with AMX: there llama.cpp moves the weights into
+    its AMX buffer, and its AMX matrix multiplication crashes the process with a
+    segmentation fault on the first prompt (llama.cpp issue 20824, seen with
+    llama-cpp-python 0.3.36 and SmolLM2's Q4_1 here). Elsewhere llama.cpp's default
+    stands. Weights offloaded to a GPU are not affected either way.
+    """
+    if choice is None:
+        choice = os.environ.get("LLAMA_EXTRA_BUFFERS", "auto")
+    choice = choice.strip().lower()
+    if choice in {"on", "1", "true", "yes"}:
+        return True
+    if choice in {"off", "0", "false", "no"}:
+        return False
+    if choice not in {"auto", ""}:
+        raise ValueError(f'LLAMA_EXTRA_BUFFERS must be "on", "off" or "auto", not {choice!r}')
+    return not cpu_has_amx()
+
+
 @contextmanager
-def _load_progress(callback: Callable[[float], None] | None):
-    """Pass llama.cpp's model-load progress (0..1) to `callback`.
+def _model_params(callback: Callable[[float], None] | None, extra_buffers: bool):
+    """Pass llama.cpp's model-load progress (0..1) to `callback`, and the extra
+    buffer choice to the load.
 
     llama-cpp-python builds the model parameters inside Llama() and offers no
-    argument for the callback, so the default parameters it starts from are wrapped
-    for the duration of the load (one load at a time per process).
+    argument for either, so the default parameters it starts from are wrapped for
+    the duration of the load (one load at a time per process).
     """
-    if callback is None:
-        yield
-        return
     low_level = llama_cpp.llama_cpp
     original = low_level.llama_model_default_params
 
@@ -476,14 +516,16 @@ def _load_progress(callback: Callable[[float], None] | None):
             pass
         return True
 
-    c_report = low_level.llama_progress_callback(report)
+    c_report = low_level.llama_progress_callback(report) if callback is not None else None
 
-    def with_progress():
+    def wrapped():
         params = original()
-        params.progress_callback = c_report
+        if c_report is not None:
+            params.progress_callback = c_report
+        params.use_extra_bufts = extra_buffers
         return params
 
-    low_level.llama_model_default_params = with_progress
+    low_level.llama_model_default_params = wrapped
     try:
         yield
     finally:

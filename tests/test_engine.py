@@ -220,3 +220,51 @@ def test_llama_cpp_running_out_of_memory_is_said_in_words():
     assert "compute buffers" in str(_decode_error(RuntimeError("llama_decode returned -2")))
     unknown = RuntimeError("something else")
     assert _decode_error(unknown) is unknown
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu sse sse2 avx avx2 avx512f {extra}
+bugs\t\t: spectre_v1
+"""
+
+
+def test_a_cpu_with_amx_is_recognised_by_its_flags():
+    from inference.engine import cpu_has_amx
+
+    assert cpu_has_amx(CPUINFO.format(extra="amx_bf16 amx_tile amx_int8"))
+    assert not cpu_has_amx(CPUINFO.format(extra="avx_vnni"))
+    assert not cpu_has_amx("")
+
+
+def test_extra_buffers_are_off_on_amx_cpus_unless_asked_for(monkeypatch):
+    from inference import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "cpu_has_amx", lambda cpuinfo=None: True)
+    assert engine_module.use_extra_buffers("auto") is False
+    assert engine_module.use_extra_buffers("on") is True
+    monkeypatch.setattr(engine_module, "cpu_has_amx", lambda cpuinfo=None: False)
+    assert engine_module.use_extra_buffers("auto") is True
+    assert engine_module.use_extra_buffers("OFF") is False
+    with pytest.raises(ValueError, match="LLAMA_EXTRA_BUFFERS"):
+        engine_module.use_extra_buffers("sometimes")
+
+
+def test_the_loaded_model_gets_the_extra_buffer_choice(engine, monkeypatch):
+    """On this machine's CPU (AMX or not) the load follows use_extra_buffers(), and
+    the model evaluates a prompt (on an AMX CPU with extra buffers on, llama.cpp
+    crashes the process here)."""
+    from inference.engine import use_extra_buffers
+
+    assert engine.llm.model_params.use_extra_bufts is use_extra_buffers()
+    monkeypatch.setenv("LLAMA_EXTRA_BUFFERS", "off")
+    small = Engine(options(n_ctx=256))
+    assert small.llm.model_params.use_extra_bufts is False
+    stats, text, _ = run(small, conversation("tides", words=8))
+    assert stats.completion_tokens > 0 and text
+
+
+def test_a_wrong_extra_buffers_setting_is_refused_before_loading(monkeypatch):
+    monkeypatch.setenv("LLAMA_EXTRA_BUFFERS", "maybe")
+    with pytest.raises(ModelLoadError, match='LLAMA_EXTRA_BUFFERS must be "on", "off"'):
+        Engine(options())
