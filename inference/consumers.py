@@ -150,13 +150,20 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
             overflow=frame.get("overflow"),
         )
         await self._accepted(frame, conversation, message, generation)
-        # Tell the others watching this conversation, then follow the answer.
+        # Follow the answer, then read it (a token is then in the snapshot, in a later
+        # frame, or both: never lost between the two). This runs while the worker
+        # evaluates the prompt on the same cores, so it reads once what the turn, the
+        # snapshot and the others' frames all need (docs/benchmarks.md).
+        await self._join(f"gen.{generation.pk}")
         payloads = await database_sync_to_async(self._new_turn_payloads)(message, generation)
+        turn = {"type": "conversation.turn", "conversation": conversation.pk, "messages": payloads}
+        await self.send_json(turn)
+        await self.send_json({"type": "generation.snapshot", **payloads[1]["generation"]})
+        self._watch_queue(generation.pk)
+        # The others watching this conversation add the turn and follow the answer.
         await self.channel_layer.group_send(
-            conversation_group(conversation.pk),
-            {"type": "conversation.turn", "conversation": conversation.pk, "messages": payloads},
+            conversation_group(conversation.pk), {**turn, "sender": self.channel_name}
         )
-        await self._follow(generation.pk)
 
     async def on_regenerate(self, frame):
         conversation, replaced, generation = await database_sync_to_async(services.chat_regenerate)(
@@ -274,11 +281,9 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         )
 
     async def _queue_updates(self, generation_id: int):
+        # Every caller has just sent the generation as it stands.
         try:
             while True:
-                gen = await database_sync_to_async(Generation.objects.get)(pk=generation_id)
-                if gen.state != Generation.QUEUED:
-                    return
                 await asyncio.sleep(QUEUE_UPDATE_S)
                 gen = await database_sync_to_async(Generation.objects.get)(pk=generation_id)
                 if gen.state != Generation.QUEUED:
@@ -289,10 +294,9 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
 
     @staticmethod
     def _new_turn_payloads(message: Message, generation: Generation) -> list[dict]:
-        assistant = Message.objects.select_related("generation", "author").get(
-            generation=generation
-        )
-        message = Message.objects.select_related("author").get(pk=message.pk)
+        """The user's message (as created, its author loaded) and the answer's,
+        with the generation read now: the worker may have started it already."""
+        assistant = Message.objects.select_related("generation").get(generation=generation)
         return [message_payload(message), message_payload(assistant)]
 
     @staticmethod
@@ -329,6 +333,8 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         await self._send_conversation(conversation)
 
     async def conversation_turn(self, event):
+        if event.pop("sender", None) == self.channel_name:
+            return  # the socket that sent the message has sent the turn itself
         generation = next(
             (m["generation"]["generation"] for m in event["messages"] if m["generation"]), None
         )

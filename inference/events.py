@@ -32,6 +32,8 @@ def metrics_payload(metrics) -> dict | None:
 
 
 def _metrics_of(gen: Generation):
+    if not gen.is_final:
+        return None  # the metrics row is written when the generation ends
     try:
         return gen.metrics
     except Generation.metrics.RelatedObjectDoesNotExist:
