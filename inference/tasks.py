@@ -17,10 +17,10 @@ from datetime import timedelta
 from asgiref.sync import async_to_sync
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import task_prerun, worker_process_init, worker_process_shutdown
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import transaction
+from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from mixtralweb import redis_pool
@@ -107,6 +107,14 @@ def _load_model_after_fork(**_kwargs) -> None:
         log.error("model %s failed to load in pid %s: %s", name, os.getpid(), exc)
         return
     log.info("model %s loaded in pid %s", name, os.getpid())
+
+
+@task_prerun.connect
+def _database_connection_for_the_task(**_kwargs) -> None:
+    """Keep the process's connection between tasks while it is usable and younger
+    than CONN_MAX_AGE (Django's rule for requests), instead of Celery's reconnect
+    per task (CELERY_DB_REUSE_MAX in settings turns that off)."""
+    close_old_connections()
 
 
 @worker_process_shutdown.connect
@@ -284,11 +292,23 @@ def generate(self, generation_id: int) -> None:
         publisher.close(final_event(gen))
         generation_finished.send(sender=Generation, generation=gen)
         redis_pool.client().delete(live_text_key(gen.pk), cancel_key(gen.pk))
+        _save_context()
         if _heartbeat:
             ready = _engine is not None
             _heartbeat.report_soon(
                 state=WorkerHeartbeat.READY if ready else WorkerHeartbeat.FAILED, generation=None
             )
+
+
+def _save_context() -> None:
+    """Between requests, keep this answer's context among the saved states, so that
+    the next request, if it is for another conversation, starts evaluating at once."""
+    if _engine is None:
+        return
+    try:
+        _engine.save_context()
+    except Exception:  # noqa: BLE001 - a lost saved state costs time, never an answer
+        log.exception("could not save the context after an answer")
 
 
 def _wall(monotonic_at: float | None):

@@ -28,3 +28,23 @@ def test_it_uses_redis_as_the_broker():
 def test_a_pool_process_has_time_to_load_its_model_before_it_must_say_it_is_up():
     # Celery's default (4 s) kills a pool process still loading its model.
     assert app.conf.worker_proc_alive_timeout == settings.WORKER_MODEL_LOAD_TIMEOUT_S >= 60
+
+
+def test_a_worker_keeps_its_database_connection_from_one_task_to_the_next(transactional_db):
+    """Celery's Django fixup (installed in every worker) would reconnect for every
+    task; with CELERY_DB_REUSE_MAX set, Django's CONN_MAX_AGE decides."""
+    from celery.fixups.django import DjangoWorkerFixup
+    from celery.signals import task_prerun
+    from django.db import connection
+
+    from inference.tasks import generate
+
+    fixup = DjangoWorkerFixup(app)
+    connection.ensure_connection()
+    before = connection.connection
+    for _ in range(3):
+        fixup.on_task_prerun(sender=generate)
+        task_prerun.send(sender=generate, task_id="t", task=generate, args=(), kwargs={})
+        fixup.on_task_postrun(sender=generate)
+    connection.ensure_connection()
+    assert connection.connection is before

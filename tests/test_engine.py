@@ -72,6 +72,25 @@ def test_interleaved_conversations_resume_from_their_saved_states(engine):
     assert len(engine.prefix_cache) >= 1
 
 
+def test_a_context_saved_between_requests_is_not_copied_again_before_the_next(engine, monkeypatch):
+    """The worker saves each answer's context once it is sent (save_context): the
+    next request, for another conversation, goes straight to its prompt, and the
+    first conversation still resumes from the saved state."""
+    lakes, deserts = conversation("lakes", 120), conversation("deserts", 120)
+    _, lakes_answer, lakes_prompt = run(engine, lakes)
+    engine.save_context()
+    assert tuple(engine.llm.input_ids[: engine.llm.n_tokens].tolist()) in engine.prefix_cache
+
+    def copied(_live):
+        raise AssertionError("the saved context was copied again before the prompt")
+
+    monkeypatch.setattr(engine, "_save_live", copied)
+    run(engine, deserts)
+    monkeypatch.undo()
+    back, _, _ = run(engine, follow_up(lakes, lakes_answer, "And the fish?"))
+    assert back.cached_tokens >= len(lakes_prompt) - 1
+
+
 def test_without_saved_states_an_interleaved_conversation_starts_over(
     engine_without_saved_states,
 ):
