@@ -159,18 +159,22 @@ OVERFLOW_REFUSE = "refuse"
 OVERFLOW_DROP_OLDEST = "drop_oldest"
 
 
-def _fit_context(conversation: Conversation, overflow: str) -> list[dict]:
+def _fit_context(
+    conversation: Conversation, overflow: str, messages: list[dict] | None = None
+) -> list[dict]:
     """The input for the next answer, checked against the model's context.
 
     A prompt that does not fit is refused with both numbers, or, when the user chose
     "drop_oldest", the oldest turns are marked dropped until it fits. Never silent.
+    messages: the conversation's input when the caller already knows it.
     """
     from .tokens import count_chat_tokens
 
     model = conversation.model
     max_tokens = int((conversation.params or {}).get("max_tokens", DEFAULT_PARAMS["max_tokens"]))
     while True:
-        messages = conversation_input(conversation)
+        if messages is None:
+            messages = conversation_input(conversation)
         prompt_tokens = count_chat_tokens(model, messages)
         if prompt_tokens + max_tokens <= model.n_ctx:
             return messages
@@ -189,6 +193,7 @@ def _fit_context(conversation: Conversation, overflow: str) -> list[dict]:
         for message in oldest:
             message.dropped_from_context = True
             message.save(update_fields=["dropped_from_context"])
+        messages = None
 
 
 def _queue_answer(
@@ -197,10 +202,12 @@ def _queue_answer(
     conversation: Conversation,
     overflow: str = OVERFLOW_REFUSE,
     new_conversation: bool = False,
+    first_message: Message | None = None,
 ) -> tuple[Message, Generation]:
     """Create the assistant turn for the conversation as it stands, and queue it.
-    (A conversation created in this transaction has no answer yet, and its model
-    was just checked: those queries are skipped.)"""
+    (A conversation created in this transaction has no answer yet, its model was
+    just checked, and its input is its system prompt and first_message: those
+    queries are skipped.)"""
     if not new_conversation:
         busy = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
         if busy.exists():
@@ -211,7 +218,12 @@ def _queue_answer(
         check_quota(user=user, team=conversation.team, source=Generation.SOURCE_CHAT)
     except QuotaExceeded as exc:
         raise ChatError(str(exc), code="quota") from None
-    input_messages = _fit_context(conversation, overflow)
+    known_input = None
+    if new_conversation and first_message is not None:
+        known_input = [{"role": Message.USER, "content": first_message.content}]
+        if conversation.system_prompt:
+            known_input.insert(0, {"role": "system", "content": conversation.system_prompt})
+    input_messages = _fit_context(conversation, overflow, known_input)
     if not new_conversation:
         conversation.updated_at = timezone.now()
         conversation.save()
@@ -272,6 +284,7 @@ def chat_send(
         conversation=conversation,
         overflow=overflow,
         new_conversation=conversation_id is None,
+        first_message=message,
     )
     return conversation, message, generation
 
