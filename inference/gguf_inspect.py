@@ -6,8 +6,10 @@ so inspecting a 68 GB Mixtral takes about as long as inspecting a 100 MB model.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 GGUF_MAGIC = b"GGUF"
@@ -81,15 +83,24 @@ def _file_type_name(value) -> str:
 
 def inspect_gguf(path: str | Path) -> GGUFReport:
     """Read the file's header and tensor table. Raises GGUFError naming the file and
-    the problem: missing, not a file, not GGUF, truncated or damaged."""
-    from gguf import GGUFReader
+    the problem: missing, not a file, not GGUF, truncated or damaged.
 
+    The `gguf` library parses every header field, the vocabulary's tens of thousands
+    of strings included (seconds for SmolLM2), so a report is kept per process for
+    as long as the file's size and modification time stay the same."""
     path = Path(path)
     if not path.exists():
         raise GGUFError(f"{path}: no such file")
     if not path.is_file():
         raise GGUFError(f"{path}: not a file")
-    file_bytes = path.stat().st_size
+    stat = path.stat()
+    return copy.deepcopy(_inspect(path, stat.st_size, stat.st_mtime_ns))
+
+
+@lru_cache(maxsize=16)
+def _inspect(path: Path, file_bytes: int, _mtime_ns: int) -> GGUFReport:
+    from gguf import GGUFReader
+
     with path.open("rb") as fh:
         magic = fh.read(4)
     if magic != GGUF_MAGIC:

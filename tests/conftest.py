@@ -23,12 +23,33 @@ from pathlib import Path
 import pytest
 import redis
 from django.conf import settings
+from django.contrib.auth.hashers import PBKDF2PasswordHasher
 
 from tests.browser import browser  # noqa: F401 - the Chromium fixture, for browser tests
 from tests.fake_nvml import fake_gpus, no_gpu  # noqa: F401 - fixtures: a substituted NVML
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / "var" / "test-logs"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quick_password_hashes():
+    """Passwords made in this process are hashed with one PBKDF2 iteration instead of
+    Django's million (a quarter of a second each, three per cast). The algorithm name
+    is the same, so every server of the stack checks them as usual (and upgrades the
+    hash at a login there)."""
+    from django.test.utils import override_settings
+
+    override = override_settings(
+        PASSWORD_HASHERS=["tests.conftest.QuickPBKDF2PasswordHasher", *settings.PASSWORD_HASHERS]
+    )
+    override.enable()
+    yield
+    override.disable()
+
+
+class QuickPBKDF2PasswordHasher(PBKDF2PasswordHasher):
+    iterations = 1
 
 
 def free_port() -> int:

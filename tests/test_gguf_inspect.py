@@ -87,3 +87,20 @@ def test_it_refuses_a_file_cut_inside_its_header(tiny_path, tmp_path):
     cut.write_bytes(tiny_path.read_bytes()[:200])
     with pytest.raises(GGUFError, match="header.gguf: (damaged or truncated|truncated)"):
         inspect_gguf(cut)
+
+
+def test_a_file_changed_after_its_inspection_is_read_again(tiny_path, tmp_path):
+    """Reports are kept per process while the file stays the same (the library takes
+    seconds over a real vocabulary); a file cut or replaced since is read anew."""
+    copy = tmp_path / "model.gguf"
+    copy.write_bytes(tiny_path.read_bytes())
+    first = inspect_gguf(copy)
+    first.tensor_types.clear()  # a caller's change does not reach the kept report
+    again = inspect_gguf(copy)
+    assert again.tensor_types and again.parameter_count == first.parameter_count
+    copy.write_bytes(tiny_path.read_bytes()[:-64])
+    with pytest.raises(GGUFError, match="model.gguf: (damaged or truncated|truncated)"):
+        inspect_gguf(copy)
+    copy.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(GGUFError, match="model.gguf"):
+        inspect_gguf(copy)
