@@ -367,15 +367,17 @@ class Engine:
         cancel: threading.Event,
         on_progress: Callable[[int, int], None] | None,
     ) -> int:
-        """Evaluate all but the prompt's last token, one batch at a time, starting
-        after the longest prefix already in the context (or in a saved state).
-        Returns the number of tokens reused. generate() then finds everything but
-        the last token cached, evaluates that one and samples."""
+        """Evaluate the prompt one batch at a time, starting after the longest
+        prefix already in the context (or in a saved state), up to and including its
+        last token. Returns the number of tokens reused. generate() then finds the
+        whole prompt just evaluated and samples from the last batch's logits at once.
+        (Leaving the last token to generate(), as before, cost a second forward pass
+        before the first token: one decoding step, 19 ms for SmolLM2 here.)"""
         llm = self.llm
         reused = self._restore_best_prefix(prompt)
         self._live_saved = False  # from here on the context changes
         llm.n_tokens = reused  # llm.eval drops the KV cells from here on
-        todo = prompt[reused : len(prompt) - 1]
+        todo = prompt[reused:]
         report = on_progress if on_progress is not None and len(todo) > self.n_batch else None
         evaluated = reused
         if report:

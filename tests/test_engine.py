@@ -136,7 +136,7 @@ def test_a_long_prompt_reports_its_progress_batch_by_batch(engine):
     evaluated = [n for n, _ in reports]
     assert all(total == len(prompt) for _, total in reports)
     assert evaluated == sorted(evaluated) and len(reports) >= 3
-    assert evaluated[0] == stats.cached_tokens and evaluated[-1] == len(prompt) - 1
+    assert evaluated[0] == stats.cached_tokens and evaluated[-1] == len(prompt)
     assert all(b - a <= engine.n_batch for a, b in zip(evaluated, evaluated[1:], strict=False))
 
 
@@ -287,3 +287,26 @@ def test_a_wrong_extra_buffers_setting_is_refused_before_loading(monkeypatch):
     monkeypatch.setenv("LLAMA_EXTRA_BUFFERS", "maybe")
     with pytest.raises(ModelLoadError, match='LLAMA_EXTRA_BUFFERS must be "on", "off"'):
         Engine(options())
+
+
+def test_the_first_token_is_sampled_from_the_prompts_last_batch(engine, monkeypatch):
+    """No forward pass of its own for the prompt's last token: it would cost one
+    decoding step before the first token."""
+    import math
+
+    passes = []
+    original = engine.llm.eval
+
+    def counting_eval(tokens):
+        if tokens:
+            passes.append(len(tokens))
+        return original(tokens)
+
+    monkeypatch.setattr(engine.llm, "eval", counting_eval)
+    stats = RunStats()
+    prompt = engine.chat_prompt_tokens(conversation("harbours", 300))
+    pieces = engine.stream(prompt, GREEDY, threading.Event(), stats)
+    next(pieces)  # the first token
+    assert sum(passes) == len(prompt) - stats.cached_tokens
+    assert len(passes) == math.ceil((len(prompt) - stats.cached_tokens) / engine.n_batch) > 1
+    list(pieces)
