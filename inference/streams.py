@@ -6,6 +6,13 @@ A piece of text that arrives while the previous send is in flight, or less than
 and the close go out at once). Every send also appends the text to a short-lived
 Redis key, the live text a reconnecting client starts from, before the message
 goes out: a client's snapshot is never behind a frame it then receives.
+
+One event waits: `generation.started` goes out with the first token (after it) or
+the first progress event, or after STARTED_HOLD_S if neither has come. Sent at
+once, it was work for this relay, Redis and every web server at the moment the
+model evaluates the prompt (on a CPU host, the same cores), and the first token
+came about 6 ms later for it (docs/benchmarks.md); a client learns nothing from it
+that the first token does not tell it a moment later.
 """
 
 from __future__ import annotations
@@ -15,6 +22,18 @@ import asyncio
 from django.conf import settings
 
 from .publisher import LIVE_TEXT_TTL_S, group_name, live_text_key
+
+# How long generation.started waits for company (the first token or progress).
+STARTED_HOLD_S = 0.25
+
+
+def _is_started(item: tuple) -> bool:
+    kind, payload, _ = item
+    return (
+        kind == "event"
+        and isinstance(payload, dict)
+        and payload.get("type") == "generation.started"
+    )
 
 
 class Stream:
@@ -28,6 +47,8 @@ class Stream:
         self._queue: asyncio.Queue = asyncio.Queue()
         # Set when an event or the close is queued: it ends a coalescing wait.
         self._urgent = asyncio.Event()
+        # Set whenever anything is queued: it ends the wait of a held started event.
+        self._fed = asyncio.Event()
 
     def feed(self, message: dict) -> None:
         """Queue {"op": "text", "text", "at"}, {"op": "event", "event"} or
@@ -36,10 +57,13 @@ class Stream:
         if op == "text":
             self._queue.put_nowait(("text", message["text"], message["at"]))
         elif op in ("event", "close"):
-            self._queue.put_nowait((op, message.get("event") or message.get("final"), None))
-            self._urgent.set()
+            item = (op, message.get("event") or message.get("final"), None)
+            self._queue.put_nowait(item)
+            if not _is_started(item):
+                self._urgent.set()
         else:
             raise KeyError(f"unknown operation {op!r}")
+        self._fed.set()
 
     async def run(self, layer, redis) -> str | None:
         """Send until the close has been sent. Returns None, or what went wrong (the
@@ -48,6 +72,12 @@ class Stream:
         last_send = float("-inf")
         while True:
             batch = [await self._queue.get()]
+            if _is_started(batch[0]) and self._queue.empty():
+                self._fed.clear()
+                try:
+                    await asyncio.wait_for(self._fed.wait(), STARTED_HOLD_S)
+                except TimeoutError:
+                    pass
             wait = last_send + self.coalesce_s - loop.time()
             if batch[0][0] == "text" and wait > 0 and not self._urgent.is_set():
                 try:
@@ -57,6 +87,11 @@ class Stream:
             self._urgent.clear()
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            if _is_started(batch[0]) and len(batch) > 1:
+                # The first token goes first: it is what the user is waiting for.
+                started = batch.pop(0)
+                texts = next((i for i, item in enumerate(batch) if item[0] != "text"), len(batch))
+                batch.insert(texts, started)
             try:
                 closing = await self._send(layer, redis, batch)
             except Exception as exc:  # noqa: BLE001 - reported to the worker
