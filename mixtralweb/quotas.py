@@ -52,18 +52,6 @@ def _limits(quota, prefix: str) -> Limits:
     return Limits(**values)
 
 
-def limits_for_user(user) -> Limits:
-    from .models import Quota
-
-    return _limits(Quota.objects.filter(user=user).first(), "QUOTA_USER")
-
-
-def limits_for_team(team) -> Limits:
-    from .models import Quota
-
-    return _limits(Quota.objects.filter(team=team).first(), "QUOTA_TEAM")
-
-
 def start_of_day(now):
     """Midnight today in TIME_ZONE: token quotas reset then."""
     local = timezone.localtime(now)
@@ -144,14 +132,34 @@ def _check(generations, limits: Limits, now, owner: str) -> None:
             )
 
 
+def _team_defaults_limit() -> bool:
+    return any(getattr(settings, f"QUOTA_TEAM_{field.upper()}") for field in LIMIT_FIELDS)
+
+
 def check_quota(*, user, team=None, source: str = "chat") -> None:
     """Raise QuotaExceeded if `user` (or one of their teams, or `team`) may not start a
     generation now. `source` (chat, job, api) is accepted for callers' clarity; the
-    limits are the same for all."""
+    limits are the same for all.
+
+    It runs before every message is queued, so the Quota rows of the user and of
+    all their teams come in one query; the teams themselves are read only when the
+    settings give teams a default limit (by default they do not)."""
+    from .models import Quota
+
     now = timezone.now()
-    _check(_user_generations(user), limits_for_user(user), now, "Your")
-    teams = {t.pk: t for t in user.teams.all()}
+    mine = Q(user=user) | Q(team__memberships__user=user)
     if team is not None:
-        teams.setdefault(team.pk, team)
-    for each in teams.values():
-        _check(_team_generations(each), limits_for_team(each), now, f"Team {each.name}'s")
+        mine |= Q(team=team)
+    quotas = list(Quota.objects.filter(mine).select_related("team").distinct())
+    user_quota = next((q for q in quotas if q.user_id == user.pk), None)
+    team_quotas = {q.team_id: q for q in quotas if q.team_id is not None}
+    _check(_user_generations(user), _limits(user_quota, "QUOTA_USER"), now, "Your")
+    if _team_defaults_limit():
+        teams = {t.pk: t for t in user.teams.all()}
+        if team is not None:
+            teams.setdefault(team.pk, team)
+    else:
+        teams = {pk: q.team for pk, q in team_quotas.items()}
+    for pk, each in teams.items():
+        limits = _limits(team_quotas.get(pk), "QUOTA_TEAM")
+        _check(_team_generations(each), limits, now, f"Team {each.name}'s")

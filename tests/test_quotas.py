@@ -86,6 +86,18 @@ def test_a_team_quota_counts_its_members_together(cast, default_model):
     check_quota(user=cast.charlie)  # not in Red
 
 
+def test_a_team_without_a_quota_row_gets_the_team_default_from_settings(
+    cast, default_model, settings
+):
+    settings.QUOTA_TEAM_REQUESTS_PER_MINUTE = 2
+    generation(cast.alice, default_model, ago_s=5)
+    generation(cast.bob, default_model, ago_s=5)
+    with pytest.raises(QuotaExceeded) as caught:
+        check_quota(user=cast.alice)
+    assert str(caught.value).startswith("Team Red's limit is 2 generation(s) per minute")
+    check_quota(user=cast.charlie)  # in no team
+
+
 def test_a_blank_limit_takes_the_settings_default_and_zero_means_none(
     cast, default_model, settings
 ):
