@@ -40,7 +40,8 @@ def test_a_worker_keeps_its_database_connection_from_one_task_to_the_next(transa
     from inference.tasks import generate
 
     fixup = DjangoWorkerFixup(app)
-    connection.ensure_connection()
+    connection.close()  # a healthy connection to start from (an earlier test may
+    connection.ensure_connection()  # have left this process's one broken)
     before = connection.connection
     for _ in range(3):
         fixup.on_task_prerun(sender=generate)
