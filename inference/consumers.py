@@ -285,9 +285,11 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         try:
             while True:
                 await asyncio.sleep(QUEUE_UPDATE_S)
-                gen = await database_sync_to_async(Generation.objects.get)(pk=generation_id)
-                if gen.state != Generation.QUEUED:
-                    return
+                gen = await database_sync_to_async(
+                    Generation.objects.filter(pk=generation_id).first
+                )()
+                if gen is None or gen.state != Generation.QUEUED:
+                    return  # started, or deleted with its conversation
                 await self.send_json(await database_sync_to_async(generation_snapshot)(gen))
         finally:
             self.queue_watchers.pop(generation_id, None)
