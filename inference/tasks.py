@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 
 # A generation whose worker died this many times fails instead of being retried.
 MAX_ATTEMPTS = 2
-# The heartbeat says BUSY this long after a generation starts (report_soon).
-BUSY_REPORT_DELAY_S = 0.25
 
 _engine: Engine | None = None
 _engine_key = None
@@ -232,12 +230,7 @@ def generate(self, generation_id: int) -> None:
     publisher = Publisher(gen.pk, cancel, start_offset=len(prefix)).start()
     publisher.event({"type": "generation.started", "generation": gen.pk, "worker": gen.worker})
     if _heartbeat:
-        # Written a moment later, not while the prompt's evaluation begins (the
-        # thread's Python and its two writes compete with it); an answer shorter
-        # than that is never shown busy.
-        _heartbeat.report_soon(
-            state=WorkerHeartbeat.BUSY, generation=gen.pk, delay_s=BUSY_REPORT_DELAY_S
-        )
+        _heartbeat.report_soon(state=WorkerHeartbeat.BUSY, generation=gen.pk)
 
     def prompt_progress(evaluated: int, total: int) -> None:
         publisher.event(

@@ -106,7 +106,6 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._due: float | None = None  # when report_soon's state must be written
         self._last_progress_write = 0.0
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -125,15 +124,11 @@ class Heartbeat:
             self.state.update(changes)
         self.write()
 
-    def report_soon(self, delay_s: float = 0.0, **changes) -> None:
-        """Change the state and have the heartbeat thread write it within delay_s,
-        without waiting for the write (a generation's start must not wait for it).
-        A report due sooner takes its place: the thread writes the state as it is
-        then, so a BUSY still waiting when the READY comes is never written."""
+    def report_soon(self, **changes) -> None:
+        """Change the state and have the heartbeat thread write it now, without
+        waiting for the write (a generation's start must not wait for it)."""
         with self._lock:
             self.state.update(changes)
-            due = time.monotonic() + delay_s
-            self._due = due if self._due is None else min(self._due, due)
         self._wake.set()
 
     def loading_progress(self, fraction: float) -> None:
@@ -201,17 +196,10 @@ class Heartbeat:
 
     def _run(self) -> None:
         while True:
-            with self._lock:
-                due = self._due
-            timeout = self.interval_s if due is None else max(0.0, due - time.monotonic())
-            self._wake.wait(timeout)
+            self._wake.wait(self.interval_s)
             self._wake.clear()
             if self._stop.is_set():
                 break
-            with self._lock:
-                if self._due is not None and time.monotonic() < self._due:
-                    continue  # woken by a report that is not due yet
-                self._due = None
             self.write()
         connection.close()  # this thread's own connection
 

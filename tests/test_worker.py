@@ -187,36 +187,3 @@ def test_a_generation_sent_to_a_worker_that_cannot_load_its_model_fails_with_why
     gen = wait_finished(gen, "failed")
     assert gen.reason.startswith("The model could not be loaded")
     assert "broken.gguf" in gen.reason and "truncated" in gen.reason
-
-
-def test_a_delayed_busy_report_is_written_late_and_a_sooner_ready_takes_its_place(
-    transactional_db,
-):
-    """The worker says BUSY a moment after it takes a generation (not while the
-    prompt's evaluation begins); an answer done before that is never shown busy."""
-    import os
-
-    from inference.workers import Heartbeat
-
-    heartbeat = Heartbeat("probe-model", "cpu").start()
-
-    def states(for_s: float) -> list[str]:
-        seen, deadline = [], time.monotonic() + for_s
-        while time.monotonic() < deadline:
-            mine = [w for w in live_workers("probe-model") if w["pid"] == os.getpid()]
-            seen.append(mine[0]["state"] if mine else None)
-            time.sleep(0.02)
-        return seen
-
-    try:
-        heartbeat.report(state=WorkerHeartbeat.READY)
-        heartbeat.report_soon(state=WorkerHeartbeat.BUSY, delay_s=0.3)
-        early, late = states(0.2), states(0.4)
-        assert set(early) == {WorkerHeartbeat.READY}
-        assert late[-1] == WorkerHeartbeat.BUSY
-        heartbeat.report_soon(state=WorkerHeartbeat.READY)  # back to idle at once
-        heartbeat.report_soon(state=WorkerHeartbeat.BUSY, delay_s=0.3)
-        heartbeat.report_soon(state=WorkerHeartbeat.READY)
-        assert set(states(0.6)[5:]) == {WorkerHeartbeat.READY}
-    finally:
-        heartbeat.stop()
