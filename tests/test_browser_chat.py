@@ -55,6 +55,8 @@ def test_a_user_logs_in_chats_and_sees_the_answer_stream(stack, cast, default_mo
     wait_state(page, "done")
     gen = Generation.objects.get(conversation=conversation_of(page))
     assert gen.state == Generation.DONE and gen.text
+    # The header names the new conversation as the server titled it, without a reload.
+    assert page.locator("#chat-title").inner_text() == gen.conversation.title
     footer = last_answer(page).locator(".footer").inner_text()
     assert f"{gen.metrics.completion_tokens} tokens" in footer
     assert f"context {gen.metrics.context_used} / {gen.metrics.n_ctx}" in footer

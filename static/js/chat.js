@@ -109,9 +109,15 @@
       conversationId = frame.conversation;
       history.replaceState(null, "", root.dataset.conversationUrl + conversationId + "/");
       addToSidebar(conversationId, request ? request.content : "New chat");
+      // The server titles a conversation with its first line (services.chat_send).
+      if (request && request.content) title.textContent = firstLine(request.content);
       const settings = document.getElementById("new-chat-settings");
       if (settings) settings.remove();
     }
+  }
+
+  function firstLine(text) {
+    return (text || "").trim().split("\n")[0].slice(0, 80);
   }
 
   function addToSidebar(id, text) {
@@ -123,7 +129,7 @@
     li.className = "active";
     const a = document.createElement("a");
     a.href = root.dataset.conversationUrl + id + "/";
-    a.textContent = (text || "").trim().split("\n")[0].slice(0, 80);
+    a.textContent = firstLine(text);
     li.append(a);
     mine.prepend(li);
   }
