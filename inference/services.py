@@ -201,13 +201,13 @@ def _queue_answer(
     user,
     conversation: Conversation,
     overflow: str = OVERFLOW_REFUSE,
-    new_conversation: bool = False,
     first_message: Message | None = None,
 ) -> tuple[Message, Generation]:
     """Create the assistant turn for the conversation as it stands, and queue it.
-    (A conversation created in this transaction has no answer yet, its model was
-    just checked, and its input is its system prompt and first_message: those
-    queries are skipped.)"""
+    first_message: the conversation was created in this transaction with this
+    message. It then has no answer yet, its model was just checked, and its input
+    is its system prompt and that message: those queries are skipped."""
+    new_conversation = first_message is not None
     if not new_conversation:
         busy = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
         if busy.exists():
@@ -219,7 +219,7 @@ def _queue_answer(
     except QuotaExceeded as exc:
         raise ChatError(str(exc), code="quota") from None
     known_input = None
-    if new_conversation and first_message is not None:
+    if new_conversation:
         known_input = [{"role": Message.USER, "content": first_message.content}]
         if conversation.system_prompt:
             known_input.insert(0, {"role": "system", "content": conversation.system_prompt})
@@ -283,8 +283,7 @@ def chat_send(
         user=user,
         conversation=conversation,
         overflow=overflow,
-        new_conversation=conversation_id is None,
-        first_message=message,
+        first_message=message if conversation_id is None else None,
     )
     return conversation, message, generation
 
