@@ -201,9 +201,16 @@ class Publisher:
                 "coalesce_s": self.coalesce_s,
             }
         )
-        watch = _LoopThread.get()
-        self._watcher = asyncio.run_coroutine_threadsafe(self._watch_cancel(watch), watch.loop)
         return self
+
+    def watch_for_stop(self) -> None:
+        """Start waiting for a stop request (and keeping the alive key fresh). The
+        caller starts it just before the model runs: the watcher's Python and its
+        Redis commands would otherwise compete with the way to the first token. A
+        stop requested earlier waits in Redis and is seen at once."""
+        if self._watcher is None:
+            watch = _LoopThread.get()
+            self._watcher = asyncio.run_coroutine_threadsafe(self._watch_cancel(watch), watch.loop)
 
     def put(self, text: str) -> None:
         """Queue a piece of text. Never blocks on Redis."""
@@ -231,7 +238,8 @@ class Publisher:
                     )
                 except Exception:  # noqa: BLE001 - the row is final; a reload shows it
                     log.exception("generation %s: the final event was not sent", self.generation_id)
-        self._watcher.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         try:
             redis_pool.client().delete(alive_key(self.generation_id))
         except RedisError:

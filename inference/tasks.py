@@ -21,7 +21,6 @@ from celery.signals import task_prerun, worker_process_init, worker_process_shut
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import close_old_connections, transaction
-from django.db.models import F
 from django.utils import timezone
 
 from mixtralweb import redis_pool
@@ -142,19 +141,10 @@ def sampling_from(params: dict) -> Sampling:
 def _claim(generation_id: int) -> tuple[Generation, str] | None:
     """Mark the generation running. Returns it with the text already streamed, or
     None when there is nothing to do."""
-    # The usual case, a queued generation, in one conditional UPDATE: only one
-    # claimer can match it (a concurrent one finds it no longer queued). Two round
-    # trips instead of the locked path's four, on the way to the first token.
-    now = timezone.now()
-    claimed = Generation.objects.filter(pk=generation_id, state=Generation.QUEUED).update(
-        state=Generation.RUNNING,
-        attempts=F("attempts") + 1,
-        started_at=now,
-        heartbeat_at=now,
-        worker=worker_name(),
-    )
-    if claimed:
-        gen = Generation.objects.select_related("model").get(pk=generation_id)
+    # The usual case, a queued generation: one statement (models.py), where the
+    # locked path below takes four round trips.
+    gen = Generation.objects.claim_queued(generation_id, worker_name())
+    if gen is not None:
         return gen, gen.text
     # Redelivered, final, stopped before it started, or gone.
     with transaction.atomic():
@@ -229,8 +219,6 @@ def generate(self, generation_id: int) -> None:
         cancel.set()
     publisher = Publisher(gen.pk, cancel, start_offset=len(prefix)).start()
     publisher.event({"type": "generation.started", "generation": gen.pk, "worker": gen.worker})
-    if _heartbeat:
-        _heartbeat.report_soon(state=WorkerHeartbeat.BUSY, generation=gen.pk)
 
     def prompt_progress(evaluated: int, total: int) -> None:
         publisher.event(
@@ -256,6 +244,12 @@ def generate(self, generation_id: int) -> None:
                     prompt = engine.tokenize(gen.prompt_text + prefix)
                 else:
                     prompt = engine.chat_prompt_tokens(gen.input_messages, assistant_prefix=prefix)
+                # What runs beside the answer starts now, as the model starts: before
+                # the prompt is ready, its Python (threads of this process) and its
+                # database and Redis writes only delayed it (docs/benchmarks.md).
+                publisher.watch_for_stop()
+                if _heartbeat:
+                    _heartbeat.report_soon(state=WorkerHeartbeat.BUSY, generation=gen.pk)
                 next_flush = time.monotonic() + flush_every
                 pieces = engine.stream(
                     prompt,
