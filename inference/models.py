@@ -8,8 +8,8 @@ of truth; the websocket stream is a live view of it.
 from __future__ import annotations
 
 from django.conf import settings
-from django.db import models
-from django.db.models import Q
+from django.db import connections, models
+from django.db.models import F, Q
 from django.utils import timezone
 
 KV_CACHE_TYPES = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0")]
@@ -140,6 +140,68 @@ class Conversation(models.Model):
         return self.title or f"Conversation {self.pk}"
 
 
+class GenerationQuerySet(models.QuerySet):
+    def claim_queued(
+        self, pk: int, worker: str, one_statement: bool | None = None
+    ) -> Generation | None:
+        """Mark the queued generation `pk` running on `worker`, and return it with its
+        model; None if it is not queued. One conditional UPDATE: of two claimers,
+        only one can match.
+
+        On PostgreSQL (one_statement None: the default there) the UPDATE also
+        returns the row and its model: one round trip on every answer's way to its
+        first token instead of two. Elsewhere the row is read after the UPDATE."""
+        now = timezone.now()
+        changes = {"state": Generation.RUNNING, "started_at": now, "heartbeat_at": now}
+        changes["worker"] = worker
+        connection = connections[self.db]
+        if one_statement is None:
+            one_statement = connection.vendor == "postgresql"
+        if not one_statement:
+            queued = self.filter(pk=pk, state=Generation.QUEUED)
+            if not queued.update(attempts=F("attempts") + 1, **changes):
+                return None
+            return self.select_related("model").get(pk=pk)
+        qn = connection.ops.quote_name
+        gen_fields = Generation._meta.concrete_fields
+        model_fields = LanguageModel._meta.concrete_fields
+        setting = [f"{qn(name)} = %s" for name in changes]
+        setting.append(f"{qn('attempts')} = {qn('attempts')} + 1")
+        params = [
+            Generation._meta.get_field(name).get_db_prep_save(value, connection)
+            for name, value in changes.items()
+        ]
+        sql = (
+            f"WITH claimed AS (UPDATE {qn(Generation._meta.db_table)} SET {', '.join(setting)} "
+            f"WHERE {qn('id')} = %s AND {qn('state')} = %s "
+            f"RETURNING {', '.join(qn(f.column) for f in gen_fields)}) "
+            f"SELECT claimed.*, {', '.join('m.' + qn(f.column) for f in model_fields)} "
+            f"FROM claimed JOIN {qn(LanguageModel._meta.db_table)} m "
+            f"ON m.{qn('id')} = claimed.{qn('model_id')}"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [*params, pk, Generation.QUEUED])
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        gen = _from_row(Generation, gen_fields, row[: len(gen_fields)], self.db)
+        gen.model = _from_row(LanguageModel, model_fields, row[len(gen_fields) :], self.db)
+        return gen
+
+
+def _from_row(model, fields, values, db: str):
+    """An instance from a raw row, its values converted as the ORM converts them
+    (JSON decoded, and so on)."""
+    connection = connections[db]
+    converted = []
+    for field, value in zip(fields, values, strict=True):
+        col = field.cached_col
+        for convert in connection.ops.get_db_converters(col) + field.get_db_converters(connection):
+            value = convert(value, col, connection)
+        converted.append(value)
+    return model.from_db(db, [f.attname for f in fields], converted)
+
+
 class Generation(models.Model):
     """One run of the model, from queued to a final state."""
 
@@ -201,6 +263,8 @@ class Generation(models.Model):
     # Written with every partial flush: a running generation whose worker died stops
     # moving, and the reaper fails it.
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    objects = GenerationQuerySet.as_manager()
 
     class Meta:
         ordering = ["-queued_at"]
