@@ -123,10 +123,9 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         window = settings.WS_RATE_LIMIT_WINDOW_S
         now = int(time.time())
         key = f"wsrate:{self.user.pk}:{now // window}"
-        redis = self._redis()
-        count = await redis.incr(key)
-        if count == 1:
-            await redis.expire(key, window * 2)
+        # One round trip: the key gets its expiry if it has none, then counts.
+        async with self._redis().pipeline(transaction=False) as pipe:
+            _, count = await pipe.set(key, 0, ex=window * 2, nx=True).incr(key).execute()
         if count > settings.WS_RATE_LIMIT_FRAMES:
             return window - now % window
         return 0
