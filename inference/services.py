@@ -168,13 +168,15 @@ def _fit_context(
     "drop_oldest", the oldest turns are marked dropped until it fits. Never silent.
     messages: the conversation's input when the caller already knows it.
     """
-    from .tokens import count_chat_tokens
+    from .tokens import chat_tokens_bound, count_chat_tokens
 
     model = conversation.model
     max_tokens = int((conversation.params or {}).get("max_tokens", DEFAULT_PARAMS["max_tokens"]))
     while True:
         if messages is None:
             messages = conversation_input(conversation)
+        if chat_tokens_bound(model, messages) + max_tokens <= model.n_ctx:
+            return messages  # fits for certain: not worth tokenizing
         prompt_tokens = count_chat_tokens(model, messages)
         if prompt_tokens + max_tokens <= model.n_ctx:
             return messages

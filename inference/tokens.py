@@ -62,6 +62,21 @@ def tokenizer_for(path: str) -> ChatTokenizer:
     return _vocab_tokenizer(str(path), os.stat(path).st_mtime_ns)
 
 
+# Each token of a vocabulary llama.cpp reads stands for at least one byte of the
+# text it was cut from; the margin covers what a tokenizer adds on its own (a
+# leading space, a start token).
+BOUND_MARGIN_TOKENS = 8
+
+
+def chat_tokens_bound(model, messages: Sequence[dict]) -> int:
+    """At least count_chat_tokens(model, messages), without tokenizing: the rendered
+    prompt's length in bytes, plus a margin. Rendering takes microseconds where
+    tokenizing takes about a millisecond, so a prompt far from the context's end is
+    known to fit at once (tests/test_tokens.py checks the bound)."""
+    text = tokenizer_for(model.path).render(messages)
+    return len(text.encode("utf-8")) + BOUND_MARGIN_TOKENS
+
+
 def count_chat_tokens(model, messages: Sequence[dict]) -> int:
     """The prompt tokens of `messages` for `model` (a LanguageModel, or anything with
     a `path`), identical to the count the worker gets."""
