@@ -20,7 +20,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import task_prerun, worker_process_init, worker_process_shutdown
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import InterfaceError, OperationalError, close_old_connections, transaction
 from django.utils import timezone
 
 from mixtralweb import redis_pool
@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 
 # A generation whose worker died this many times fails instead of being retried.
 MAX_ATTEMPTS = 2
+# A claim that meets an unavailable database is tried again after this long, then
+# twice as long after each further failure, up to CLAIM_RETRY_MAX_S.
+CLAIM_RETRY_S = 1.0
+CLAIM_RETRY_MAX_S = 30.0
 
 _engine: Engine | None = None
 _engine_key = None
@@ -207,7 +211,19 @@ def _announce_final(gen: Generation) -> None:
 
 @shared_task(name="inference.tasks.generate", bind=True)
 def generate(self, generation_id: int) -> None:
-    claimed = _claim(generation_id)
+    try:
+        claimed = _claim(generation_id)
+    except (OperationalError, InterfaceError) as exc:
+        # Nothing was claimed: the generation is still queued in the database, and
+        # would stay so with this message gone. Ask again later, until it answers.
+        delay = min(CLAIM_RETRY_MAX_S, CLAIM_RETRY_S * 2**self.request.retries)
+        log.warning(
+            "generation %s: the database is not answering (%s); trying again in %.0f s",
+            generation_id,
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+            delay,
+        )
+        raise self.retry(countdown=delay, max_retries=None) from exc
     if claimed is None:
         return
     gen, prefix = claimed

@@ -387,3 +387,66 @@ def test_while_the_database_is_unavailable_pages_answer_503_and_nothing_crash_lo
         admin_sql(f'ALTER DATABASE "{outage_db.name}" ALLOW_CONNECTIONS true')
         running.stop()
         redis_server.kill()
+
+
+def test_an_answer_whose_worker_finds_the_database_down_is_claimed_once_it_is_back(
+    outage_db, tmp_path
+):
+    redis_server = RedisServer(tmp_path).start()
+    running = Cluster("outage-claim", redis_server, DATABASE_URL=outage_db.url)
+    try:
+        web = running.start_web()
+        worker = running.start_worker()
+        running.wait_ready(1)
+        log_file = ROOT / "var" / "test-logs" / f"{next(iter(worker.processes))}.log"
+        log_start = log_file.stat().st_size
+        script = (
+            "from django.contrib.auth import get_user_model; "
+            "from inference.models import Generation; "
+            "from inference.registry import ensure_default_model; "
+            "m = ensure_default_model(); "
+            "g = Generation.objects.create(user=get_user_model().objects.get(username='dora'), "
+            "model=m, input_messages=[{'role': 'user', 'content': 'Hi!'}], "
+            "params={'max_tokens': 8}); print(g.pk, m.queue_name)"
+        )
+        env = {**os.environ, "DATABASE_URL": outage_db.url}
+        shell = [sys.executable, "manage.py", "shell", "-c", script]
+        made = subprocess.run(shell, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+        gen_id, queue = made.stdout.split()[-2:]
+
+        admin_sql(
+            f'ALTER DATABASE "{outage_db.name}" ALLOW_CONNECTIONS false',
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{outage_db.name}'",
+        )
+        # The committed generation's message reaches the worker while the database
+        # is down: the claim fails, and the worker asks again later.
+        from inference.tasks import generate
+        from mixtralweb.celery import app
+
+        with app.connection_for_write(redis_server.url) as connection:
+            generate.apply_async(args=[int(gen_id)], queue=queue, connection=connection)
+
+        def retried():
+            return "the database is not answering" in log_file.read_bytes()[log_start:].decode()
+
+        wait_for(retried, 30, 0.2, "the worker to meet the outage and retry")
+        admin_sql(f'ALTER DATABASE "{outage_db.name}" ALLOW_CONNECTIONS true')
+
+        ws = CookieClient(web, outage_db.cookie)
+        ws.send({"type": "generation.subscribe", "generation": int(gen_id)})
+        final, _ = ws.recv_until(
+            lambda f: (
+                f.get("generation") == int(gen_id)
+                and f["type"] in {"generation.snapshot", "generation.final"}
+                and f["state"] in {"done", "failed", "cancelled"}
+            ),
+            timeout=120,
+        )
+        assert final["state"] == "done" and final["text"], final
+        assert all(p.poll() is None for p in worker.processes.values())
+        ws.close()
+    finally:
+        admin_sql(f'ALTER DATABASE "{outage_db.name}" ALLOW_CONNECTIONS true')
+        running.stop()
+        redis_server.kill()
