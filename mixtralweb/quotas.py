@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import F, Q, Sum
+from django.db import connections
+from django.db.models import F, Q, Sum, prefetch_related_objects
 from django.utils import timezone
 
 # A concurrency limit frees up when a generation finishes, which no one can predict;
@@ -132,6 +133,26 @@ def _check(generations, limits: Limits, now, owner: str) -> None:
             )
 
 
+def _quotas_of(user, team=None) -> list:
+    """The Quota rows of `user`, of their teams and of `team`. Written in SQL: the
+    ORM's join, DISTINCT and compilation cost four times the query itself (2 ms
+    against 0.5 here), and every chat message pays it."""
+    from .models import Membership, Quota
+
+    connection = connections[Quota.objects.db]
+    qn = connection.ops.quote_name
+    sql = (
+        f"SELECT * FROM {qn(Quota._meta.db_table)} WHERE {qn('user_id')} = %s "
+        f"OR {qn('team_id')} IN (SELECT {qn('team_id')} FROM {qn(Membership._meta.db_table)} "
+        f"WHERE {qn('user_id')} = %s)"
+    )
+    params = [user.pk, user.pk]
+    if team is not None:
+        sql += f" OR {qn('team_id')} = %s"
+        params.append(team.pk)
+    return list(Quota.objects.raw(sql, params))
+
+
 def _team_defaults_limit() -> bool:
     return any(getattr(settings, f"QUOTA_TEAM_{field.upper()}") for field in LIMIT_FIELDS)
 
@@ -142,17 +163,14 @@ def check_quota(*, user, team=None, source: str = "chat") -> None:
     limits are the same for all.
 
     It runs before every message is queued, so the Quota rows of the user and of
-    all their teams come in one query; the teams themselves are read only when the
-    settings give teams a default limit (by default they do not)."""
-    from .models import Quota
-
+    all their teams come in one query; the teams themselves are read only when one
+    has a quota or the settings give teams a default limit (by default they do not)."""
     now = timezone.now()
-    mine = Q(user=user) | Q(team__memberships__user=user)
-    if team is not None:
-        mine |= Q(team=team)
-    quotas = list(Quota.objects.filter(mine).select_related("team").distinct())
+    quotas = _quotas_of(user, team)
     user_quota = next((q for q in quotas if q.user_id == user.pk), None)
     team_quotas = {q.team_id: q for q in quotas if q.team_id is not None}
+    if team_quotas:
+        prefetch_related_objects(list(team_quotas.values()), "team")
     _check(_user_generations(user), _limits(user_quota, "QUOTA_USER"), now, "Your")
     if _team_defaults_limit():
         teams = {t.pk: t for t in user.teams.all()}
