@@ -94,6 +94,10 @@ def get_engine(model: LanguageModel) -> Engine:
     return _engine
 
 
+def _engine_loaded(model: LanguageModel) -> bool:
+    return _engine is not None and _engine_key == load_options(model)
+
+
 @worker_process_init.connect
 def _load_model_after_fork(**_kwargs) -> None:
     """Load the worker's model in the pool process, after the fork, before the
@@ -209,21 +213,23 @@ def _announce_final(gen: Generation) -> None:
     async_to_sync(get_channel_layer().group_send)(gen.group_name, final_event(gen))
 
 
-@shared_task(name="inference.tasks.generate", bind=True)
+# max_retries=None: a claim is retried for as long as the database is down (the
+# retry's own max_retries=None would mean Celery's default, three).
+@shared_task(name="inference.tasks.generate", bind=True, max_retries=None)
 def generate(self, generation_id: int) -> None:
     try:
         claimed = _claim(generation_id)
     except (OperationalError, InterfaceError) as exc:
         # Nothing was claimed: the generation is still queued in the database, and
         # would stay so with this message gone. Ask again later, until it answers.
-        delay = min(CLAIM_RETRY_MAX_S, CLAIM_RETRY_S * 2**self.request.retries)
+        delay = min(CLAIM_RETRY_MAX_S, CLAIM_RETRY_S * 2 ** min(self.request.retries, 10))
         log.warning(
             "generation %s: the database is not answering (%s); trying again in %.0f s",
             generation_id,
             str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
             delay,
         )
-        raise self.retry(countdown=delay, max_retries=None) from exc
+        raise self.retry(countdown=delay) from exc
     if claimed is None:
         return
     gen, prefix = claimed
@@ -254,6 +260,10 @@ def generate(self, generation_id: int) -> None:
     try:
         with ResourceSampler(gpu_index=0 if gen.model.n_gpu_layers else None) as sampler:
             try:
+                if not _engine_loaded(gen.model):
+                    # A load takes seconds to minutes: stop requests, and the alive
+                    # key that keeps the reaper away, must be served meanwhile.
+                    publisher.watch_for_stop()
                 engine = get_engine(gen.model)
                 n_ctx = engine.n_ctx
                 if gen.prompt_text:

@@ -427,10 +427,11 @@ def test_an_answer_whose_worker_finds_the_database_down_is_claimed_once_it_is_ba
         with app.connection_for_write(redis_server.url) as connection:
             generate.apply_async(args=[int(gen_id)], queue=queue, connection=connection)
 
-        def retried():
-            return "the database is not answering" in log_file.read_bytes()[log_start:].decode()
+        def retries() -> int:
+            return log_file.read_bytes()[log_start:].decode().count("the database is not answering")
 
-        wait_for(retried, 30, 0.2, "the worker to meet the outage and retry")
+        # Four failed claims (1 + 2 + 4 s apart): past Celery's default of three retries.
+        wait_for(lambda: retries() >= 4, 45, 0.2, "the worker to meet the outage and retry")
         admin_sql(f'ALTER DATABASE "{outage_db.name}" ALLOW_CONNECTIONS true')
 
         ws = CookieClient(web, outage_db.cookie)
