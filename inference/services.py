@@ -175,7 +175,8 @@ def _fit_context(
     while True:
         if messages is None:
             messages = conversation_input(conversation)
-        if chat_tokens_bound(model, messages) + max_tokens <= model.n_ctx:
+        bound = chat_tokens_bound(model, messages)
+        if bound is not None and bound + max_tokens <= model.n_ctx:
             return messages  # fits for certain: not worth tokenizing
         prompt_tokens = count_chat_tokens(model, messages)
         if prompt_tokens + max_tokens <= model.n_ctx:

@@ -36,6 +36,12 @@ class ChatTokenizer:
             bos_token=model.token_get_text(bos) if bos != -1 else "",
         )
         self._lock = threading.Lock()
+        # BPE and SentencePiece cut text into tokens of at least one byte each;
+        # WPM and UGM normalize the text first, which can lengthen it.
+        self.bytes_bound_tokens = llama_cpp.llama_vocab_type(model.vocab) in (
+            llama_cpp.LLAMA_VOCAB_TYPE_BPE,
+            llama_cpp.LLAMA_VOCAB_TYPE_SPM,
+        )
 
     def render(self, messages: Sequence[dict], assistant_prefix: str = "") -> str:
         """The prompt text; assistant_prefix continues an answer cut short (a retry)."""
@@ -62,19 +68,22 @@ def tokenizer_for(path: str) -> ChatTokenizer:
     return _vocab_tokenizer(str(path), os.stat(path).st_mtime_ns)
 
 
-# Each token of a vocabulary llama.cpp reads stands for at least one byte of the
-# text it was cut from; the margin covers what a tokenizer adds on its own (a
-# leading space, a start token).
+# A BPE or SentencePiece token stands for at least one byte of the text it was cut
+# from; the margin covers what a tokenizer adds on its own (a leading space, a
+# start token).
 BOUND_MARGIN_TOKENS = 8
 
 
-def chat_tokens_bound(model, messages: Sequence[dict]) -> int:
+def chat_tokens_bound(model, messages: Sequence[dict]) -> int | None:
     """At least count_chat_tokens(model, messages), without tokenizing: the rendered
-    prompt's length in bytes, plus a margin. Rendering takes microseconds where
-    tokenizing takes about a millisecond, so a prompt far from the context's end is
-    known to fit at once (tests/test_tokens.py checks the bound)."""
-    text = tokenizer_for(model.path).render(messages)
-    return len(text.encode("utf-8")) + BOUND_MARGIN_TOKENS
+    prompt's length in bytes, plus a margin (None for the vocabulary types where
+    that does not hold). Rendering takes microseconds where tokenizing takes about
+    a millisecond, so a prompt far from the context's end is known to fit at once
+    (tests/test_tokens.py checks the bound)."""
+    tokenizer = tokenizer_for(model.path)
+    if not tokenizer.bytes_bound_tokens:
+        return None
+    return len(tokenizer.render(messages).encode("utf-8")) + BOUND_MARGIN_TOKENS
 
 
 def count_chat_tokens(model, messages: Sequence[dict]) -> int:

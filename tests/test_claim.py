@@ -8,7 +8,16 @@ from django.test.utils import CaptureQueriesContext
 
 from inference.models import Generation
 
-BOTH_PATHS = pytest.mark.parametrize("one_statement", [True, False], ids=["one", "portable"])
+ONE_STATEMENT = pytest.param(
+    True,
+    id="one",
+    marks=pytest.mark.skipif(
+        connection.vendor != "postgresql", reason="the one-statement claim is PostgreSQL's"
+    ),
+)
+BOTH_PATHS = pytest.mark.parametrize(
+    "one_statement", [ONE_STATEMENT, False], ids=["one", "portable"]
+)
 
 
 @pytest.fixture
@@ -41,9 +50,8 @@ def test_a_claim_marks_the_generation_running_and_returns_it_as_stored(queued, o
     assert len(queries) == 0, "the model came with the claim"
 
 
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's claim")
 def test_on_postgresql_the_claim_is_one_statement(queued):
-    if connection.vendor != "postgresql":
-        pytest.skip("the one-statement claim is PostgreSQL's")
     with CaptureQueriesContext(connection) as queries:
         gen = Generation.objects.claim_queued(queued.pk, "host:42")
     assert gen is not None and len(queries) == 1

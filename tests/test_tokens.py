@@ -1,12 +1,15 @@
 """The bound that lets a short chat prompt skip tokenizing (inference/tokens.py):
-never below the real count, whatever the text, with the model file's own
-tokenizer."""
+never below the real count, whatever the text, with the model files' own
+tokenizers: SmolLM2's byte-level BPE and the tiny Mixtral's SentencePiece (byte
+fallback, Mixtral's template)."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 
 from inference.tokens import chat_tokens_bound, count_chat_tokens
+from tests.fixtures import tiny_mixtral
 
 SAMPLES = [
     "",
@@ -37,14 +40,22 @@ def random_texts(count: int, seed: int = 7) -> list[str]:
     return texts
 
 
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    path = tiny_mixtral.build_tiny_mixtral(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    return SimpleNamespace(path=str(path))
+
+
+@pytest.mark.parametrize("vocabulary", ["bpe", "spm"])
 @pytest.mark.parametrize("system", ["", "Answer briefly."])
-def test_the_bound_is_never_below_the_real_count(default_model, system):
+def test_the_bound_is_never_below_the_real_count(request, vocabulary, system):
+    model = request.getfixturevalue("default_model" if vocabulary == "bpe" else "spm_model")
     for text in SAMPLES + random_texts(150):
         messages = [{"role": "user", "content": text}]
         if system:
             messages.insert(0, {"role": "system", "content": system})
-        exact = count_chat_tokens(default_model, messages)
-        assert exact <= chat_tokens_bound(default_model, messages), repr(text)
+        exact = count_chat_tokens(model, messages)
+        assert exact <= chat_tokens_bound(model, messages), repr(text)
 
 
 def test_the_bound_grows_with_the_text_so_a_long_prompt_is_still_counted(default_model):
