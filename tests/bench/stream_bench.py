@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import time
 
@@ -30,6 +31,17 @@ PROMPTS = [
 ]
 
 
+def median_interval(values, level=0.9, resamples=10_000):
+    """A bootstrap confidence interval for the median of `values` (percentile
+    method, fixed seed: the same runs give the same interval)."""
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples)
+    )
+    tail = (1 - level) / 2
+    return medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
+
+
 def percentile(values, pct):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))]
@@ -37,8 +49,10 @@ def percentile(values, pct):
 
 def raw_run(engine: Engine, prompt: str) -> dict:
     llm = engine.llm
-    tokens = engine.chat_prompt_tokens([{"role": "user", "content": prompt}])
+    # The clock starts before the chat template and the tokenizer, as it does end to
+    # end (and in llama-cpp-python's create_chat_completion).
     started = time.perf_counter()
+    tokens = engine.chat_prompt_tokens([{"role": "user", "content": prompt}])
     times = []
     for _chunk in llm.create_completion(
         prompt=tokens,
@@ -144,6 +158,12 @@ def main() -> None:
     lags = [lag for r in e2e for lag in r["lags_ms"]]
     raw_tps, e2e_tps = med(raw, "decode_tps"), med(e2e, "decode_tps")
     raw_ttft, e2e_ttft = med(raw, "ttft_ms"), med(e2e, "ttft_ms")
+    # Each end-to-end run follows its raw run: their difference leaves out what the
+    # host's speed does to both, which a difference of two medians keeps.
+    added = [e["ttft_ms"] - r["ttft_ms"] for r, e in zip(raw, e2e, strict=True)]
+    added_low, added_high = median_interval(added)
+    ratios = [e["decode_tps"] / r["decode_tps"] for r, e in zip(raw, e2e, strict=True)]
+    ratio_low, ratio_high = median_interval(ratios)
     rows = [
         (
             "tokens per answer (median)",
@@ -162,6 +182,18 @@ def main() -> None:
             f"{raw_ttft:.1f}",
             f"{e2e_ttft:.1f}",
             f"added {e2e_ttft - raw_ttft:+.1f} ms",
+        ),
+        (
+            "added TTFT ms, median of the paired runs (90 % interval)",
+            "",
+            "",
+            f"{statistics.median(added):+.1f} ({added_low:+.1f} to {added_high:+.1f})",
+        ),
+        (
+            "decode ratio, median of the paired runs (90 % interval)",
+            "",
+            "",
+            f"{statistics.median(ratios):.3f} ({ratio_low:.3f} to {ratio_high:.3f})",
         ),
         ("stream lag p50 ms", "", f"{percentile(lags, 50):.1f}", ""),
         ("stream lag p95 ms", "", f"{percentile(lags, 95):.1f}", ""),
