@@ -3,8 +3,8 @@
 Each model worker process writes a Redis key `worker:<host>:<pid>` with a TTL and
 refreshes it from a thread; a worker that dies stops refreshing and its key expires,
 so "is this model served?" never trusts a dead process. A sorted set indexes the
-keys by expiry, so that reading the live workers (on every chat message) costs two
-round trips however many other keys Redis holds. The same state is mirrored into
+keys by expiry, so that reading the live workers (on every chat message) costs one
+round trip (a script) however many other keys Redis holds. The same state is mirrored into
 the WorkerHeartbeat table for the workers page and the admin.
 """
 
@@ -34,6 +34,18 @@ KEY_PREFIX = "worker:"
 # Sorted set: each worker key, scored by the time its heartbeat expires.
 INDEX_KEY = "workers:live"
 
+# Drops the expired entries from the index and returns the live workers' values, in
+# one round trip (it runs on every chat message, on the way to the first token).
+_LIVE_WORKERS_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local keys = redis.call('ZRANGE', KEYS[1], 0, -1)
+if #keys == 0 then
+    return {}
+end
+return redis.call('MGET', unpack(keys))
+"""
+_live_workers_script = None
+
 
 def worker_key(host: str, pid: int) -> str:
     return f"{KEY_PREFIX}{host}:{pid}"
@@ -41,15 +53,16 @@ def worker_key(host: str, pid: int) -> str:
 
 def live_workers(model_name: str | None = None) -> list[dict]:
     """The workers whose heartbeat has not expired, optionally for one model."""
+    global _live_workers_script
     client = redis_pool.client()
-    with client.pipeline(transaction=False) as pipe:
-        pipe.zremrangebyscore(INDEX_KEY, "-inf", time.time())
-        pipe.zrange(INDEX_KEY, 0, -1)
-        _, keys = pipe.execute()
+    if _live_workers_script is None:
+        _live_workers_script = client.register_script(_LIVE_WORKERS_LUA)
+    # EVALSHA, or EVAL once after a Redis restart (redis-py's Script does that).
+    values = _live_workers_script(keys=[INDEX_KEY], args=[time.time()], client=client)
     workers = []
-    for raw in client.mget(keys) if keys else []:
+    for raw in values:
         if raw is None:
-            continue  # expired between the scan and the read
+            continue  # its key expired before its index entry
         worker = json.loads(raw)
         if model_name is None or worker["model"] == model_name:
             workers.append(worker)
