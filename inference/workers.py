@@ -174,28 +174,25 @@ class Heartbeat:
 
     def _write_row(self, state: dict) -> None:
         close_old_connections()
-        WorkerHeartbeat.objects.update_or_create(
-            host=self.host,
-            pid=self.pid,
-            defaults={
-                "model_name": state["model"],
-                "device": state["device"],
-                "state": state["state"],
-                "load_progress": state["load_progress"],
-                "reason": state["reason"],
-                "generation_id": state["generation"],
-                "seen_at": timezone.now(),
-            },
-            create_defaults={
-                "model_name": state["model"],
-                "device": state["device"],
-                "state": state["state"],
-                "load_progress": state["load_progress"],
-                "reason": state["reason"],
-                "generation_id": state["generation"],
-                "started_at": state["started_at"],
-            },
-        )
+        fields = {
+            "model_name": state["model"],
+            "device": state["device"],
+            "state": state["state"],
+            "load_progress": state["load_progress"],
+            "reason": state["reason"],
+            "generation_id": state["generation"],
+        }
+        # One UPDATE once the row exists: update_or_create's transaction (BEGIN,
+        # SELECT FOR UPDATE, UPDATE, COMMIT) ran as each answer's prompt was being
+        # evaluated, on the same cores.
+        mine = WorkerHeartbeat.objects.filter(host=self.host, pid=self.pid)
+        if not mine.update(**fields, seen_at=timezone.now()):
+            WorkerHeartbeat.objects.update_or_create(
+                host=self.host,
+                pid=self.pid,
+                defaults={**fields, "seen_at": timezone.now()},
+                create_defaults={**fields, "started_at": state["started_at"]},
+            )
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,6 +1,7 @@
-"""Reading the live workers from Redis (inference/workers.py), on a scratch index in
-the real Redis: expired entries leave the index, a key that expired before its index
-entry is skipped, and the read survives Redis forgetting its scripts (a restart)."""
+"""The worker heartbeat (inference/workers.py), on a scratch index in the real Redis:
+expired entries leave the index, a key that expired before its index entry is
+skipped, the read survives Redis forgetting its scripts (a restart), and the
+heartbeat's table row is created once, then updated in place."""
 
 import json
 import time
@@ -52,3 +53,32 @@ def test_the_read_survives_redis_forgetting_its_scripts(scratch_index, redis_cli
     assert len(workers.live_workers()) == 1
     redis_client.script_flush()  # what a restart does to EVALSHA's cache
     assert len(workers.live_workers()) == 1
+
+
+# transaction=True: a heartbeat write starts with close_old_connections(), which ends
+# a test case's enclosing transaction.
+@pytest.mark.django_db(transaction=True)
+def test_the_heartbeat_row_is_created_once_then_updated(scratch_index, redis_client):
+    from inference.models import WorkerHeartbeat
+
+    beat = workers.Heartbeat("smol", "CPU")
+    try:
+        beat.write()
+        row = WorkerHeartbeat.objects.get(host=beat.host, pid=beat.pid)
+        assert (row.state, row.model_name, row.generation_id) == ("loading", "smol", None)
+        started, seen = row.started_at, row.seen_at
+
+        beat.report(state=WorkerHeartbeat.READY, load_progress=1.0)
+        row.refresh_from_db()
+        assert (row.state, row.load_progress) == ("ready", 1.0)
+        assert row.started_at == started and row.seen_at > seen
+        assert WorkerHeartbeat.objects.filter(host=beat.host, pid=beat.pid).count() == 1
+
+        # A row removed meanwhile (an administrator's cleanup) is written again.
+        WorkerHeartbeat.objects.filter(pk=row.pk).delete()
+        beat.report(state=WorkerHeartbeat.FAILED, reason="out of memory while loading")
+        again = WorkerHeartbeat.objects.get(host=beat.host, pid=beat.pid)
+        assert (again.state, again.reason) == ("failed", "out of memory while loading")
+        assert [w["state"] for w in workers.live_workers("smol")] == ["failed"]
+    finally:
+        redis_client.delete(workers.worker_key(beat.host, beat.pid))
