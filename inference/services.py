@@ -207,9 +207,10 @@ def _queue_answer(
     first_message: Message | None = None,
 ) -> tuple[Message, Generation]:
     """Create the assistant turn for the conversation as it stands, and queue it.
-    first_message: the conversation was created in this transaction with this
-    message. It then has no answer yet, its model was just checked, and its input
-    is its system prompt and that message: those queries are skipped."""
+    first_message: the conversation was created in this transaction, and this is
+    its first message, not saved yet. It then has no answer yet, its model was just
+    checked, and its input is its system prompt and that message: those queries are
+    skipped, and the message is inserted with its answer's, in one statement."""
     new_conversation = first_message is not None
     if not new_conversation:
         busy = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
@@ -239,9 +240,12 @@ def _queue_answer(
         input_messages=input_messages,
         params=conversation.params or clean_params(None),
     )
-    assistant = Message.objects.create(
-        conversation=conversation, role=Message.ASSISTANT, generation=generation
-    )
+    assistant = Message(conversation=conversation, role=Message.ASSISTANT, generation=generation)
+    if new_conversation:
+        # In this order: created_at and the ids put the question before its answer.
+        Message.objects.bulk_create([first_message, assistant])
+    else:
+        assistant.save()
     generation_enqueue(generation)
     return assistant, generation
 
@@ -279,9 +283,9 @@ def chat_send(
         conversation = get_conversation_for_user(user, conversation_id)
         if params is not None:
             conversation.params = clean_params(params)
-    message = Message.objects.create(
-        conversation=conversation, role=Message.USER, author=user, content=content
-    )
+    message = Message(conversation=conversation, role=Message.USER, author=user, content=content)
+    if conversation_id is not None:
+        message.save()
     _, generation = _queue_answer(
         user=user,
         conversation=conversation,

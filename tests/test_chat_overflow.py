@@ -68,6 +68,27 @@ def test_a_new_conversation_queues_exactly_its_system_prompt_and_message(
     )
 
 
+def test_a_conversations_questions_and_answers_are_stored_in_order(
+    cast, default_model, rolled_back
+):
+    # The first message and its answer are inserted together; a follow-up one by one.
+    conversation, first, gen1 = chat_send(user=cast.alice, content="Hello there.")
+    answered(gen1)
+    _, second, gen2 = chat_send(
+        user=cast.alice, conversation_id=conversation.pk, content="And then?"
+    )
+    stored = list(conversation.messages.all())
+    assert [(m.role, m.content, m.generation_id) for m in stored] == [
+        (Message.USER, "Hello there.", None),
+        (Message.ASSISTANT, "", gen1.pk),
+        (Message.USER, "And then?", None),
+        (Message.ASSISTANT, "", gen2.pk),
+    ]
+    assert (stored[0].pk, stored[2].pk) == (first.pk, second.pk)
+    assert first.created_at == stored[0].created_at <= stored[1].created_at
+    assert first.author == cast.alice
+
+
 def test_an_overflowing_follow_up_is_refused_or_drops_the_oldest_turns_visibly(
     cast, default_model, rolled_back
 ):
