@@ -180,6 +180,21 @@ class PrefixCache:
         return self._states[key]
 
 
+# llama.cpp calls the abort callback after every graph node (about 600 times per
+# evaluation of SmolLM2), and each call takes the GIL: while another thread of the
+# worker runs Python (the heartbeat, the stop watcher, the resource sampler) the
+# model waits for it at every node. A thread busy 15 % of the time slowed a 54-token
+# prompt by 19 % and decoding by 13 % with the callback set, and by what it used of
+# the CPU without it (docs/benchmarks.md). So it is set only for an evaluation that
+# may take longer than this, whose speed is not known yet, or that the deadline may
+# fall in; a shorter one is checked before and after, so a stop waits for it (a
+# quarter of a second, about, with the margin below).
+ABORT_POLL_MIN_S = 0.5
+# An evaluation is expected to take up to this many times its last per-token time.
+ABORT_POLL_MARGIN = 2.0
+_NO_ABORT_CALLBACK = llama_cpp.ggml_abort_callback()  # NULL: llama.cpp skips it
+
+
 # The live context is saved before a different conversation overwrites it only if
 # it would lose at least this many tokens (a follow-up in the same conversation
 # loses a few at most, where the answer re-tokenizes differently).
@@ -224,7 +239,12 @@ class Engine:
         # that arrives as a signal, and a signal that lands while llama.cpp is calling
         # this Python callback is swallowed by ctypes ("Exception ignored").
         self._abort_callback = llama_cpp.ggml_abort_callback(lambda _data: self._should_abort())
-        llama_cpp.llama_set_abort_callback(self.llm._ctx.ctx, self._abort_callback, None)
+        self._polling_aborts: bool | None = None
+        # Seconds per token of the last prompt batch and of the last answer's
+        # decoding: how long the next evaluation of each kind may take.
+        self._batch_s_per_token: float | None = None
+        self._decode_s_per_token: float | None = None
+        self._poll_aborts(None)
         self.tokenizer = ChatTokenizer(self.llm, options.path)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         # The live context is already in prefix_cache as it stands (save_context).
@@ -232,6 +252,24 @@ class Engine:
 
     def _should_abort(self) -> bool:
         return self._cancel.is_set() or self._past_deadline()
+
+    def _poll_aborts(self, expected_s: float | None) -> None:
+        """Have llama.cpp call the abort callback during the evaluations to come if
+        they may take longer than ABORT_POLL_MIN_S (expected_s None: not known) or
+        run past the deadline."""
+        poll = (
+            expected_s is None
+            or expected_s > ABORT_POLL_MIN_S
+            or (self._deadline is not None and time.monotonic() + expected_s >= self._deadline)
+        )
+        if poll != self._polling_aborts:
+            callback = self._abort_callback if poll else _NO_ABORT_CALLBACK
+            llama_cpp.llama_set_abort_callback(self.llm._ctx.ctx, callback, None)
+            self._polling_aborts = poll
+
+    @staticmethod
+    def _expected_s(tokens: int, s_per_token: float | None) -> float | None:
+        return None if s_per_token is None else tokens * s_per_token * ABORT_POLL_MARGIN
 
     def _past_deadline(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
@@ -281,7 +319,8 @@ class Engine:
         still being evaluated. A prompt longer than one batch reports its progress
         through on_prompt_progress(evaluated, total) after each batch. Raises
         TimeLimitExceeded once time.monotonic() passes `deadline`, within one token
-        (or one graph node during prompt evaluation).
+        (or one graph node during an evaluation that may take longer than
+        ABORT_POLL_MIN_S, prompt batches above all).
         """
         llm = self.llm
         self.check_fits(len(prompt_tokens), 1)
@@ -299,6 +338,8 @@ class Engine:
         if sampling.seed is not None:
             llm.set_seed(sampling.seed)
 
+        # Each decoding step evaluates one token.
+        self._poll_aborts(self._expected_s(1, self._decode_s_per_token))
         vocab = llm._model.vocab
         pending = b""  # bytes of a UTF-8 character not yet complete
         held = ""  # text that may be the start of a stop string
@@ -353,11 +394,16 @@ class Engine:
                 if self._past_deadline():
                     stats.finish_reason = "time_limit"
                     raise TimeLimitExceeded()
+                if deadline is not None:  # it may fall in the next step now
+                    self._poll_aborts(self._expected_s(1, self._decode_s_per_token))
             if stats.finish_reason != "cancelled" and held:
                 yield held
         finally:
             tokens.close()
             stats.finished = time.monotonic()
+            if len(stats.token_times) >= 2:
+                decoded_s = stats.token_times[-1] - stats.token_times[0]
+                self._decode_s_per_token = decoded_s / (len(stats.token_times) - 1)
             # A stale stop or deadline must not abort the next run.
             self._cancel, self._deadline = threading.Event(), None
 
@@ -388,6 +434,8 @@ class Engine:
             if self._past_deadline():
                 raise TimeLimitExceeded()
             batch = todo[start : start + self.n_batch]
+            self._poll_aborts(self._expected_s(len(batch), self._batch_s_per_token))
+            began = time.monotonic()
             try:
                 llm.eval(batch)
             except RuntimeError as exc:
@@ -396,6 +444,7 @@ class Engine:
                 if self._past_deadline():
                     raise TimeLimitExceeded() from exc
                 raise _decode_error(exc) from exc
+            self._batch_s_per_token = (time.monotonic() - began) / len(batch)
             evaluated += len(batch)
             if report:
                 report(evaluated, len(prompt))

@@ -310,3 +310,53 @@ def test_the_first_token_is_sampled_from_the_prompts_last_batch(engine, monkeypa
     assert sum(passes) == len(prompt) - stats.cached_tokens
     assert len(passes) == math.ceil((len(prompt) - stats.cached_tokens) / engine.n_batch) > 1
     list(pieces)
+
+
+@pytest.fixture
+def counted_aborts(monkeypatch):
+    """A fresh engine (speeds not known yet) and how often llama.cpp has asked it
+    whether to abort."""
+    engine = Engine(options(n_batch=2048), prefix_cache_bytes=0)
+    asked = []
+
+    def should_abort():
+        asked.append(1)
+        return engine._cancel.is_set() or engine._past_deadline()
+
+    monkeypatch.setattr(engine, "_should_abort", should_abort)
+    return engine, asked
+
+
+def test_short_evaluations_skip_the_abort_callback_once_their_speed_is_known(counted_aborts):
+    """llama.cpp asks after every graph node, and each question takes the GIL: an
+    evaluation that will be over quickly is checked before and after instead."""
+    engine, asked = counted_aborts
+    run(engine, conversation("tides"))
+    assert asked  # the first run's speeds were not known: asked throughout
+    asked.clear()
+    stats, text, _ = run(engine, conversation("reefs"), Sampling(max_tokens=8, temperature=0.0))
+    assert text and stats.completion_tokens == 8
+    assert not asked  # a short prompt and one-token steps, now known to be quick
+    # A long batch is still watched, stop and deadline inside it (the tests above).
+    run(engine, conversation("trenches", 1200))
+    assert asked
+
+
+def test_an_evaluation_the_deadline_may_fall_in_is_watched(counted_aborts):
+    from inference.engine import ABORT_POLL_MIN_S
+
+    engine, asked = counted_aborts
+    run(engine, conversation("tides"))
+    run(engine, conversation("reefs"))
+    # A prompt that is short enough to go unwatched (about 0.15 s at this machine's
+    # speed), with a deadline a third of the way into its evaluation.
+    s_per_token = engine._batch_s_per_token
+    prompt = engine.chat_prompt_tokens(conversation("currents", 1200))[: int(0.15 / s_per_token)]
+    assert engine._expected_s(len(prompt), s_per_token) <= ABORT_POLL_MIN_S
+    engine.llm.n_tokens = 0  # nothing of it reused
+    asked.clear()
+    deadline = time.monotonic() + len(prompt) * s_per_token / 3
+    with pytest.raises(TimeLimitExceeded):
+        next(engine.stream(prompt, GREEDY, threading.Event(), RunStats(), deadline=deadline))
+    assert asked
+    assert engine.llm.n_tokens < len(prompt)  # stopped inside its one batch
