@@ -4,8 +4,8 @@ Each model worker process writes a Redis key `worker:<host>:<pid>` with a TTL an
 refreshes it from a thread; a worker that dies stops refreshing and its key expires,
 so "is this model served?" never trusts a dead process. A sorted set indexes the
 keys by expiry, so that reading the live workers (on every chat message) costs one
-round trip (a script) however many other keys Redis holds. The same state is mirrored into
-the WorkerHeartbeat table for the workers page and the admin.
+round trip (a script) however many other keys Redis holds. The same state is
+mirrored into the WorkerHeartbeat table for the workers page and the admin.
 """
 
 from __future__ import annotations
