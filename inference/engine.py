@@ -343,7 +343,6 @@ class Engine:
         vocab = llm._model.vocab
         pending = b""  # bytes of a UTF-8 character not yet complete
         held = ""  # text that may be the start of a stop string
-        generated: list[int] = []
         tokens = llm.generate(
             prompt_tokens,
             temp=sampling.temperature,
@@ -375,8 +374,9 @@ class Engine:
                     break
                 stats.token_times.append(now)
                 stats.completion_tokens += 1
-                piece = pending + llm.detokenize([token], prev_tokens=prompt_tokens + generated)
-                generated.append(token)
+                # One token's piece: the GGUF tokenizer takes no context (it ignores
+                # prev_tokens, which cost a copy of the whole prompt per token).
+                piece = pending + llm.detokenize([token])
                 text, pending = _decode_complete_utf8(piece)
                 held += text
                 emit, held, hit_stop = _split_on_stop(held, sampling.stop)
