@@ -327,17 +327,37 @@ def counted_aborts(monkeypatch):
     return engine, asked
 
 
-def test_short_evaluations_skip_the_abort_callback_once_their_speed_is_known(counted_aborts):
+def settled(engine, words: int = 40) -> None:
+    """Runs until the engine's speed estimates come from warm runs: a fresh engine's
+    first evaluations are slow (its weights are still being paged in)."""
+    for i in range(3):
+        run(engine, conversation(f"tides {i}", words))
+
+
+def test_short_evaluations_skip_the_abort_callback_once_their_speed_is_known(
+    counted_aborts, monkeypatch
+):
     """llama.cpp asks after every graph node, and each question takes the GIL: an
     evaluation that will be over quickly is checked before and after instead."""
+    from inference import engine as engine_module
+
     engine, asked = counted_aborts
     run(engine, conversation("tides"))
     assert asked  # the first run's speeds were not known: asked throughout
+    settled(engine, 8)
+    question = conversation("reefs", 8)  # a prompt of about 15 tokens
+    prompt_s = engine._expected_s(
+        len(engine.chat_prompt_tokens(question)), engine._batch_s_per_token
+    )
+    token_s = engine._expected_s(1, engine._decode_s_per_token)
+    # "Quick" whatever this machine's speed: the rule is under test, not the constant.
+    monkeypatch.setattr(engine_module, "ABORT_POLL_MIN_S", 4 * max(prompt_s, token_s))
     asked.clear()
-    stats, text, _ = run(engine, conversation("reefs"), Sampling(max_tokens=8, temperature=0.0))
+    stats, text, _ = run(engine, question, Sampling(max_tokens=8, temperature=0.0))
     assert text and stats.completion_tokens == 8
-    assert not asked  # a short prompt and one-token steps, now known to be quick
-    # A long batch is still watched, stop and deadline inside it (the tests above).
+    assert not asked
+    # A long batch (some 100 times longer) is still watched, stop and deadline
+    # inside it (the tests above).
     run(engine, conversation("trenches", 1200))
     assert asked
 
@@ -346,8 +366,7 @@ def test_an_evaluation_the_deadline_may_fall_in_is_watched(counted_aborts):
     from inference.engine import ABORT_POLL_MIN_S
 
     engine, asked = counted_aborts
-    run(engine, conversation("tides"))
-    run(engine, conversation("reefs"))
+    settled(engine)
     # A prompt that is short enough to go unwatched (about 0.15 s at this machine's
     # speed), with a deadline a third of the way into its evaluation.
     s_per_token = engine._batch_s_per_token
