@@ -5,7 +5,8 @@ A piece of text that arrives while the previous send is in flight, or less than
 `coalesce_s` after it, waits and goes out with the pieces that follow it (events
 and the close go out at once). Every send also appends the text to a short-lived
 Redis key, the live text a reconnecting client starts from, before the message
-goes out: a client's snapshot is never behind a frame it then receives.
+goes out (in the same round trip, with mixtralweb.channel_layer): a client's
+snapshot is never behind a frame it then receives.
 
 One event waits: `generation.started` goes out with the first token (after it) or
 the first progress event, or after STARTED_HOLD_S if neither has come. Sent at
@@ -20,6 +21,8 @@ from __future__ import annotations
 import asyncio
 
 from django.conf import settings
+
+from mixtralweb.channel_layer import FewerTripsChannelLayer
 
 from .publisher import LIVE_TEXT_TTL_S, group_name, live_text_key
 
@@ -116,18 +119,25 @@ class Stream:
                 return
             text = "".join(texts)
             key = live_text_key(self.generation_id)
-            async with redis.pipeline(transaction=False) as pipe:
-                await pipe.append(key, text.encode("utf-8")).expire(key, LIVE_TEXT_TTL_S).execute()
-            await layer.group_send(
-                self.group,
-                {
-                    "type": "generation.token",
-                    "generation": self.generation_id,
-                    "offset": self.sent_chars,
-                    "text": text,
-                    "produced_at": produced_at[:],
-                },
-            )
+
+            def append_live_text(pipe) -> None:
+                pipe.append(key, text.encode("utf-8")).expire(key, LIVE_TEXT_TTL_S)
+
+            message = {
+                "type": "generation.token",
+                "generation": self.generation_id,
+                "offset": self.sent_chars,
+                "text": text,
+                "produced_at": produced_at[:],
+            }
+            if isinstance(layer, FewerTripsChannelLayer):
+                # The append runs first, in the send's first round trip.
+                await layer.group_send(self.group, message, before=append_live_text)
+            else:
+                async with redis.pipeline(transaction=False) as pipe:
+                    append_live_text(pipe)
+                    await pipe.execute()
+                await layer.group_send(self.group, message)
             self.sent_chars += len(text)
             texts.clear()
             produced_at.clear()

@@ -168,7 +168,7 @@ REDIS_ASYNC_OPTIONS = {
 
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "BACKEND": "mixtralweb.channel_layer.FewerTripsChannelLayer",
         "CONFIG": {
             # redis-py 8 times out reads after 5 s by default, exactly the time a
             # channel layer's blocking receive (BZPOPMIN) waits: reads need longer.
