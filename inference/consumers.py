@@ -21,7 +21,7 @@ from django.db import InterfaceError, OperationalError
 
 from mixtralweb import redis_pool
 
-from . import services
+from . import services, workers
 from .events import generation_snapshot, message_payload
 from .models import Conversation, Generation, Message
 
@@ -94,7 +94,7 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
             return await self.send_error("bad_json", "The frame is not valid JSON.")
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
             return await self.send_error("bad_frame", 'A frame is a JSON object with a "type".')
-        retry_after_s = await self._rate_limited()
+        retry_after_s = await self._rate_limited(frame)
         if retry_after_s:
             return await self.send_error(
                 "rate_limited",
@@ -117,15 +117,24 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
                 "unavailable", "The database is not answering; nothing was saved. Try again.", frame
             )
 
-    async def _rate_limited(self) -> int:
+    async def _rate_limited(self, frame: dict) -> int:
         """Seconds to wait if this user sent too many frames in the current window
-        (counted across all their sockets, in Redis); 0 otherwise."""
+        (counted across all their sockets, in Redis); 0 otherwise.
+
+        For a chat message, the same round trip reads the live workers, which
+        on_send needs: one round trip less on the way to its first token."""
         window = settings.WS_RATE_LIMIT_WINDOW_S
         now = int(time.time())
         key = f"wsrate:{self.user.pk}:{now // window}"
+        self.live_workers = None
         # One round trip: the key gets its expiry if it has none, then counts.
         async with self._redis().pipeline(transaction=False) as pipe:
-            _, count = await pipe.set(key, 0, ex=window * 2, nx=True).incr(key).execute()
+            pipe.set(key, 0, ex=window * 2, nx=True).incr(key)
+            if frame["type"] == "chat.send" and settings.CHAT_REQUIRE_WORKER:
+                workers.queue_live_workers(pipe)
+            _, count, *live = await pipe.execute()
+        if live:
+            self.live_workers = workers.parse_live_workers(live[0])
         if count > settings.WS_RATE_LIMIT_FRAMES:
             return window - now % window
         return 0
@@ -147,6 +156,7 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
             params=frame.get("params"),
             system_prompt=frame.get("system_prompt") or "",
             overflow=frame.get("overflow"),
+            live_workers=self.live_workers,
         )
         await self._accepted(frame, conversation, message, generation)
         # Follow the answer, then read it (a token is then in the snapshot, in a later

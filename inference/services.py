@@ -72,7 +72,9 @@ def clean_content(content) -> str:
     return content
 
 
-def get_model(name: str | None) -> LanguageModel:
+def get_model(name: str | None, live_workers: list[dict] | None = None) -> LanguageModel:
+    """The enabled model `name` (the default if empty), which a live worker serves.
+    live_workers: as the caller read them (workers.live_workers); read here if None."""
     if not name:
         name = settings.DEFAULT_MODEL_NAME
     model = LanguageModel.objects.filter(name=name, enabled=True).first()
@@ -81,7 +83,7 @@ def get_model(name: str | None) -> LanguageModel:
     if settings.CHAT_REQUIRE_WORKER:
         from .workers import serving_problem
 
-        problem = serving_problem(model.name)
+        problem = serving_problem(model.name, live_workers)
         if problem:
             raise ChatError(problem, code="no_worker")
     return model
@@ -202,14 +204,18 @@ def _fit_context(
 
 
 def _queue_answer(
-    *, user, conversation: Conversation, overflow: str = OVERFLOW_REFUSE
+    *,
+    user,
+    conversation: Conversation,
+    overflow: str = OVERFLOW_REFUSE,
+    live_workers: list[dict] | None = None,
 ) -> tuple[Message, Generation]:
     """Create the assistant turn for the conversation as it stands, and queue it."""
     busy = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
     if busy.exists():
         raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
     # The model's worker may have gone since the conversation began.
-    get_model(conversation.model.name)
+    get_model(conversation.model.name, live_workers)
     _check_quota(user, conversation)
     input_messages = _fit_context(conversation, overflow)
     conversation.updated_at = timezone.now()
@@ -242,7 +248,14 @@ def _new_generation(user, conversation: Conversation, input_messages: list[dict]
 
 
 def _start_conversation(
-    *, user, content: str, model_name, params, system_prompt: str, overflow: str
+    *,
+    user,
+    content: str,
+    model_name,
+    params,
+    system_prompt: str,
+    overflow: str,
+    live_workers: list[dict] | None = None,
 ) -> tuple[Conversation, Message, Generation]:
     """A new conversation, its first message and the answer's generation, queued.
 
@@ -250,7 +263,7 @@ def _start_conversation(
     and both messages go in together (mixtralweb.db.insert_together): on PostgreSQL
     one statement, atomic by itself, where rows one by one in a transaction took six
     round trips on the way to every first answer's first token."""
-    model = get_model(model_name)
+    model = get_model(model_name, live_workers)
     conversation = Conversation(
         owner=user,
         model=model,
@@ -287,8 +300,10 @@ def chat_send(
     params: dict | None = None,
     system_prompt: str = "",
     overflow: str | None = None,
+    live_workers: list[dict] | None = None,
 ) -> tuple[Conversation, Message, Generation]:
-    """Post a user message and queue the assistant's answer."""
+    """Post a user message and queue the assistant's answer. live_workers: as the
+    caller read them (the chat socket reads them with its rate limit), or None."""
     content = clean_content(content)
     overflow = _clean_overflow(overflow)
     if conversation_id is None:
@@ -299,6 +314,7 @@ def chat_send(
             params=params,
             system_prompt=system_prompt,
             overflow=overflow,
+            live_workers=live_workers,
         )
     with transaction.atomic():
         conversation = get_conversation_for_user(user, conversation_id)
@@ -307,7 +323,9 @@ def chat_send(
         message = Message.objects.create(
             conversation=conversation, role=Message.USER, author=user, content=content
         )
-        _, generation = _queue_answer(user=user, conversation=conversation, overflow=overflow)
+        _, generation = _queue_answer(
+            user=user, conversation=conversation, overflow=overflow, live_workers=live_workers
+        )
     return conversation, message, generation
 
 

@@ -59,6 +59,17 @@ def live_workers(model_name: str | None = None) -> list[dict]:
         _live_workers_script = client.register_script(_LIVE_WORKERS_LUA)
     # EVALSHA, or EVAL once after a Redis restart (redis-py's Script does that).
     values = _live_workers_script(keys=[INDEX_KEY], args=[time.time()], client=client)
+    return parse_live_workers(values, model_name)
+
+
+def queue_live_workers(pipeline) -> None:
+    """Add the live-workers read to a Redis pipeline (sync or asyncio) that the caller
+    executes; its reply goes to parse_live_workers. (EVAL, not a registered script: a
+    pipeline would ask Redis whether the script exists first, a round trip more.)"""
+    pipeline.eval(_LIVE_WORKERS_LUA, 1, INDEX_KEY, time.time())
+
+
+def parse_live_workers(values, model_name: str | None = None) -> list[dict]:
     workers = []
     for raw in values:
         if raw is None:
@@ -69,10 +80,13 @@ def live_workers(model_name: str | None = None) -> list[dict]:
     return sorted(workers, key=lambda w: (w["model"], w["host"], w["pid"]))
 
 
-def serving_problem(model_name: str) -> str | None:
+def serving_problem(model_name: str, workers: list[dict] | None = None) -> str | None:
     """None when a live worker serves (or is loading) the model; otherwise why not,
-    in words a user can act on."""
-    workers = live_workers(model_name)
+    in words a user can act on. workers: the live workers, if the caller has read
+    them (any model's); otherwise they are read now."""
+    if workers is None:
+        workers = live_workers(model_name)
+    workers = [w for w in workers if w["model"] == model_name]
     if any(w["state"] in WorkerHeartbeat.SERVING_STATES for w in workers):
         return None
     failed = [w for w in workers if w["state"] == WorkerHeartbeat.FAILED]

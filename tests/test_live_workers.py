@@ -55,6 +55,37 @@ def test_the_read_survives_redis_forgetting_its_scripts(scratch_index, redis_cli
     assert len(workers.live_workers()) == 1
 
 
+def test_a_pipeline_reads_the_live_workers_in_its_own_round_trip(scratch_index, redis_client):
+    """As the chat socket does, with its rate-limit commands."""
+    scratch_index("a", "smol", 30)
+    scratch_index("b", "mixtral", 30)
+    expired = scratch_index("c", "smol", -1)
+    with redis_client.pipeline(transaction=False) as pipe:
+        pipe.incr(f"{workers.INDEX_KEY}:counter")
+        workers.queue_live_workers(pipe)
+        count, values = pipe.execute()
+    redis_client.delete(f"{workers.INDEX_KEY}:counter")
+    assert count == 1
+    assert workers.parse_live_workers(values) == workers.live_workers()
+    assert [w["pid"] for w in workers.parse_live_workers(values, "smol")] == [1]
+    assert redis_client.zscore(workers.INDEX_KEY, expired) is None
+
+
+def test_serving_problem_judges_the_workers_it_is_given():
+    def worker(model, state):
+        return {"model": model, "host": "h", "pid": 1, "state": state, "reason": "no file"}
+
+    assert workers.serving_problem("smol", [worker("smol", "ready")]) is None
+    assert workers.serving_problem("smol", [worker("smol", "loading")]) is None
+    assert "No worker is serving the model 'smol'" in workers.serving_problem(
+        "smol", [worker("mixtral", "ready")]
+    )
+    assert "failed to load it (no file)" in workers.serving_problem(
+        "smol", [worker("smol", "failed")]
+    )
+    assert "No worker" in workers.serving_problem("smol", [])
+
+
 # transaction=True: a heartbeat write starts with close_old_connections(), which ends
 # a test case's enclosing transaction.
 @pytest.mark.django_db(transaction=True)
