@@ -20,7 +20,13 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import task_prerun, worker_process_init, worker_process_shutdown
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, close_old_connections, transaction
+from django.db import (
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connection,
+    transaction,
+)
 from django.utils import timezone
 
 from mixtralweb import redis_pool
@@ -118,11 +124,18 @@ def _load_model_after_fork(**_kwargs) -> None:
 
 
 @task_prerun.connect
-def _database_connection_for_the_task(**_kwargs) -> None:
+def _database_connection_for_the_task(sender=None, **_kwargs) -> None:
     """Keep the process's connection between tasks while it is usable and younger
     than CONN_MAX_AGE (Django's rule for requests), instead of Celery's reconnect
-    per task (CELERY_DB_REUSE_MAX in settings turns that off)."""
+    per task (CELERY_DB_REUSE_MAX in settings turns that off).
+
+    For an answer, without Django's health check (CONN_HEALTH_CHECKS), a SELECT 1
+    before the task's first statement, on the way to the first token: that
+    statement, the claim, is itself tried again on a new connection if the kept
+    one has gone (_claim_on_a_live_connection). Other tasks keep the check."""
     close_old_connections()
+    if getattr(sender, "name", None) == "inference.tasks.generate":
+        connection.health_check_done = True
 
 
 @worker_process_shutdown.connect
@@ -192,6 +205,21 @@ def _claim(generation_id: int) -> tuple[Generation, str] | None:
     return gen, prefix
 
 
+def _claim_on_a_live_connection(generation_id: int) -> tuple[Generation, str] | None:
+    """_claim, once more on a new connection if it failed on one kept from an earlier
+    task (closed since, by a database restart say). Errors on a new connection are
+    the database's: the caller retries later."""
+    kept = connection.connection is not None
+    try:
+        return _claim(generation_id)
+    except (OperationalError, InterfaceError):
+        if not kept:
+            raise
+        log.info("generation %s: the kept database connection failed; claiming anew", generation_id)
+        connection.close()
+        return _claim(generation_id)
+
+
 def _finish(gen: Generation, state: str, reason: str = "", finish_reason: str = "") -> None:
     gen.state = state
     gen.reason = reason
@@ -218,7 +246,7 @@ def _announce_final(gen: Generation) -> None:
 @shared_task(name="inference.tasks.generate", bind=True, max_retries=None)
 def generate(self, generation_id: int) -> None:
     try:
-        claimed = _claim(generation_id)
+        claimed = _claim_on_a_live_connection(generation_id)
     except (OperationalError, InterfaceError) as exc:
         # Nothing was claimed: the generation is still queued in the database, and
         # would stay so with this message gone. Ask again later, until it answers.

@@ -192,6 +192,44 @@ def test_after_redis_restarts_while_idle_the_web_server_and_the_worker_reconnect
     )
 
 
+def test_a_worker_whose_kept_database_connection_was_closed_claims_at_once_on_a_new_one(
+    serving, cast
+):
+    """The worker skips Django's health check before an answer's claim: a connection
+    closed since the last answer (a database restart, here its backends terminated)
+    fails the claim, which is made again at once on a new connection, not retried
+    later like a database that is down."""
+    from django.db import connection
+
+    web = serving.webs[0]
+    (worker,) = serving.workers
+    log_file = ROOT / "var" / "test-logs" / f"{next(iter(worker.processes))}.log"
+    log_start = log_file.stat().st_size
+    gen, _ = answer(web, cast.alice)  # the worker keeps this answer's connection
+    assert gen.state == Generation.DONE
+    worker_pid = int(gen.worker.rsplit(":", 1)[1])
+
+    # The task's listeners run after its final event: wait until it has returned.
+    def logged_since(start: int) -> str:
+        return log_file.read_bytes()[start:].decode()
+
+    wait_for(lambda: "succeeded in" in logged_since(log_start), 30, 0.05, "the task's end")
+    log_start = log_file.stat().st_size
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        assert cursor.fetchone()[0] >= 1
+
+    gen, streamed = answer(web, cast.alice)
+    assert gen.state == Generation.DONE and streamed == gen.text
+    assert int(gen.worker.rsplit(":", 1)[1]) == worker_pid
+    log = logged_since(log_start)
+    assert "the kept database connection failed; claiming anew" in log
+    assert "the database is not answering" not in log
+
+
 def test_after_redis_restarts_during_a_stream_the_answer_ends_and_the_next_one_works(
     serving, cast, redis_server
 ):
