@@ -1,4 +1,4 @@
-"""channels_redis's layer, with a group send in two Redis round trips instead of four.
+"""channels_redis's layer, with fewer Redis round trips per message sent and received.
 
 channels_redis 4.3's `group_send` waits on four commands in turn: it trims the
 group's expired members, reads them, trims each member channel's expired
@@ -9,13 +9,19 @@ the capacity and expiry rules, are channels_redis's own. With several hosts (the
 sharded layer), the group and its channels may live on different servers: the
 send is channels_redis's.
 
+A receive waits on Redis once per message, where channels_redis also keeps a
+backup queue of received messages (see _brpop_with_clean for why that buys
+nothing here).
+
 `group_send(..., before=...)` also lets a caller put its own commands ahead of the
 send in the first round trip (the stream relay appends the live text there):
 Redis runs them before the message reaches any channel.
 
-It uses channels_redis helpers that are not public API (`_group_key`,
-`_map_channel_keys_to_connection`); the version is pinned in pyproject.toml, and
-tests/test_channel_layer.py checks the sends against the layer's own receive.
+It uses and overrides channels_redis methods that are not public API
+(`_group_key`, `_map_channel_keys_to_connection`, `_brpop_with_clean`,
+`_clean_receive_backup`); the version is pinned in pyproject.toml, and
+tests/test_channel_layer.py runs the same deliveries through channels_redis's
+layer and this one, and counts the round trips.
 """
 
 from __future__ import annotations
@@ -94,6 +100,20 @@ class FewerTripsChannelLayer(RedisChannelLayer):
                 len(channel_names),
                 group,
             )
+
+    async def _brpop_with_clean(self, index, channel, timeout):
+        """The receive's pop, alone. channels_redis moves a backup queue back into
+        the channel before each pop, and adds each popped message to that backup
+        (removed again by a later task): three round trips more per message
+        received, one of them between the message's arrival and its delivery. The
+        backup guards only that one await, its own: from the pop's reply to the
+        receive buffer there is none (receive_single and receive say so), and a
+        cancellation during the pop itself loses the message with or without it."""
+        result = await self.connection(index).bzpopmin(channel, timeout=timeout)
+        return None if result is None else result[1]
+
+    async def _clean_receive_backup(self, index, channel):
+        """No backup queue to clean (_brpop_with_clean)."""
 
     def _send_script(self, connection):
         """The script (called as EVALSHA; loaded again if Redis answers NOSCRIPT). It

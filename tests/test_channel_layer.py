@@ -1,6 +1,6 @@
-"""mixtralweb.channel_layer against the real Redis: its group send delivers what
-channels_redis's own does (members, capacity, expiry), in two round trips, and runs
-a caller's commands first."""
+"""mixtralweb.channel_layer against the real Redis: it delivers what channels_redis's
+own layer does (members, capacity, expiry, a cancelled receive), with a group send
+in two round trips, a receive in one, and a caller's commands first."""
 
 import asyncio
 import time
@@ -9,6 +9,7 @@ import uuid
 import pytest
 from channels_redis.core import RedisChannelLayer
 from django.conf import settings
+from redis.asyncio.connection import Connection
 
 from mixtralweb.channel_layer import FewerTripsChannelLayer
 
@@ -149,25 +150,22 @@ def test_before_commands_run_with_the_send():
     assert live == b"text"
 
 
-async def sends_to_redis(layer, send) -> int:
-    """How many times the layer's connection writes to Redis (one per round trip)
-    while `send` runs. Its pool lends the same connection again (last in, first out)."""
-    pool = layer.connection(0).connection_pool
-    connection = await pool.get_connection()
+async def sends_to_redis(send) -> int:
+    """How many times this process writes a command or pipeline to Redis (one per
+    round trip) while `send` runs: redis-py's connections, counted as they write."""
     writes = 0
-    send_packed_command = connection.send_packed_command
+    send_packed_command = Connection.send_packed_command
 
-    async def counting(*args, **kwargs):
+    async def counting(self, *args, **kwargs):
         nonlocal writes
         writes += 1
-        return await send_packed_command(*args, **kwargs)
+        return await send_packed_command(self, *args, **kwargs)
 
-    connection.send_packed_command = counting
-    await pool.release(connection)
+    Connection.send_packed_command = counting
     try:
         await send()
     finally:
-        del connection.send_packed_command
+        Connection.send_packed_command = send_packed_command
     return writes
 
 
@@ -184,14 +182,16 @@ def test_round_trips_of_a_group_send(cls, expected):
         try:
             channel = await layer.new_channel()
             await layer.group_add("room", channel)
-            await layer.group_send("room", {"type": "warm"})  # loads the script
-            await receive_all(layer, channel)
+            for _ in range(2):  # loads the script; the pool's connections are open
+                await layer.group_send("room", {"type": "warm"})
+                await layer.receive(channel)
+            await asyncio.sleep(0.1)  # channels_redis's receive cleans up in a task
             if cls is FewerTripsChannelLayer:
                 send = layer.group_send("room", {"type": "m"}, before=lambda p: p.ping())
             else:
                 send = layer.group_send("room", {"type": "m"})
-            writes = await sends_to_redis(layer, lambda: send)
-            return writes, await receive_all(layer, channel)
+            writes = await sends_to_redis(lambda: send)
+            return writes, [await layer.receive(channel)]
         finally:
             await cleanup(layer)
 
@@ -224,3 +224,54 @@ def test_several_hosts_fall_back_to_channels_redis_and_still_run_before():
     received, value = asyncio.run(scenario())
     assert received == [{"type": "m"}]
     assert value == b"x"
+
+
+@pytest.mark.parametrize(
+    "cls, expected", [(RedisChannelLayer, 3), (FewerTripsChannelLayer, 1)], ids=["stock", "ours"]
+)
+def test_round_trips_of_a_receive(cls, expected):
+    """channels_redis restores a backup queue, pops, then backs the message up
+    (and removes it later, in a task of its own); this layer only pops."""
+
+    async def scenario():
+        layer = make_layer(cls)
+        try:
+            channel = await layer.new_channel()
+            for _ in range(2):  # the pool's connections are open
+                await layer.send(channel, {"type": "warm"})
+                await layer.receive(channel)
+            await layer.send(channel, {"type": "m"})
+            await asyncio.sleep(0.1)  # channels_redis's receive cleans up in a task
+            received = []
+
+            async def receive():
+                received.append(await layer.receive(channel))
+
+            writes = await sends_to_redis(receive)
+            return writes, received
+        finally:
+            await cleanup(layer)
+
+    writes, received = asyncio.run(scenario())
+    assert received == [{"type": "m"}]
+    assert writes == expected
+
+
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_a_receive_cancelled_while_waiting_loses_no_later_message(cls):
+    async def scenario():
+        layer = make_layer(cls)
+        try:
+            channel = await layer.new_channel()
+            waiting = asyncio.ensure_future(layer.receive(channel))
+            await asyncio.sleep(0.2)  # blocked in Redis
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await layer.send(channel, {"type": "m", "n": 1})
+            await layer.send(channel, {"type": "m", "n": 2})
+            return await receive_all(layer, channel)
+        finally:
+            await cleanup(layer)
+
+    assert asyncio.run(scenario()) == [{"type": "m", "n": 1}, {"type": "m", "n": 2}]
