@@ -275,3 +275,24 @@ def test_a_receive_cancelled_while_waiting_loses_no_later_message(cls):
             await cleanup(layer)
 
     assert asyncio.run(scenario()) == [{"type": "m", "n": 1}, {"type": "m", "n": 2}]
+
+
+@pytest.mark.parametrize(
+    "cls, expected", [(RedisChannelLayer, 2), (FewerTripsChannelLayer, 1)], ids=["stock", "ours"]
+)
+def test_round_trips_of_a_group_add(cls, expected):
+    async def scenario():
+        layer = make_layer(cls, group_expiry=3600)
+        try:
+            channel = await layer.new_channel()
+            await layer.group_add("warm", channel)
+            writes = await sends_to_redis(lambda: layer.group_add("room", channel))
+            redis = layer.connection(0)
+            key = layer._group_key("room")
+            return writes, await redis.zrange(key, 0, -1), await redis.ttl(key)
+        finally:
+            await cleanup(layer)
+
+    writes, members, ttl = asyncio.run(scenario())
+    assert writes == expected
+    assert len(members) == 1 and 3500 < ttl <= 3600
