@@ -169,10 +169,14 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         await self.send_json(turn)
         await self.send_json({"type": "generation.snapshot", **payloads[1]["generation"]})
         self._watch_queue(generation.pk)
-        # The others watching this conversation add the turn and follow the answer.
-        await self.channel_layer.group_send(
-            conversation_group(conversation.pk), {**turn, "sender": self.channel_name}
-        )
+        # The others watching this conversation add the turn and follow the answer. A
+        # conversation this message began has no others: a socket that opens it
+        # from now on reads the turn in its snapshot. (The send would reach only
+        # this socket, and keep it and Redis busy while the worker claims the answer.)
+        if frame.get("conversation") is not None:
+            await self.channel_layer.group_send(
+                conversation_group(conversation.pk), {**turn, "sender": self.channel_name}
+            )
 
     async def on_regenerate(self, frame):
         conversation, replaced, generation = await database_sync_to_async(services.chat_regenerate)(
