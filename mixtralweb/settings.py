@@ -124,6 +124,9 @@ DATABASES = {
         # Persistent connections: a new PostgreSQL connection per request would add
         # milliseconds to every message's time to first token.
         conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
+        # A kept connection is checked (SELECT 1) before each request's first query;
+        # not before an answer's claim in the worker, which retries the claim on a
+        # new connection instead (inference/tasks.py).
         conn_health_checks=True,
     )
 }
