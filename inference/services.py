@@ -261,8 +261,9 @@ def _start_conversation(
 
     Nothing is written until all is checked; then the conversation, the generation
     and both messages go in together (mixtralweb.db.insert_together): on PostgreSQL
-    one statement, atomic by itself, where rows one by one in a transaction took six
-    round trips on the way to every first answer's first token."""
+    one statement, atomic by itself, where rows one by one in a transaction took five
+    round trips (BEGIN, three INSERTs, COMMIT) on the way to every first answer's
+    first token."""
     model = get_model(model_name, live_workers)
     conversation = Conversation(
         owner=user,

@@ -10,9 +10,8 @@ sharded layer), the group and its channels may live on different servers: the
 send is channels_redis's.
 
 A group add is one round trip instead of two. A receive waits on Redis once per
-message, where channels_redis also keeps a
-backup queue of received messages (see _brpop_with_clean for why that buys
-nothing here).
+message, where channels_redis also keeps a backup queue of received messages (see
+_brpop_with_clean for why that buys nothing here).
 
 `group_send(..., before=...)` also lets a caller put its own commands ahead of the
 send in the first round trip (the stream relay appends the live text there):

@@ -24,14 +24,38 @@ def insert_together(groups: list[list[Model]], using: str = DEFAULT_DB_ALIAS) ->
             for objs in groups:
                 type(objs[0]).objects.using(using).bulk_create(objs)
         return
+    links = []  # (instance, field, target), to restore once the ids are known
+    try:
+        rows = _insert(connection, groups, links)
+    except Exception:
+        for obj, field, target in links:  # as they were: nothing was inserted
+            setattr(obj, field.attname, None)
+            field.set_cached_value(obj, target)
+        raise
+    ids: list[list] = [[] for _ in groups]
+    for index, pk in rows:
+        ids[index].append(pk)
+    for objs, new_ids in zip(groups, ids, strict=True):
+        # One INSERT's rows take the sequence's values in the order of its VALUES.
+        for obj, pk in zip(objs, sorted(new_ids), strict=True):
+            obj.pk = pk
+            obj._state.adding = False
+            obj._state.db = using
+    for obj, field, target in links:
+        setattr(obj, field.attname, target.pk)
+        field.set_cached_value(obj, target)
+
+
+def _insert(connection, groups: list[list[Model]], links: list) -> list[tuple]:
+    """Build and run insert_together's statement; returns (group index, id) rows.
+    Appends to `links` each foreign key it points at an earlier group's WITH query."""
+    using = connection.alias
     qn = connection.ops.quote_name
     ctes, params = [], []
     group_of: dict[int, int] = {}  # id(instance) -> the index of its group
-    links = []  # (instance, field, target), to restore once the ids are known
     for index, objs in enumerate(groups):
         model = type(objs[0])
         opts = model._meta
-        name = f"inserted_{index}"
         fields = [f for f in opts.concrete_fields if not f.generated]
         fields = [f for f in fields if not isinstance(f, AutoField)]
         for obj in objs:
@@ -50,7 +74,7 @@ def insert_together(groups: list[list[Model]], using: str = DEFAULT_DB_ALIAS) ->
                 links.append((obj, field, target))
                 pk_column = qn(target._meta.pk.column)
                 source = f"(SELECT {pk_column} FROM inserted_{group_of[id(target)]})"
-                # Setting the id drops the cached instance; it comes back below.
+                # Setting the id drops the cached instance; it comes back afterwards.
                 setattr(obj, field.attname, RawSQL(source, ()))
             group_of[id(obj)] = index
         query = InsertQuery(model)
@@ -58,30 +82,12 @@ def insert_together(groups: list[list[Model]], using: str = DEFAULT_DB_ALIAS) ->
         compiler = query.get_compiler(using=using)
         compiler.returning_fields = [opts.pk]
         ((sql, sql_params),) = compiler.as_sql()
-        ctes.append(f"{name} AS ({sql})")
+        ctes.append(f"inserted_{index} AS ({sql})")
         params.extend(sql_params)
     pk_columns = [qn(type(objs[0])._meta.pk.column) for objs in groups]
     select = " UNION ALL ".join(
         f"SELECT {index}, {column} FROM inserted_{index}" for index, column in enumerate(pk_columns)
     )
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(f"WITH {', '.join(ctes)} {select}", params)
-            rows = cursor.fetchall()
-    except Exception:
-        for obj, field, target in links:  # as they were: nothing was inserted
-            setattr(obj, field.attname, None)
-            field.set_cached_value(obj, target)
-        raise
-    ids: list[list] = [[] for _ in groups]
-    for index, pk in rows:
-        ids[index].append(pk)
-    for objs, new_ids in zip(groups, ids, strict=True):
-        # One INSERT's rows take the sequence's values in the order of its VALUES.
-        for obj, pk in zip(objs, sorted(new_ids), strict=True):
-            obj.pk = pk
-            obj._state.adding = False
-            obj._state.db = using
-    for obj, field, target in links:
-        setattr(obj, field.attname, target.pk)
-        field.set_cached_value(obj, target)
+    with connection.cursor() as cursor:
+        cursor.execute(f"WITH {', '.join(ctes)} {select}", params)
+        return cursor.fetchall()

@@ -78,3 +78,11 @@ def test_links_must_point_back_to_an_earlier_single_row(cast, default_model, rol
     saved = Conversation.objects.create(owner=cast.alice, model=default_model)
     with pytest.raises(ValueError, match="new instances of one model only"):
         insert_together([[saved]])
+    # Refused after an earlier link was made: that one is undone too.
+    conversation, generation, question, answer = new_chat(cast.alice, default_model)
+    stray = Generation(user=cast.alice, model=default_model, input_messages=[], params={})
+    answer.generation = stray
+    with pytest.raises(ValueError, match="not inserted before it"):
+        insert_together([[conversation], [generation], [question, answer]])
+    assert generation.conversation_id is None and generation.conversation is conversation
+    assert not Conversation.objects.filter(title="Linked").exists()
