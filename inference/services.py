@@ -80,13 +80,17 @@ def get_model(name: str | None, live_workers: list[dict] | None = None) -> Langu
     model = LanguageModel.objects.filter(name=name, enabled=True).first()
     if model is None:
         raise ChatError(f"There is no model named {name!r}.", code="unknown_model")
+    _check_served(model, live_workers)
+    return model
+
+
+def _check_served(model: LanguageModel, live_workers: list[dict] | None = None) -> None:
     if settings.CHAT_REQUIRE_WORKER:
         from .workers import serving_problem
 
         problem = serving_problem(model.name, live_workers)
         if problem:
             raise ChatError(problem, code="no_worker")
-    return model
 
 
 def serving_models():
@@ -210,20 +214,24 @@ def _queue_answer(
     overflow: str = OVERFLOW_REFUSE,
     live_workers: list[dict] | None = None,
 ) -> tuple[Message, Generation]:
-    """Create the assistant turn for the conversation as it stands, and queue it."""
+    """Create the assistant turn for the conversation as it stands, and queue it.
+    The conversation comes with its model (select_related) as its callers read it."""
     busy = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
     if busy.exists():
         raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
-    # The model's worker may have gone since the conversation began.
-    get_model(conversation.model.name, live_workers)
+    # The model may have been disabled, or its worker gone, since the conversation began.
+    if not conversation.model.enabled:
+        raise ChatError(
+            f"There is no model named {conversation.model.name!r}.", code="unknown_model"
+        )
+    _check_served(conversation.model, live_workers)
     _check_quota(user, conversation)
     input_messages = _fit_context(conversation, overflow)
     conversation.updated_at = timezone.now()
     conversation.save()
     generation = _new_generation(user, conversation, input_messages)
-    generation.save()
     assistant = Message(conversation=conversation, role=Message.ASSISTANT, generation=generation)
-    assistant.save()
+    insert_together([[generation], [assistant]])
     generation_enqueue(generation)
     return assistant, generation
 

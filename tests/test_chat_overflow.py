@@ -89,6 +89,20 @@ def test_a_conversations_questions_and_answers_are_stored_in_order(
     assert first.author == cast.alice
 
 
+def test_a_follow_up_to_a_disabled_model_is_refused_and_saves_nothing(
+    cast, default_model, rolled_back
+):
+    conversation, _, gen1 = chat_send(user=cast.alice, content="Hello there.")
+    answered(gen1)
+    type(default_model).objects.filter(pk=default_model.pk).update(enabled=False)
+    before = (Message.objects.count(), Generation.objects.count())
+    with pytest.raises(ChatError) as refused:
+        chat_send(user=cast.alice, conversation_id=conversation.pk, content="And then?")
+    assert refused.value.code == "unknown_model"
+    assert default_model.name in str(refused.value)
+    assert (Message.objects.count(), Generation.objects.count()) == before
+
+
 def test_an_overflowing_follow_up_is_refused_or_drops_the_oldest_turns_visibly(
     cast, default_model, rolled_back
 ):
