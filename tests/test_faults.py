@@ -196,9 +196,10 @@ def test_a_worker_whose_kept_database_connection_was_closed_claims_at_once_on_a_
     serving, cast
 ):
     """The worker skips Django's health check before an answer's claim: a connection
-    closed since the last answer (a database restart, here its backends terminated)
+    closed since the last answer (a database restart; here its backends terminated)
     fails the claim, which is made again at once on a new connection, not retried
     later like a database that is down."""
+    import psutil
     from django.db import connection
 
     web = serving.webs[0]
@@ -215,12 +216,21 @@ def test_a_worker_whose_kept_database_connection_was_closed_claims_at_once_on_a_
 
     wait_for(lambda: "succeeded in" in logged_since(log_start), 30, 0.05, "the task's end")
     log_start = log_file.stat().st_size
+    # That process's connections to the database, and only those (other servers of
+    # the test session share the database): closed by the server, as in a restart.
+    ports = [
+        c.laddr.port
+        for c in psutil.Process(worker_pid).net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == int(django_settings.DATABASES["default"]["PORT"] or 5432)
+    ]
+    assert ports
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            "WHERE datname = current_database() AND client_port = ANY(%s)",
+            [ports],
         )
-        assert cursor.fetchone()[0] >= 1
+        assert cursor.fetchone()[0] == len(ports)
 
     gen, streamed = answer(web, cast.alice)
     assert gen.state == Generation.DONE and streamed == gen.text
