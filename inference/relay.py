@@ -24,17 +24,14 @@ log = logging.getLogger("inference.relay")
 async def relay(reader: asyncio.StreamReader, write_line) -> None:
     from channels.layers import get_channel_layer
 
-    from mixtralweb import redis_pool
-
     from .streams import Stream
 
     layer = get_channel_layer()
-    redis = redis_pool.async_client()
     streams: dict[int, Stream] = {}
     tasks: set[asyncio.Task] = set()
 
     async def run(stream: Stream) -> None:
-        error = await stream.run(layer, redis)
+        error = await stream.run(layer)
         streams.pop(stream.generation_id, None)
         write_line({"closed": stream.generation_id, "error": error})
 

@@ -77,14 +77,18 @@ def get_model(name: str | None, live_workers: list[dict] | None = None) -> Langu
     live_workers: as the caller read them (workers.live_workers); read here if None."""
     if not name:
         name = settings.DEFAULT_MODEL_NAME
-    model = LanguageModel.objects.filter(name=name, enabled=True).first()
-    if model is None:
-        raise ChatError(f"There is no model named {name!r}.", code="unknown_model")
-    _check_served(model, live_workers)
+    model = LanguageModel.objects.filter(name=name).first()
+    _check_usable(model, name, live_workers)
     return model
 
 
-def _check_served(model: LanguageModel, live_workers: list[dict] | None = None) -> None:
+def _check_usable(
+    model: LanguageModel | None, name: str, live_workers: list[dict] | None = None
+) -> None:
+    """ChatError unless `model` exists, is enabled, and (if CHAT_REQUIRE_WORKER) a
+    live worker serves it."""
+    if model is None or not model.enabled:
+        raise ChatError(f"There is no model named {name!r}.", code="unknown_model")
     if settings.CHAT_REQUIRE_WORKER:
         from .workers import serving_problem
 
@@ -220,11 +224,7 @@ def _queue_answer(
     if busy.exists():
         raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
     # The model may have been disabled, or its worker gone, since the conversation began.
-    if not conversation.model.enabled:
-        raise ChatError(
-            f"There is no model named {conversation.model.name!r}.", code="unknown_model"
-        )
-    _check_served(conversation.model, live_workers)
+    _check_usable(conversation.model, conversation.model.name, live_workers)
     _check_quota(user, conversation)
     input_messages = _fit_context(conversation, overflow)
     conversation.updated_at = timezone.now()

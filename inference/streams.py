@@ -68,7 +68,7 @@ class Stream:
             raise KeyError(f"unknown operation {op!r}")
         self._fed.set()
 
-    async def run(self, layer, redis) -> str | None:
+    async def run(self, layer) -> str | None:
         """Send until the close has been sent. Returns None, or what went wrong (the
         stream then drops the rest, up to and including its close)."""
         loop = asyncio.get_running_loop()
@@ -96,7 +96,7 @@ class Stream:
                 texts = next((i for i, item in enumerate(batch) if item[0] != "text"), len(batch))
                 batch.insert(texts, started)
             try:
-                closing = await self._send(layer, redis, batch)
+                closing = await self._send(layer, batch)
             except Exception as exc:  # noqa: BLE001 - reported to the worker
                 await self._drain_to_close(batch)
                 return f"{type(exc).__name__}: {exc}"
@@ -110,7 +110,7 @@ class Stream:
         while (await self._queue.get())[0] != "close":
             pass
 
-    async def _send(self, layer, redis, batch: list[tuple]) -> bool:
+    async def _send(self, layer: FewerTripsChannelLayer, batch: list[tuple]) -> bool:
         texts: list[str] = []
         produced_at: list[float] = []
 
@@ -130,14 +130,8 @@ class Stream:
                 "text": text,
                 "produced_at": produced_at[:],
             }
-            if isinstance(layer, FewerTripsChannelLayer):
-                # The append runs first, in the send's first round trip.
-                await layer.group_send(self.group, message, before=append_live_text)
-            else:
-                async with redis.pipeline(transaction=False) as pipe:
-                    append_live_text(pipe)
-                    await pipe.execute()
-                await layer.group_send(self.group, message)
+            # The append runs first, in the send's first round trip.
+            await layer.group_send(self.group, message, before=append_live_text)
             self.sent_chars += len(text)
             texts.clear()
             produced_at.clear()

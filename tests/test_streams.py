@@ -32,7 +32,7 @@ async def follow(layer, feeds, expect: int) -> list[tuple[float, dict]]:
             received.append((time.monotonic() - began, message))
 
     began = time.monotonic()
-    runner = asyncio.ensure_future(stream.run(layer, redis))
+    runner = asyncio.ensure_future(stream.run(layer))
     receiver = asyncio.ensure_future(receive())
     for delay_s, message in feeds:
         await asyncio.sleep(delay_s)
