@@ -134,7 +134,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Workers and the web server are separate processes: the test database must be
     # a file they can all open, and writers must wait for each other, not fail.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
-    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+    # IMMEDIATE: a transaction takes the write lock when it begins. A deferred one
+    # that read first cannot wait for another process's write (SQLite refuses the
+    # upgrade at once, "database is locked"): a follow-up sent while the worker
+    # saves the last answer's bookkeeping failed so.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        timeout=20, transaction_mode="IMMEDIATE"
+    )
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
