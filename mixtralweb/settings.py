@@ -138,9 +138,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # that read first cannot wait for another process's write (SQLite refuses the
     # upgrade at once, "database is locked"): a follow-up sent while the worker
     # saves the last answer's bookkeeping failed so.
-    DATABASES["default"].setdefault("OPTIONS", {}).update(
-        timeout=20, transaction_mode="IMMEDIATE"
-    )
+    DATABASES["default"].setdefault("OPTIONS", {}).update(timeout=20, transaction_mode="IMMEDIATE")
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
