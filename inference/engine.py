@@ -52,11 +52,13 @@ class LoadOptions:
     path: str
     n_ctx: int = 8192
     n_gpu_layers: int = 0
-    flash_attn: bool = False
+    flash_attn: str = "auto"
     type_k: str = "f16"
     type_v: str = "f16"
     n_threads: int = 0
+    n_threads_batch: int = 0
     n_batch: int = 512
+    n_parallel: int = 1
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,7 @@ class Engine:
                     model_path=options.path,
                     n_ctx=options.n_ctx,
                     n_gpu_layers=options.n_gpu_layers,
-                    flash_attn=options.flash_attn,
+                    flash_attn=options.flash_attn == "on",
                     type_k=GGML_CACHE_TYPES[options.type_k],
                     type_v=GGML_CACHE_TYPES[options.type_v],
                     n_threads=options.n_threads or None,

@@ -13,6 +13,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 KV_CACHE_TYPES = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0")]
+FLASH_ATTN_CHOICES = [("auto", "auto"), ("on", "on"), ("off", "off")]
 
 
 class LanguageModel(models.Model):
@@ -26,11 +27,31 @@ class LanguageModel(models.Model):
     # Load options, passed to llama.cpp as they are.
     n_ctx = models.PositiveIntegerField(default=8192)
     n_gpu_layers = models.IntegerField(default=0, help_text="-1 puts every layer on the GPU.")
-    flash_attn = models.BooleanField(default=False)
+    flash_attn = models.CharField(
+        max_length=4,
+        choices=FLASH_ATTN_CHOICES,
+        default="auto",
+        help_text="auto: llama.cpp uses flash attention where the device supports it.",
+    )
     type_k = models.CharField(max_length=8, choices=KV_CACHE_TYPES, default="f16")
     type_v = models.CharField(max_length=8, choices=KV_CACHE_TYPES, default="f16")
-    n_threads = models.PositiveIntegerField(default=0, help_text="0: llama.cpp decides.")
-    n_batch = models.PositiveIntegerField(default=512)
+    n_threads = models.PositiveIntegerField(
+        default=0, help_text="Threads for decoding; 0: the machine's physical cores."
+    )
+    n_threads_batch = models.PositiveIntegerField(
+        default=0, help_text="Threads for prompt evaluation; 0: the same as n_threads."
+    )
+    n_batch = models.PositiveIntegerField(
+        default=512, help_text="Most prompt tokens evaluated in one step (a prefill chunk)."
+    )
+    # Continuous batching: one context serves this many sequences at once, sharing
+    # one KV pool of n_ctx tokens (llama.cpp's unified KV cache).
+    n_parallel = models.PositiveSmallIntegerField(
+        default=4, help_text="Sequences decoded together (llama.cpp's --parallel)."
+    )
+    job_sequences = models.PositiveSmallIntegerField(
+        default=1, help_text="Of those, at most this many serve long-context job passes."
+    )
 
     # Read from the GGUF file when the model is registered.
     architecture = models.CharField(max_length=50, blank=True)

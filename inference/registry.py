@@ -26,7 +26,10 @@ LOAD_OPTION_FIELDS = [
     "type_k",
     "type_v",
     "n_threads",
+    "n_threads_batch",
     "n_batch",
+    "n_parallel",
+    "job_sequences",
 ]
 
 # Named sets of load options for known deployments; docs/models.md says why each
@@ -38,7 +41,7 @@ PRESETS: dict[str, dict] = {
     "mixtral-8x22b-a100-80gb": {
         "n_ctx": 65536,
         "n_gpu_layers": -1,
-        "flash_attn": True,
+        "flash_attn": "on",
         "type_k": "q8_0",
         "type_v": "q8_0",
         "n_batch": 512,
@@ -78,12 +81,23 @@ def check_load_options(options: dict, report: GGUFReport | dict | None = None) -
             errors[name] = (
                 f"{value!r} is not a KV cache type; use one of {', '.join(GGML_CACHE_TYPES)}."
             )
-    if options.get("type_v", "f16") != "f16" and not options.get("flash_attn"):
+    flash_attn = options.get("flash_attn", "auto")
+    if flash_attn not in ("auto", "on", "off"):
+        errors["flash_attn"] = f'flash_attn is "auto", "on" or "off", not {flash_attn!r}.'
+    elif options.get("type_v", "f16") != "f16" and flash_attn == "off":
         # llama.cpp: "V cache quantization requires flash_attn"; the context is not created.
         errors["type_v"] = (
             f"A quantized V cache ({options['type_v']}) needs flash attention; "
             "llama.cpp refuses to create the context without it. Turn flash attention on "
             "or use an f16 V cache."
+        )
+    n_parallel = options.get("n_parallel", 4)
+    job_sequences = options.get("job_sequences", 1)
+    if not isinstance(n_parallel, int) or n_parallel < 1:
+        errors["n_parallel"] = "n_parallel is a number of sequences, at least 1."
+    elif not isinstance(job_sequences, int) or not 0 <= job_sequences <= n_parallel:
+        errors["job_sequences"] = (
+            f"job_sequences is between 0 and n_parallel ({n_parallel}); 0 runs no jobs."
         )
     trained = report.get("context_length")
     if not isinstance(n_ctx, int) or n_ctx < N_CTX_MIN:
@@ -104,7 +118,10 @@ def check_load_options(options: dict, report: GGUFReport | dict | None = None) -
         errors["n_gpu_layers"] = "n_gpu_layers is a layer count, or -1 for every layer."
     n_threads = options.get("n_threads", 0)
     if not isinstance(n_threads, int) or n_threads < 0:
-        errors["n_threads"] = "n_threads is a thread count, or 0 to let llama.cpp choose."
+        errors["n_threads"] = "n_threads is a thread count, or 0 for the physical cores."
+    n_threads_batch = options.get("n_threads_batch", 0)
+    if not isinstance(n_threads_batch, int) or n_threads_batch < 0:
+        errors["n_threads_batch"] = "n_threads_batch is a thread count, or 0 for n_threads."
     if errors:
         raise LoadOptionsError(errors)
 
@@ -191,5 +208,7 @@ def load_options(model: LanguageModel) -> LoadOptions:
         type_k=model.type_k,
         type_v=model.type_v,
         n_threads=model.n_threads,
+        n_threads_batch=model.n_threads_batch,
         n_batch=model.n_batch,
+        n_parallel=model.n_parallel,
     )

@@ -55,14 +55,16 @@ def test_a_bad_file_leaves_the_registered_model_as_it_was(db, tiny_path, tmp_pat
 
 def test_a_quantized_v_cache_without_flash_attention_is_refused(db, tiny_path):
     with pytest.raises(LoadOptionsError) as caught:
-        register_model(name="tiny-mixtral", path=tiny_path, n_ctx=2048, type_v="q8_0")
+        register_model(
+            name="tiny-mixtral", path=tiny_path, n_ctx=2048, type_v="q8_0", flash_attn="off"
+        )
     assert "flash attention" in caught.value.errors["type_v"]
     assert not LanguageModel.objects.filter(name="tiny-mixtral").exists()
 
 
 def test_a_quantized_k_cache_alone_is_accepted(db, tiny_path):
     model = register_model(name="tiny-mixtral", path=tiny_path, n_ctx=2048, type_k="q8_0")
-    assert model.type_k == "q8_0" and model.type_v == "f16" and not model.flash_attn
+    assert model.type_k == "q8_0" and model.type_v == "f16" and model.flash_attn == "auto"
 
 
 def test_a_context_longer_than_the_trained_one_is_refused(db, tiny_path):
@@ -82,7 +84,7 @@ def test_the_a100_preset_sets_the_64k_quantized_cache(db, long_context_path):
     model = register_model(
         name="mixtral-8x22b", path=long_context_path, preset="mixtral-8x22b-a100-80gb"
     )
-    assert (model.n_ctx, model.n_gpu_layers, model.flash_attn) == (65536, -1, True)
+    assert (model.n_ctx, model.n_gpu_layers, model.flash_attn) == (65536, -1, "on")
     assert (model.type_k, model.type_v) == ("q8_0", "q8_0")
 
 
@@ -107,7 +109,7 @@ def test_addmodel_registers_and_prints_what_it_found(db, tiny_path, capsys):
     out = capsys.readouterr().out
     assert '"expert_count": 8' in out and "modelworker tiny-mixtral" in out
     model = LanguageModel.objects.get(name="tiny-mixtral")
-    assert (model.n_ctx, model.flash_attn, model.type_v) == (1024, True, "q4_0")
+    assert (model.n_ctx, model.flash_attn, model.type_v) == (1024, "on", "q4_0")
 
 
 def test_addmodel_names_the_file_and_the_problem(db, tmp_path):
@@ -118,7 +120,9 @@ def test_addmodel_names_the_file_and_the_problem(db, tmp_path):
 
 def test_addmodel_explains_refused_options(db, tiny_path):
     with pytest.raises(CommandError, match="--type-v: A quantized V cache"):
-        call_command("addmodel", str(tiny_path), "--name", "m", "--type-v", "q8_0")
+        call_command(
+            "addmodel", str(tiny_path), "--name", "m", "--type-v", "q8_0", "--flash-attn", "off"
+        )
 
 
 @pytest.fixture
@@ -139,8 +143,12 @@ def admin_form(path, **overrides):
         "n_gpu_layers": "0",
         "type_k": "f16",
         "type_v": "f16",
+        "flash_attn": "auto",
         "n_threads": "0",
+        "n_threads_batch": "0",
         "n_batch": "512",
+        "n_parallel": "4",
+        "job_sequences": "1",
     }
     form.update(overrides)
     return form
@@ -166,7 +174,7 @@ def test_the_admin_page_shows_why_a_file_is_refused(admin_client_logged_in, tmp_
 
 def test_the_admin_page_shows_why_options_are_refused(admin_client_logged_in, tiny_path):
     response = admin_client_logged_in.post(
-        "/admin/inference/languagemodel/add/", admin_form(tiny_path, type_v="q8_0")
+        "/admin/inference/languagemodel/add/", admin_form(tiny_path, type_v="q8_0", flash_attn="off")
     )
     assert response.status_code == 200
     assert "needs flash attention" in response.content.decode()

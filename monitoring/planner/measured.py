@@ -112,7 +112,7 @@ def compare(
                 device,
                 n_ctx=n_ctx,
                 kv_type=language_model.type_k,
-                flash_attn=language_model.flash_attn,
+                flash_attn=language_model.flash_attn != "off",
             )
         )
         vram = [r.vram_process_peak_bytes for r in group if r.vram_process_peak_bytes]

@@ -13,12 +13,14 @@ from inference.gguf_inspect import GGUFError
 from inference.registry import PRESETS, LoadOptionsError, register_model
 
 
-def on_off(value: str) -> bool:
+def on_off_auto(value: str) -> str:
     lowered = value.lower()
     if lowered in {"on", "true", "1", "yes"}:
-        return True
+        return "on"
     if lowered in {"off", "false", "0", "no"}:
-        return False
+        return "off"
+    if lowered == "auto":
+        return "auto"
     raise ValueError(value)
 
 
@@ -32,17 +34,20 @@ class Command(BaseCommand):
         parser.add_argument("--preset", choices=sorted(PRESETS), help="named load options")
         parser.add_argument("--n-ctx", type=int)
         parser.add_argument("--n-gpu-layers", type=int, help="-1: every layer on the GPU")
-        parser.add_argument("--flash-attn", type=on_off, metavar="on|off")
+        parser.add_argument("--flash-attn", type=on_off_auto, metavar="on|off|auto")
         parser.add_argument("--type-k", choices=["f16", "q8_0", "q4_0"])
         parser.add_argument("--type-v", choices=["f16", "q8_0", "q4_0"])
-        parser.add_argument("--n-threads", type=int, help="0: llama.cpp decides")
+        parser.add_argument("--n-threads", type=int, help="0: the machine's physical cores")
+        parser.add_argument("--n-threads-batch", type=int, help="0: the same as --n-threads")
         parser.add_argument("--n-batch", type=int)
+        parser.add_argument("--n-parallel", type=int, help="sequences decoded together")
+        parser.add_argument("--job-sequences", type=int, help="of those, at most this many jobs")
 
     def handle(self, *args, path, name, description, preset, **options):
         load = {
             key: options[key]
             for key in ("n_ctx", "n_gpu_layers", "flash_attn", "type_k", "type_v")
-            + ("n_threads", "n_batch")
+            + ("n_threads", "n_threads_batch", "n_batch", "n_parallel", "job_sequences")
             if options.get(key) is not None
         }
         try:
@@ -76,6 +81,8 @@ class Command(BaseCommand):
             )
             + f"\nLoad options: n_ctx={model.n_ctx} n_gpu_layers={model.n_gpu_layers} "
             f"flash_attn={model.flash_attn} type_k={model.type_k} type_v={model.type_v} "
-            f"n_threads={model.n_threads} n_batch={model.n_batch}"
+            f"n_threads={model.n_threads} n_threads_batch={model.n_threads_batch} "
+            f"n_batch={model.n_batch} n_parallel={model.n_parallel} "
+            f"job_sequences={model.job_sequences}"
             + f"\nStart its worker with: manage.py modelworker {model.name}"
         )
