@@ -137,7 +137,7 @@ class Conversation(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
     )
     team = models.ForeignKey(
-        "mixtralweb.Team",
+        "accounts.Team",
         on_delete=models.SET_NULL,
         null=True,
         blank=True,
@@ -249,7 +249,7 @@ class Generation(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="generations"
     )
     team = models.ForeignKey(
-        "mixtralweb.Team", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+        "accounts.Team", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     model = models.ForeignKey(LanguageModel, on_delete=models.PROTECT, related_name="generations")
     source = models.CharField(max_length=8, choices=SOURCE_CHOICES, default=SOURCE_CHAT)
@@ -274,6 +274,9 @@ class Generation(models.Model):
     finish_reason = models.CharField(max_length=20, blank=True)
     reason = models.TextField(blank=True, help_text="Why it failed or stopped, in plain words.")
     attempts = models.PositiveSmallIntegerField(default=0)
+    # What it cost in tokens, set when it ends: the quotas count these.
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
     worker = models.CharField(max_length=200, blank=True, help_text="host:pid of the worker.")
     cancel_requested = models.BooleanField(default=False)
 
@@ -362,6 +365,3 @@ class Message(models.Model):
         if self.role == self.ASSISTANT and self.generation_id:
             return self.generation.text
         return self.content
-
-
-from .jobs.models import Job, JobChunk  # noqa: E402,F401  (long-context jobs, inference/jobs/)

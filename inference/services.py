@@ -11,9 +11,9 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from inference.quotas import QuotaExceeded, check_quota
 from mixtralweb import redis_pool
 from mixtralweb.db import insert_together
-from mixtralweb.quotas import QuotaExceeded, check_quota
 
 from .models import Conversation, Generation, LanguageModel, Message
 from .publisher import queue_stop_request
@@ -427,7 +427,7 @@ def conversation_delete(*, user, conversation_id) -> None:
 
 def conversation_share(*, user, conversation_id, team_id) -> Conversation:
     """Share the conversation with one of the owner's teams (None: stop sharing)."""
-    from mixtralweb.models import Team
+    from mixtralweb.accounts.models import Team
 
     conversation = _owned_conversation(user, conversation_id)
     team = None

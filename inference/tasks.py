@@ -344,6 +344,7 @@ def generate(self, generation_id: int) -> None:
         gen.text = text
         gen.first_token_at = _wall(stats.first_token)
         gen.finish_reason = stats.finish_reason
+        gen.prompt_tokens, gen.completion_tokens = stats.prompt_tokens, stats.completion_tokens
         record = record_metrics(gen, stats, sampler.summary(), n_ctx=n_ctx)
         gen.metrics = record
         gen.state, gen.reason, gen.finished_at = state, reason, timezone.now()

@@ -2,5 +2,8 @@ from django.apps import AppConfig
 
 
 class MixtralwebConfig(AppConfig):
+    """The project package as an app: its management commands (runstack) and the
+    migrations that once held the accounts' models (now in mixtralweb.accounts)."""
+
     name = "mixtralweb"
-    verbose_name = "Accounts and teams"
+    verbose_name = "Workbench"

@@ -81,7 +81,9 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "channels",
     "mixtralweb",
+    "mixtralweb.accounts",
     "inference",
+    "inference.jobs",
     "monitoring",
 ]
 

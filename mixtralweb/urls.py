@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from mixtralweb import invitations
+from mixtralweb.accounts import invitations
 
 handler500 = "mixtralweb.errors.server_error"
 
@@ -17,7 +17,7 @@ urlpatterns = [
         auth_views.PasswordChangeView.as_view(success_url="/"),
         name="password_change",
     ),
-    path("account/", include("mixtralweb.account_urls")),
+    path("account/", include("inference.openai_api.key_urls")),
     path("account/invitations/", invitations.invitations, name="invitations"),
     path("invite/<str:token>/", invitations.invitation_accept, name="invitation_accept"),
     path("v1/", include("inference.openai_api.urls")),

@@ -107,7 +107,7 @@ class UsageDaily(UsageSums):
     day = models.DateField()
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     team = models.ForeignKey(
-        "mixtralweb.Team", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+        "accounts.Team", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     model = models.ForeignKey("inference.LanguageModel", on_delete=models.CASCADE, related_name="+")
     source = models.CharField(max_length=8)
@@ -134,7 +134,7 @@ class UsageDailyTotal(UsageSums):
 
     day = models.DateField(db_index=True)
     team = models.ForeignKey(
-        "mixtralweb.Team", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+        "accounts.Team", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     model = models.ForeignKey("inference.LanguageModel", on_delete=models.CASCADE, related_name="+")
     source = models.CharField(max_length=8)

@@ -19,7 +19,7 @@ from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
 
 from inference.models import Generation
-from mixtralweb.models import Membership, Team
+from mixtralweb.accounts.models import Membership, Team
 from monitoring import history, prometheus, telemetry, usage
 from monitoring.alerts import gpu_alerts
 from monitoring.models import UsageDaily, UsageDailyTotal, UsageDailyUser

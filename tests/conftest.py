@@ -198,7 +198,7 @@ def cast(transactional_db):
     """Alice and Bob in team Red (Alice its admin); Charlie on his own."""
     from django.contrib.auth import get_user_model
 
-    from mixtralweb.models import Membership, Team
+    from mixtralweb.accounts.models import Membership, Team
 
     User = get_user_model()
     alice = User.objects.create_user("alice", "alice@example.com", "alice-pass-123")

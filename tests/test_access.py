@@ -40,7 +40,7 @@ def routes(patterns=None, prefix=""):
 @pytest.fixture
 def alices_things(cast, default_model):
     """Something of every kind, owned by Alice and shared with her team Red."""
-    from mixtralweb.models import ApiKey
+    from mixtralweb.accounts.models import ApiKey
 
     conversation = Conversation.objects.create(
         owner=cast.alice, team=cast.red, model=default_model, title=f"{SECRET} title"

@@ -11,8 +11,7 @@ from django.test import Client
 from django.urls import reverse
 
 from inference.models import Generation
-from mixtralweb.models import ApiKey
-from monitoring.models import RequestMetrics
+from mixtralweb.accounts.models import ApiKey
 
 URL = "/account/keys/"
 
@@ -97,9 +96,8 @@ def api_generation(user, key_name, model, prompt_tokens, completion_tokens):
         source=Generation.SOURCE_API,
         api_key_name=key_name,
         state=Generation.DONE,
-    )
-    RequestMetrics.objects.create(
-        generation=gen, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
     )
     return gen
 

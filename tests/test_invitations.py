@@ -6,8 +6,8 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.utils import timezone
 
-from mixtralweb.invitations import invitation_create
-from mixtralweb.models import Invitation, Membership
+from mixtralweb.accounts.invitations import invitation_create
+from mixtralweb.accounts.models import Invitation, Membership
 
 
 def logged_in(user) -> Client:
@@ -78,7 +78,7 @@ def test_a_plain_member_cannot_invite(cast):
 
 
 def test_a_team_admin_cannot_invite_into_another_team(cast):
-    from mixtralweb.models import Team
+    from mixtralweb.accounts.models import Team
 
     blue = Team.objects.create(name="Blue")
     response = logged_in(cast.alice).post(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from inference.jobs import services
-from inference.models import Job
+from inference.jobs.models import Job
 from tests.browser import log_in
 from tests.jobs_documents import register_smollm2
 

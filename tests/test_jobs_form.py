@@ -10,8 +10,9 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
-from inference.models import Generation, Job
-from mixtralweb.models import Membership, Team
+from inference.jobs.models import Job
+from inference.models import Generation
+from mixtralweb.accounts.models import Membership, Team
 from tests.jobs_documents import (
     document,
     pdf_bomb,

@@ -16,7 +16,8 @@ from django.test import Client
 from websockets.sync.client import connect
 
 from inference.jobs import services
-from inference.models import Generation, Job, JobChunk
+from inference.jobs.models import Job, JobChunk
+from inference.models import Generation
 from tests.conftest import session_cookie
 from tests.jobs_documents import document, register_smollm2
 

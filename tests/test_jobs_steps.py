@@ -9,7 +9,8 @@ from django.utils import timezone
 
 from inference.jobs import services
 from inference.jobs.events import job_snapshot
-from inference.models import Generation, Job, JobChunk
+from inference.jobs.models import Job, JobChunk
+from inference.models import Generation
 from tests.jobs_documents import document, register_smollm2
 
 

@@ -57,7 +57,7 @@ def make_generation(user, model, *, days_ago=0, source="chat", state="done", tea
 def cast(db):
     """The conftest cast, in a transaction rolled back after each test (these pages need
     no other process, and a rollback is much faster than flushing the database)."""
-    from mixtralweb.models import Membership, Team
+    from mixtralweb.accounts.models import Membership, Team
 
     User = get_user_model()
     alice = User.objects.create_user("alice")

@@ -13,7 +13,7 @@ import pytest
 from django.conf import settings
 
 from inference.models import Generation, LanguageModel
-from mixtralweb.models import ApiKey, Quota
+from mixtralweb.accounts.models import ApiKey, Quota
 
 
 @pytest.fixture

@@ -12,9 +12,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from inference.models import Conversation, Generation, Message
-from mixtralweb.models import ApiKey, Quota
-from mixtralweb.quotas import QuotaExceeded, check_quota, start_of_day
-from monitoring.models import RequestMetrics
+from inference.quotas import QuotaExceeded, check_quota, start_of_day
+from mixtralweb.accounts.models import ApiKey, Quota
 
 
 def generation(user, model, *, state=Generation.DONE, ago_s=0, tokens=None, team=None):
@@ -24,9 +23,8 @@ def generation(user, model, *, state=Generation.DONE, ago_s=0, tokens=None, team
         model=model,
         state=state,
         queued_at=timezone.now() - timedelta(seconds=ago_s),
+        prompt_tokens=tokens or 0,
     )
-    if tokens is not None:
-        RequestMetrics.objects.create(generation=gen, prompt_tokens=tokens, completion_tokens=0)
     return gen
 
 
@@ -162,9 +160,9 @@ def test_an_admin_sets_a_quota_in_the_admin(cast):
     admin = get_user_model().objects.create_superuser("root", "root@example.com", "pw-123456")
     client = Client()
     client.force_login(admin)
-    assert client.get("/admin/mixtralweb/quota/add/").status_code == 200
+    assert client.get("/admin/accounts/quota/add/").status_code == 200
     response = client.post(
-        "/admin/mixtralweb/quota/add/",
+        "/admin/accounts/quota/add/",
         {"team": cast.red.pk, "requests_per_minute": "30", "tokens_per_day": ""},
     )
     assert response.status_code == 302, response.content.decode()[:2000]

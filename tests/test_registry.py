@@ -174,7 +174,8 @@ def test_the_admin_page_shows_why_a_file_is_refused(admin_client_logged_in, tmp_
 
 def test_the_admin_page_shows_why_options_are_refused(admin_client_logged_in, tiny_path):
     response = admin_client_logged_in.post(
-        "/admin/inference/languagemodel/add/", admin_form(tiny_path, type_v="q8_0", flash_attn="off")
+        "/admin/inference/languagemodel/add/",
+        admin_form(tiny_path, type_v="q8_0", flash_attn="off"),
     )
     assert response.status_code == 200
     assert "needs flash attention" in response.content.decode()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django import forms
 
 from inference.models import LanguageModel
-from mixtralweb.models import Team
+from mixtralweb.accounts.models import Team
 
 
 class JobForm(forms.Form):

@@ -48,7 +48,7 @@ class Job(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs"
     )
     team = models.ForeignKey(
-        "mixtralweb.Team",
+        "accounts.Team",
         on_delete=models.SET_NULL,
         null=True,
         blank=True,
@@ -83,6 +83,7 @@ class Job(models.Model):
     objects = JobQuerySet.as_manager()
 
     class Meta:
+        db_table = "inference_job"
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["user", "-created_at"])]
 
@@ -138,11 +139,17 @@ class JobChunk(models.Model):
         blank=True,
         related_name="job_chunk",
     )
-    generations = models.ManyToManyField("inference.Generation", blank=True, related_name="+")
+    generations = models.ManyToManyField(
+        "inference.Generation",
+        blank=True,
+        related_name="+",
+        db_table="inference_jobchunk_generations",
+    )
     attempts = models.PositiveSmallIntegerField(default=0)
     answer = models.TextField(blank=True)
 
     class Meta:
+        db_table = "inference_jobchunk"
         ordering = ["level", "index"]
         constraints = [
             models.UniqueConstraint(fields=["job", "level", "index"], name="one_chunk_per_place")
@@ -154,6 +161,3 @@ class JobChunk(models.Model):
     @property
     def is_combine(self) -> bool:
         return self.level > 0
-
-
-from . import receivers, tasks  # noqa: E402,F401  (connects the signal, registers the task)

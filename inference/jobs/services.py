@@ -17,8 +17,8 @@ from django.utils import timezone
 
 from inference.events import final_event
 from inference.models import Generation, LanguageModel
+from inference.quotas import QuotaExceeded, check_quota
 from inference.services import generation_stop
-from mixtralweb.quotas import QuotaExceeded, check_quota
 
 from . import planning
 from .documents import DocumentError, clean_pasted_text, read_upload

@@ -16,8 +16,8 @@ from django.db import transaction
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from mixtralweb.models import ApiKey
-from mixtralweb.quotas import QuotaExceeded, check_quota
+from inference.quotas import QuotaExceeded, check_quota
+from mixtralweb.accounts.models import ApiKey
 
 from .. import services
 from ..models import Generation, LanguageModel

@@ -128,7 +128,7 @@ def make_users() -> dict[str, str]:
     from django.contrib.auth import get_user_model
     from django.test import Client
 
-    from mixtralweb.models import Quota
+    from mixtralweb.accounts.models import Quota
 
     User = get_user_model()
     cookies = {}

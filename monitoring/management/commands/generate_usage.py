@@ -21,7 +21,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from inference.models import Generation, LanguageModel
-from mixtralweb.models import Membership, Team
+from mixtralweb.accounts.models import Membership, Team
 from monitoring import rollup
 from monitoring.models import RequestMetrics
 

@@ -19,6 +19,7 @@ class Team(models.Model):
     )
 
     class Meta:
+        db_table = "mixtralweb_team"
         ordering = ["name"]
 
     def __str__(self) -> str:
@@ -40,6 +41,7 @@ class Membership(models.Model):
     role = models.CharField(max_length=10, choices=ROLE_CHOICES, default=MEMBER)
 
     class Meta:
+        db_table = "mixtralweb_membership"
         constraints = [models.UniqueConstraint(fields=["team", "user"], name="one_membership")]
 
     def __str__(self) -> str:
@@ -75,6 +77,7 @@ class ApiKey(models.Model):
     objects = ApiKeyQuerySet.as_manager()
 
     class Meta:
+        db_table = "mixtralweb_apikey"
         ordering = ["-created_at"]
         verbose_name = "API key"
         constraints = [
@@ -158,6 +161,7 @@ class Quota(models.Model):
     )
 
     class Meta:
+        db_table = "mixtralweb_quota"
         constraints = [
             models.CheckConstraint(
                 condition=models.Q(user__isnull=False, team__isnull=True)
@@ -192,6 +196,7 @@ class Invitation(models.Model):
     accepted_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        db_table = "mixtralweb_invitation"
         ordering = ["-created_at"]
 
     def __str__(self) -> str:

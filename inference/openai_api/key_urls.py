@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import account_views
+from . import keys as account_views
 
 urlpatterns = [
     path("keys/", account_views.api_keys, name="api_keys"),

@@ -13,7 +13,8 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from .models import ApiKey, Team
+from inference.models import Generation
+from mixtralweb.accounts.models import ApiKey, Team
 
 USAGE_DAYS = 30
 # The new key's secret waits here, in the session, for the one page view that shows it.
@@ -41,8 +42,6 @@ class ApiKeyForm(forms.Form):
 
 def key_usage(keys, *, days: int = USAGE_DAYS) -> dict[tuple[int, str], dict]:
     """Requests and tokens per (user id, key name) over the last `days` days."""
-    from inference.models import Generation
-
     since = timezone.now() - timedelta(days=days)
     rows = (
         Generation.objects.filter(
@@ -54,7 +53,7 @@ def key_usage(keys, *, days: int = USAGE_DAYS) -> dict[tuple[int, str], dict]:
         .values("user_id", "api_key_name")
         .annotate(
             requests=Count("id"),
-            tokens=Sum(F("metrics__prompt_tokens") + F("metrics__completion_tokens")),
+            tokens=Sum(F("prompt_tokens") + F("completion_tokens")),
         )
     )
     return {(row["user_id"], row["api_key_name"]): row for row in rows}
@@ -100,7 +99,7 @@ def api_keys(request):
     ]
     return render(
         request,
-        "mixtralweb/api_keys.html",
+        "inference/api_keys.html",
         {
             "form": form,
             "keys": _with_usage(request.user.api_keys.all()),

@@ -76,7 +76,7 @@ def invitations(request):
         mine = mine.filter(created_by=request.user)
     return render(
         request,
-        "mixtralweb/invitations.html",
+        "accounts/invitations.html",
         {"form": form, "link": link, "invitations": mine[:100]},
     )
 
@@ -87,7 +87,7 @@ def invitation_accept(request, token: str):
         raise Http404("No such invitation")
     if not invitation.is_usable:
         return render(
-            request, "mixtralweb/invitation_used.html", {"invitation": invitation}, status=410
+            request, "accounts/invitation_used.html", {"invitation": invitation}, status=410
         )
     form = UserCreationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
@@ -95,7 +95,7 @@ def invitation_accept(request, token: str):
             locked = Invitation.objects.select_for_update().get(pk=invitation.pk)
             if not locked.is_usable:
                 return render(
-                    request, "mixtralweb/invitation_used.html", {"invitation": locked}, status=410
+                    request, "accounts/invitation_used.html", {"invitation": locked}, status=410
                 )
             user = form.save(commit=False)
             user.email = invitation.email
@@ -108,5 +108,5 @@ def invitation_accept(request, token: str):
         messages.success(request, f"Welcome, {user.get_username()}!")
         return redirect("chat")
     return render(
-        request, "mixtralweb/invitation_accept.html", {"form": form, "invitation": invitation}
+        request, "accounts/invitation_accept.html", {"form": form, "invitation": invitation}
     )
