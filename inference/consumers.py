@@ -1,8 +1,8 @@
-"""The chat websocket: authenticate, validate, hand off to services, forward events.
+"""The websockets: a shared base, and the chat socket (docs/protocol.md).
 
-Knows nothing about llama.cpp. Every client frame gets either its answer or an
-`error` frame; a bad frame never closes the socket. docs/protocol.md lists the
-frames in both directions.
+Consumers are thin: authenticate, check and rate-limit frames, hand off to services,
+forward channel-layer events. Every client frame gets its answer or an `error` frame;
+a bad frame never closes the socket. Knows nothing about llama.cpp.
 """
 
 from __future__ import annotations
@@ -11,36 +11,206 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 
-import redis.asyncio as aioredis
-from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from mixtralweb import redis_pool
+from mixtralweb import namespace, redis_pool
+from mixtralweb.accounts import access
 
-from . import services, workers
-from .events import generation_snapshot, message_payload
-from .models import Conversation, Generation, Message
+from . import selectors, services
+from .models import Conversation, Generation
 
 log = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
-# Each queued answer's socket re-reads its position this often. Every read goes
-# through Channels' one database thread, so with many sockets waiting a shorter
-# interval delays everything else (docs/loadtest.md).
+CLOSE_FORBIDDEN = 4403
+CLOSE_TOO_MANY = 4429
+# A socket re-reads the queue positions of the answers it follows this often while
+# any of them waits.
 QUEUE_UPDATE_S = 3.0
 
+_redis_by_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-def conversation_group(conversation_id: int) -> str:
-    return f"conv.{conversation_id}"
+
+def _redis():
+    """One asyncio Redis client per event loop (daphne runs one)."""
+    loop = asyncio.get_running_loop()
+    client = _redis_by_loop.get(loop)
+    if client is None:
+        client = _redis_by_loop[loop] = redis_pool.async_client()
+    return client
+
+
+class FrameError(Exception):
+    """A frame the socket answers with an error frame."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class FrameConsumer(AsyncWebsocketConsumer):
+    """Shared by every socket: authentication, frame checks, a per-user rate limit and
+    socket cap, dispatch by frame type, errors as frames, group membership, and
+    leaving what the user may no longer see when their access changes."""
+
+    # frame type -> method name
+    handlers: dict[str, str] = {}
+    frame_max_bytes: int = 0  # 0: WS_FRAME_MAX_BYTES
+
+    def may_connect(self, user) -> bool:
+        return True
+
+    async def connect(self):
+        user = self.scope.get("user")
+        self.groups_joined: set[str] = set()
+        self.user = user
+        if user is None or not user.is_authenticated or not user.is_active:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        if not self.may_connect(user):
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        if not await self._count_socket():
+            await self.close(code=CLOSE_TOO_MANY)
+            return
+        await self.accept()
+        # Changes to what this user may see reach every socket of theirs.
+        await self.join(namespace.group("user", user.pk))
+        session = self.scope.get("session")
+        if session is not None and session.session_key:
+            await self.join(namespace.group("session", session.session_key))
+        await self.on_connect()
+
+    async def on_connect(self):
+        pass
+
+    async def disconnect(self, code):
+        for group in list(getattr(self, "groups_joined", ())):
+            await self.leave(group)
+        if getattr(self, "user", None) is not None and self.user.is_authenticated:
+            try:
+                await _redis().zrem(self._sockets_key(), self.channel_name)
+            except Exception:  # noqa: BLE001 - the entry expires by itself
+                pass
+
+    # --- frames ---------------------------------------------------------------------------
+    async def receive(self, text_data=None, bytes_data=None):
+        frame = None
+        try:
+            frame = self._parse(text_data if text_data is not None else bytes_data)
+            await self._rate_limit()
+            method = self.handlers.get(frame["type"])
+            if method is None:
+                raise FrameError("unknown_type", f"Unknown frame type {frame['type'][:50]!r}.")
+            await getattr(self, method)(frame)
+        except FrameError as exc:
+            await self.send_error(exc.code, str(exc), frame)
+        except (OperationalError, InterfaceError):
+            log.exception("database unavailable while handling a frame")
+            await self.send_error(
+                "unavailable", "The database is not answering; nothing was saved. Try again.", frame
+            )
+        except Exception as exc:  # noqa: BLE001 - a bad frame never closes the socket
+            code = getattr(exc, "code", None)
+            if code is not None and isinstance(exc, ValueError):
+                await self.send_error(code, str(exc), frame)  # ChatError, JobError
+            else:
+                log.exception("a %s frame failed", (frame or {}).get("type"))
+                await self.send_error("server_error", "That failed on the server.", frame)
+
+    def _parse(self, raw) -> dict:
+        limit = self.frame_max_bytes or settings.WS_FRAME_MAX_BYTES
+        if not raw:
+            raise FrameError("empty", "Empty frame.")
+        if len(raw) > limit:
+            raise FrameError(
+                "too_large", f"The frame is {len(raw):,} bytes; the limit is {limit:,}."
+            )
+        try:
+            frame = json.loads(raw, parse_constant=_refuse_constant)
+        except (ValueError, UnicodeDecodeError):
+            raise FrameError("bad_json", "The frame is not valid JSON.") from None
+        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+            raise FrameError("bad_frame", 'A frame is a JSON object with a "type".')
+        return frame
+
+    async def _rate_limit(self) -> None:
+        """Frames per user per window, counted across all their sockets."""
+        window = settings.WS_RATE_LIMIT_WINDOW_S
+        now = int(time.time())
+        key = namespace.key("wsrate", self.user.pk, now // window)
+        async with _redis().pipeline(transaction=False) as pipe:
+            pipe.incr(key).expire(key, window * 2)
+            count, _ = await pipe.execute()
+        if count > settings.WS_RATE_LIMIT_FRAMES:
+            raise FrameError(
+                "rate_limited",
+                f"Too many messages: at most {settings.WS_RATE_LIMIT_FRAMES} every {window} s. "
+                f"Try again in {window - now % window} s.",
+            )
+
+    def _sockets_key(self) -> str:
+        return namespace.key("sockets", self.user.pk)
+
+    async def _count_socket(self) -> bool:
+        """At most WS_SOCKETS_PER_USER open at once per user (entries expire after a
+        day, in case a server died without saying goodbye)."""
+        key, now = self._sockets_key(), time.time()
+        async with _redis().pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zadd(key, {self.channel_name: now + 86400})
+            pipe.zcard(key)
+            pipe.expire(key, 86400)
+            *_, count, _ = await pipe.execute()
+        if count > settings.WS_SOCKETS_PER_USER:
+            await _redis().zrem(key, self.channel_name)
+            return False
+        return True
+
+    async def send_json(self, content: dict):
+        await self.send(text_data=json.dumps(content))
+
+    async def send_error(self, code: str, message: str, frame: dict | None = None):
+        error = {"type": "error", "code": code, "message": message}
+        if isinstance(frame, dict) and "request_id" in frame:
+            error["request_id"] = frame["request_id"]
+        await self.send_json(error)
+
+    # --- groups and access ----------------------------------------------------------------
+    async def join(self, group: str):
+        if group not in self.groups_joined:
+            await self.channel_layer.group_add(group, self.channel_name)
+            self.groups_joined.add(group)
+
+    async def leave(self, group: str):
+        if group in self.groups_joined:
+            await self.channel_layer.group_discard(group, self.channel_name)
+            self.groups_joined.discard(group)
+
+    async def access_changed(self, event):
+        """A share, a membership or a deletion changed: drop what is no longer ours."""
+        await self.recheck_access()
+
+    async def recheck_access(self):
+        pass
+
+    async def access_revoked(self, event):
+        """Logged out or deactivated: the socket ends."""
+        await self.send_json({"type": "access.revoked", "message": event.get("message", "")})
+        await self.close(code=CLOSE_FORBIDDEN)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 class GenerationEventsMixin:
-    """Forwards a generation's channel-layer events (docs/protocol.md) to the client
-    as they are. Shared by the chat and the jobs sockets."""
+    """Forwards a generation's channel-layer events (docs/protocol.md) as they are."""
 
     async def generation_token(self, event):
         await self.send_json(event)
@@ -55,94 +225,27 @@ class GenerationEventsMixin:
         await self.send_json(event)
 
 
-class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
-    async def connect(self):
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
-            return
-        self.user = user
-        self.groups_joined: set[str] = set()
-        self.queue_watchers: dict[int, asyncio.Future] = {}
-        # Generations of this user that this socket follows: a stop for one of them
-        # raises the worker's flag before any database work (on_stop).
-        self.own_generations: set[int] = set()
-        self.redis = None
-        await self.accept()
+class ChatConsumer(GenerationEventsMixin, FrameConsumer):
+    handlers = {
+        "ping": "on_ping",
+        "chat.send": "on_send",
+        "chat.regenerate": "on_regenerate",
+        "chat.edit": "on_edit",
+        "conversation.open": "on_open",
+        "generation.stop": "on_stop",
+        "generation.subscribe": "on_subscribe",
+    }
+
+    async def on_connect(self):
+        # Generations this socket follows -> their conversation (None: followed alone).
+        self.following: dict[int, int | None] = {}
+        self.conversations: set[int] = set()
+        self.queue_watch: asyncio.Task | None = None
 
     async def disconnect(self, code):
-        for watcher in list(getattr(self, "queue_watchers", {}).values()):
-            watcher.cancel()
-        for group in getattr(self, "groups_joined", ()):
-            await self.channel_layer.group_discard(group, self.channel_name)
-        if getattr(self, "redis", None) is not None:
-            await self.redis.aclose()
-
-    # --- client frames ----------------------------------------------------------
-    async def receive(self, text_data=None, bytes_data=None):
-        raw = text_data if text_data is not None else bytes_data
-        if raw is None or len(raw) == 0:
-            return await self.send_error("empty", "Empty frame.")
-        if len(raw) > settings.WS_FRAME_MAX_BYTES:
-            return await self.send_error(
-                "too_large",
-                f"The frame is {len(raw):,} bytes; the limit is {settings.WS_FRAME_MAX_BYTES:,}.",
-            )
-        try:
-            frame = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return await self.send_error("bad_json", "The frame is not valid JSON.")
-        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
-            return await self.send_error("bad_frame", 'A frame is a JSON object with a "type".')
-        retry_after_s = await self._rate_limited(frame)
-        if retry_after_s:
-            return await self.send_error(
-                "rate_limited",
-                f"Too many messages: at most {settings.WS_RATE_LIMIT_FRAMES} every "
-                f"{settings.WS_RATE_LIMIT_WINDOW_S} s. Try again in {retry_after_s} s.",
-                frame,
-            )
-        handler = self.HANDLERS.get(frame["type"])
-        if handler is None:
-            return await self.send_error(
-                "unknown_type", f"Unknown frame type {frame['type'][:50]!r}.", frame
-            )
-        try:
-            await handler(self, frame)
-        except services.ChatError as exc:
-            await self.send_error(exc.code, str(exc), frame)
-        except (OperationalError, InterfaceError):
-            log.exception("database unavailable while handling %s", frame["type"])
-            await self.send_error(
-                "unavailable", "The database is not answering; nothing was saved. Try again.", frame
-            )
-
-    async def _rate_limited(self, frame: dict) -> int:
-        """Seconds to wait if this user sent too many frames in the current window
-        (counted across all their sockets, in Redis); 0 otherwise.
-
-        For a chat message, the same round trip reads the live workers, which
-        on_send needs: one round trip less on the way to its first token."""
-        window = settings.WS_RATE_LIMIT_WINDOW_S
-        now = int(time.time())
-        key = f"wsrate:{self.user.pk}:{now // window}"
-        self.live_workers = None
-        # One round trip: the key gets its expiry if it has none, then counts.
-        async with self._redis().pipeline(transaction=False) as pipe:
-            pipe.set(key, 0, ex=window * 2, nx=True).incr(key)
-            if frame["type"] == "chat.send" and settings.CHAT_REQUIRE_WORKER:
-                workers.queue_live_workers(pipe)
-            _, count, *live = await pipe.execute()
-        if live:
-            self.live_workers = workers.parse_live_workers(live[0])
-        if count > settings.WS_RATE_LIMIT_FRAMES:
-            return window - now % window
-        return 0
-
-    def _redis(self) -> aioredis.Redis:
-        if self.redis is None:
-            self.redis = redis_pool.async_client()
-        return self.redis
+        if getattr(self, "queue_watch", None) is not None:
+            self.queue_watch.cancel()
+        await super().disconnect(code)
 
     async def on_ping(self, frame):
         await self.send_json({"type": "pong", "request_id": frame.get("request_id")})
@@ -156,27 +259,19 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
             params=frame.get("params"),
             system_prompt=frame.get("system_prompt") or "",
             overflow=frame.get("overflow"),
-            live_workers=self.live_workers,
         )
         await self._accepted(frame, conversation, message, generation)
-        # Follow the answer, then read it (a token is then in the snapshot, in a later
-        # frame, or both: never lost between the two). This runs while the worker
-        # evaluates the prompt on the same cores, so it reads once what the turn, the
-        # snapshot and the others' frames all need (docs/benchmarks.md).
-        await self._join(f"gen.{generation.pk}")
-        payloads = await database_sync_to_async(self._new_turn_payloads)(message, generation)
+        # Follow the answer, then read it: a token is then in the snapshot, in a
+        # later frame, or both; never lost between the two.
+        await self._follow(generation.pk, conversation.pk)
+        payloads = await database_sync_to_async(selectors.new_turn_payloads)(message, generation)
         turn = {"type": "conversation.turn", "conversation": conversation.pk, "messages": payloads}
         await self.send_json(turn)
         await self.send_json({"type": "generation.snapshot", **payloads[1]["generation"]})
-        self._watch_queue(generation.pk)
-        # The others watching this conversation add the turn and follow the answer. A
-        # conversation this message began has no others: a socket that opens it
-        # from now on reads the turn in its snapshot. (The send would reach only
-        # this socket, and keep it and Redis busy while the worker claims the answer.)
-        if frame.get("conversation") is not None:
-            await self.channel_layer.group_send(
-                conversation_group(conversation.pk), {**turn, "sender": self.channel_name}
-            )
+        # The others watching this conversation add the turn and follow the answer.
+        await self.channel_layer.group_send(
+            namespace.conversation_group(conversation.pk), {**turn, "sender": self.channel_name}
+        )
 
     async def on_regenerate(self, frame):
         conversation, replaced, generation = await database_sync_to_async(services.chat_regenerate)(
@@ -198,7 +293,6 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         await self._changed(conversation.pk)
 
     async def _accepted(self, frame, conversation, message, generation):
-        self.own_generations.add(generation.pk)
         await self.send_json(
             {
                 "type": "chat.accepted",
@@ -208,12 +302,12 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
                 "generation": generation.pk,
             }
         )
-        await self._join(conversation_group(conversation.pk))
+        await self._open(conversation.pk)
 
     async def _changed(self, conversation_id: int):
         """Turns were replaced: everyone watching re-reads the conversation."""
         await self.channel_layer.group_send(
-            conversation_group(conversation_id),
+            namespace.conversation_group(conversation_id),
             {"type": "conversation.changed", "conversation": conversation_id},
         )
 
@@ -221,126 +315,80 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         conversation = await database_sync_to_async(services.get_conversation_for_user)(
             self.user, frame.get("conversation")
         )
-        await self._join(conversation_group(conversation.pk))
+        await self._open(conversation.pk)
         await self._send_conversation(conversation)
 
+    async def _open(self, conversation_id: int):
+        await self.join(namespace.conversation_group(conversation_id))
+        self.conversations.add(conversation_id)
+
     async def _send_conversation(self, conversation: Conversation):
-        # Join every live generation's group before reading the snapshot: a token
-        # is then either in the snapshot, in a later frame, or both (the client
-        # de-duplicates by offset), never lost between the two.
-        live = await database_sync_to_async(list)(
-            conversation.generations.filter(
-                state__in=[Generation.QUEUED, Generation.RUNNING]
-            ).values_list("pk", flat=True)
-        )
+        # Follow every live generation before reading the snapshot: a token is then
+        # in the snapshot, in a later frame, or both (the client trims by offset).
+        live = await database_sync_to_async(selectors.live_generation_ids)(conversation)
         for gen_id in live:
-            await self._join(f"gen.{gen_id}")
-            self._watch_queue(gen_id)
-        snapshot = await database_sync_to_async(self._conversation_snapshot)(conversation)
+            await self._follow(gen_id, conversation.pk)
+        snapshot = await database_sync_to_async(selectors.conversation_snapshot)(conversation)
         await self.send_json(snapshot)
 
     async def on_stop(self, frame):
-        # For the user's own answer, raise the worker's flag at once, outside the
-        # one database thread; generation_stop then does the database part.
-        requested = frame.get("generation") in self.own_generations
-        if requested:
-            await sync_to_async(services.request_stop, thread_sensitive=False)(frame["generation"])
-        gen = await database_sync_to_async(services.generation_stop)(
-            user=self.user, generation_id=frame.get("generation"), stop_requested=requested
+        await database_sync_to_async(services.generation_stop)(
+            user=self.user, generation_id=frame.get("generation")
         )
-        if gen.state == Generation.CANCELLED and not gen.started_at:
-            # Never reached a worker: announce it ourselves.
-            final = await database_sync_to_async(generation_snapshot)(gen)
-            final["type"] = "generation.final"
-            await self.channel_layer.group_send(gen.group_name, final)
 
     async def on_subscribe(self, frame):
         gen = await database_sync_to_async(services.get_generation_for_user)(
             self.user, frame.get("generation")
         )
-        await self._follow(gen.pk)
+        await self._follow(gen.pk, gen.conversation_id)
+        await self._send_generation(gen.pk)
 
-    HANDLERS = {
-        "ping": on_ping,
-        "chat.send": on_send,
-        "conversation.open": on_open,
-        "generation.stop": on_stop,
-        "generation.subscribe": on_subscribe,
-        "chat.regenerate": on_regenerate,
-        "chat.edit": on_edit,
-    }
+    async def _follow(self, generation_id: int, conversation_id: int | None):
+        if generation_id not in self.following and len(self.following) >= settings.WS_FOLLOW_MAX:
+            # The oldest followed answer gives way (a long session opens many).
+            oldest = next(iter(self.following))
+            await self._unfollow(oldest)
+        self.following[generation_id] = conversation_id
+        await self.join(namespace.generation_group(generation_id))
+        if self.queue_watch is None or self.queue_watch.done():
+            self.queue_watch = asyncio.ensure_future(self._queue_updates())
 
-    # --- helpers ----------------------------------------------------------------
-    async def _join(self, group: str):
-        if group not in self.groups_joined:
-            await self.channel_layer.group_add(group, self.channel_name)
-            self.groups_joined.add(group)
+    async def _unfollow(self, generation_id: int):
+        self.following.pop(generation_id, None)
+        await self.leave(namespace.generation_group(generation_id))
 
-    async def _follow(self, generation_id: int):
-        await self._join(f"gen.{generation_id}")
-        gen = await database_sync_to_async(Generation.objects.get)(pk=generation_id)
-        if gen.user_id == self.user.pk:
-            self.own_generations.add(gen.pk)
-        await self.send_json(await database_sync_to_async(generation_snapshot)(gen))
-        self._watch_queue(generation_id)
+    async def _send_generation(self, generation_id: int):
+        gen = await database_sync_to_async(Generation.objects.filter(pk=generation_id).first)()
+        if gen is not None:
+            await self.send_json(await database_sync_to_async(selectors.generation_snapshot)(gen))
 
-    def _watch_queue(self, generation_id: int):
-        """While the generation waits in the queue, send its position and estimate
-        every QUEUE_UPDATE_S, until a worker starts it."""
-        if generation_id in self.queue_watchers:
-            return
-        self.queue_watchers[generation_id] = asyncio.ensure_future(
-            self._queue_updates(generation_id)
+    async def _queue_updates(self):
+        """While any followed answer waits in the queue, send its position and
+        estimate every QUEUE_UPDATE_S: one reader per socket, whatever it follows."""
+        while True:
+            await asyncio.sleep(QUEUE_UPDATE_S)
+            snapshots = await database_sync_to_async(selectors.queued_snapshots)(
+                list(self.following)
+            )
+            if not snapshots:
+                return
+            for snapshot in snapshots:
+                await self.send_json(snapshot)
+
+    async def recheck_access(self):
+        visible = await database_sync_to_async(_still_visible)(
+            self.user, self.conversations, list(self.following)
         )
+        lost_conversations = self.conversations - visible["conversations"]
+        for conversation_id in lost_conversations:
+            self.conversations.discard(conversation_id)
+            await self.leave(namespace.conversation_group(conversation_id))
+            await self.send_json({"type": "access.lost", "conversation": conversation_id})
+        for gen_id in list(self.following):
+            if gen_id not in visible["generations"]:
+                await self._unfollow(gen_id)
 
-    async def _queue_updates(self, generation_id: int):
-        # Every caller has just sent the generation as it stands.
-        try:
-            while True:
-                await asyncio.sleep(QUEUE_UPDATE_S)
-                gen = await database_sync_to_async(
-                    Generation.objects.filter(pk=generation_id).first
-                )()
-                if gen is None or gen.state != Generation.QUEUED:
-                    return  # started, or deleted with its conversation
-                await self.send_json(await database_sync_to_async(generation_snapshot)(gen))
-        finally:
-            self.queue_watchers.pop(generation_id, None)
-
-    @staticmethod
-    def _new_turn_payloads(message: Message, generation: Generation) -> list[dict]:
-        """The user's message (as created, its author loaded) and the answer's,
-        with the generation read now: the worker may have started it already."""
-        assistant = Message.objects.select_related("generation").get(generation=generation)
-        return [message_payload(message), message_payload(assistant)]
-
-    @staticmethod
-    def _conversation_snapshot(conversation: Conversation) -> dict:
-        messages = conversation.messages.current().select_related("author", "generation__metrics")
-        return {
-            "type": "conversation.snapshot",
-            "conversation": {
-                "id": conversation.pk,
-                "title": str(conversation),
-                "model": conversation.model.name,
-                "n_ctx": conversation.model.n_ctx,
-                "team": conversation.team.name if conversation.team_id else None,
-                "owner": conversation.owner.get_username(),
-            },
-            "messages": [message_payload(m) for m in messages],
-        }
-
-    async def send_json(self, content: dict):
-        await self.send(text_data=json.dumps(content))
-
-    async def send_error(self, code: str, message: str, frame: dict | None = None):
-        error = {"type": "error", "code": code, "message": message}
-        if isinstance(frame, dict) and "request_id" in frame:
-            error["request_id"] = frame["request_id"]
-        await self.send_json(error)
-
-    # --- channel-layer events: generation.* come from GenerationEventsMixin --------
-
+    # --- channel-layer events: generation.* come from GenerationEventsMixin ----------------
     async def conversation_changed(self, event):
         conversation = await database_sync_to_async(services.get_conversation_for_user)(
             self.user, event["conversation"]
@@ -356,6 +404,22 @@ class ChatConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
         await self.send_json(event)
         if generation is not None:
             # Join, then send the text so far: this consumer handles one event at a
-            # time, so every token frame queued meanwhile follows the snapshot and
-            # continues it; a viewer who joined late sees no gap.
-            await self._follow(generation)
+            # time, so every token frame queued meanwhile follows the snapshot.
+            await self._follow(generation, event["conversation"])
+            await self._send_generation(generation)
+
+
+def _still_visible(user, conversation_ids, generation_ids) -> dict:
+    user.refresh_from_db(fields=["is_active"])
+    return {
+        "conversations": set(
+            access.conversations(
+                user, Conversation.objects.filter(pk__in=conversation_ids)
+            ).values_list("pk", flat=True)
+        ),
+        "generations": set(
+            access.generations(user, Generation.objects.filter(pk__in=generation_ids)).values_list(
+                "pk", flat=True
+            )
+        ),
+    }

@@ -1,28 +1,60 @@
-"""The model, through llama.cpp. Knows nothing of Django, requests or sockets.
+"""The model, through llama.cpp: one context serving several sequences at once.
 
-One Engine per worker process, created inside that process, used by one thread.
+Knows nothing of Django, requests or sockets. One Engine per worker process, created
+inside it. Its own thread owns the llama.cpp context and runs the loop of llama.cpp's
+server (tools/server in llama.cpp's source):
+
+- each step decodes one token for every sequence that is generating, plus a chunk
+  of prompt tokens for sequences still reading theirs, up to n_batch tokens in all,
+  in one llama_decode (continuous batching with chunked prefill): a long prompt
+  holds the other streams up for one chunk at a time, never for all of it;
+- each sequence samples with its own sampler chain (temperature, top_p, seed,
+  grammar), and stops on its own stop strings;
+- all sequences share one KV pool of n_ctx cells (llama.cpp's unified KV cache). A
+  request is admitted only when its prompt plus max_tokens fits what running
+  requests leave free, so none of them can ever run out of room; until then it waits;
+- an idle sequence keeps its tokens in the pool for the next request of the same
+  tenant (prefix reuse), until the room is needed, least recently used first; its
+  state is then kept in host RAM, up to a budget, for that tenant only.
+
+Callers hand a Request to submit() and read its events from request.events.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
+import logging
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import llama_cpp
 
-from .tokens import ChatTokenizer
+log = logging.getLogger(__name__)
 
 GGML_CACHE_TYPES = {
     "f16": llama_cpp.GGML_TYPE_F16,
     "q8_0": llama_cpp.GGML_TYPE_Q8_0,
     "q4_0": llama_cpp.GGML_TYPE_Q4_0,
 }
+FLASH_ATTN_TYPES = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+# Priorities: interactive work (chat, API) is admitted before background job passes.
+INTERACTIVE = 0
+BACKGROUND = 1
+
+# An idle sequence's cache is copied to host RAM before its cells are given to
+# another request only if it holds at least this many tokens.
+SAVE_MIN_TOKENS = 32
 
 
 class ContextOverflow(ValueError):
@@ -39,12 +71,21 @@ class ContextOverflow(ValueError):
         )
 
 
-class Cancelled(Exception):
-    """The caller asked to stop during prompt evaluation."""
+class ModelLoadError(RuntimeError):
+    """llama.cpp could not load the model; the message names the file and the cause."""
 
 
-class TimeLimitExceeded(Exception):
-    """The run passed its deadline; the text streamed so far stands."""
+class DecodeError(RuntimeError):
+    """llama.cpp could not evaluate a batch (out of memory, KV cache full...)."""
+
+
+# What llama_decode's return codes mean (llama.h), in words for the user.
+DECODE_ERRORS = {
+    1: "no room in the KV cache for the batch",
+    -1: "invalid input batch",
+    -2: "out of memory: could not allocate the compute buffers",
+    -3: "the computation failed",
+}
 
 
 @dataclass(frozen=True)
@@ -68,20 +109,26 @@ class Sampling:
     top_p: float = 0.95
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # A GBNF grammar the answer must follow (structured output), or None.
+    grammar: str | None = None
 
 
 @dataclass
 class RunStats:
-    """What one run cost, filled in while it streams. Times are time.monotonic()."""
+    """What one request cost, filled in by the engine. Times are time.monotonic()."""
 
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    started: float = 0.0
+    started: float = 0.0  # admitted: its prompt evaluation begins
     first_token: float | None = None
     finished: float | None = None
     token_times: list[float] = field(default_factory=list)
     finish_reason: str = ""
+    # How many sequences shared the steps that decoded this one's tokens.
+    batch_steps: int = 0
+    batch_size_sum: int = 0
+    batch_size_max: int = 0
 
     @property
     def prompt_eval_s(self) -> float | None:
@@ -111,413 +158,659 @@ class RunStats:
             return None
         return evaluated / self.prompt_eval_s
 
+    @property
+    def batch_size_mean(self) -> float | None:
+        return self.batch_size_sum / self.batch_steps if self.batch_steps else None
+
     def inter_token_ms(self) -> list[float]:
         times = self.token_times
         return [(b - a) * 1000 for a, b in zip(times, times[1:], strict=False)]
 
 
-class ModelLoadError(RuntimeError):
-    """llama.cpp could not load the model; the message names the file and the cause."""
+@dataclass(eq=False)
+class Request:
+    """One sequence's work. The engine reports on `events`, in order:
+
+    ("admitted", None)        it has a sequence; its prompt evaluation starts
+    ("progress", (done, n))   after each chunk of a prompt longer than one chunk
+    ("text", str)             a piece of the answer (about a token)
+    ("end", None | error)     finished (stats.finish_reason says why) or failed
+
+    Setting `cancel` ends it within one step, waiting or running.
+    """
+
+    prompt: list[int]
+    sampling: Sampling
+    tenant: str
+    priority: int = INTERACTIVE
+    deadline: float | None = None  # time.monotonic(); the run ends at it
+    label: str = ""
+    cancel: threading.Event = field(default_factory=threading.Event)
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    stats: RunStats = field(default_factory=RunStats)
+    arrival: int = 0
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sampling.max_tokens
+
+    def cells_needed(self, n_ctx: int) -> int:
+        """KV cells it may use: its prompt and every token it may add."""
+        return min(n_ctx, len(self.prompt) + self.max_tokens)
 
 
-class DecodeError(RuntimeError):
-    """llama.cpp could not evaluate a batch (out of memory, KV cache full...)."""
+IDLE, PROMPT, GENERATING = "idle", "prompt", "generating"
 
 
-# What llama_decode's return codes mean (llama.h), in words for the user.
-DECODE_ERRORS = {
-    1: "out of memory: no room in the KV cache for the batch",
-    -1: "invalid input batch",
-    -2: "out of memory: could not allocate the compute buffers",
-    -3: "the computation failed",
-}
+class Slot:
+    """One sequence of the context: idle (maybe caching a tenant's tokens), reading
+    a prompt, or generating."""
+
+    def __init__(self, seq_id: int):
+        self.seq_id = seq_id
+        self.state = IDLE
+        self.request: Request | None = None
+        self.tokens: list[int] = []  # what its KV cells hold, in order
+        self.tenant: str | None = None  # whose tokens those are
+        self.saved = False  # its tokens are in the host-RAM cache as they stand
+        self.last_used = 0.0
+        self.sampler = None
+        self.next_token: int | None = None  # sampled, to be fed at the next step
+        self.batch_index = -1  # where its logits are in the step's batch
+        self.chunk = 0  # prompt tokens in this step's batch
+        self.pending = b""  # bytes of a UTF-8 character not complete yet
+        self.held = ""  # text that may be the start of a stop string
+
+    @property
+    def busy(self) -> bool:
+        return self.state != IDLE
 
 
 class PrefixCache:
-    """Saved KV states of earlier conversations, keyed by their tokens: an LRU bounded
-    by a memory budget (bytes of host RAM).
-
-    llama-cpp-python's LlamaRAMCache keeps a copy of the logits with every state
-    (n_batch x n_vocab floats, 100 MB for SmolLM2) and counts only the KV bytes
-    against its budget; this one keeps only sequence 0's KV cells, so the budget is
-    what the process really holds.
-    """
+    """Saved KV states of idle sequences, keyed by tenant and tokens: an LRU bounded
+    by a budget of host RAM (bytes). A tenant only ever finds its own states."""
 
     def __init__(self, capacity_bytes: int):
         self.capacity_bytes = capacity_bytes
-        self._states: OrderedDict[tuple[int, ...], bytes | bytearray] = OrderedDict()
+        self._states: OrderedDict[tuple[str, tuple[int, ...]], bytearray] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._states)
 
-    def __contains__(self, key: tuple[int, ...]) -> bool:
-        return key in self._states
-
     @property
     def size_bytes(self) -> int:
-        return sum(len(data) + 4 * len(key) for key, data in self._states.items())
+        return sum(len(data) for data in self._states.values())
 
-    def put(self, tokens: Sequence[int], data: bytes | bytearray) -> None:
-        key = tuple(tokens)
+    def put(self, tenant: str, tokens: Sequence[int], data: bytearray) -> bool:
         if len(data) > self.capacity_bytes:
-            return
-        # A state whose tokens are a prefix of the new one is now redundant.
-        for old in [k for k in self._states if key[: len(k)] == k]:
+            return False
+        key = (tenant, tuple(tokens))
+        # A state of this tenant whose tokens are a prefix of the new one is redundant.
+        for old in [k for k in self._states if k[0] == tenant and key[1][: len(k[1])] == k[1]]:
             del self._states[old]
         self._states[key] = data
         while self.size_bytes > self.capacity_bytes:
             self._states.popitem(last=False)
+        return True
 
-    def longest(self, prompt: Sequence[int]) -> tuple[tuple[int, ...] | None, int]:
-        """The saved key sharing the longest prefix with `prompt`, and that length."""
+    def longest(self, tenant: str, prompt: Sequence[int]) -> tuple[tuple | None, int]:
+        """This tenant's saved key sharing the longest prefix with prompt, and its length."""
         best, best_len = None, 0
         for key in self._states:
-            n = common_prefix(key, prompt)
-            if n > best_len:
-                best, best_len = key, n
+            if key[0] == tenant:
+                n = common_prefix(key[1], prompt)
+                if n > best_len:
+                    best, best_len = key, n
         return best, best_len
 
-    def take(self, key: tuple[int, ...]) -> bytes | bytearray:
+    def take(self, key: tuple) -> bytearray:
         self._states.move_to_end(key)
         return self._states[key]
 
 
-# llama.cpp calls the abort callback after every graph node (about 600 times per
-# evaluation of SmolLM2), and each call takes the GIL: while another thread of the
-# worker runs Python (the heartbeat, the stop watcher, the resource sampler) the
-# model waits for it at every node. A thread busy 15 % of the time slowed a 54-token
-# prompt by 19 % and decoding by 13 % with the callback set, and by what it used of
-# the CPU without it (docs/benchmarks.md). So it is set only for an evaluation that
-# may take longer than this, whose speed is not known yet, or that the deadline may
-# fall in; a shorter one is checked before and after, so a stop waits for it (a
-# quarter of a second, about, with the margin below).
-ABORT_POLL_MIN_S = 0.5
-# An evaluation is expected to take up to this many times its last per-token time.
-ABORT_POLL_MARGIN = 2.0
-_NO_ABORT_CALLBACK = llama_cpp.ggml_abort_callback()  # NULL: llama.cpp skips it
+def physical_cores() -> int:
+    """The thread count llama.cpp's own tools choose by default: the physical cores
+    (one per set of hyper-threads sharing a core), as common_cpu_get_num_math does
+    on Linux. Falls back to the logical CPUs where the topology cannot be read."""
+    siblings = set()
+    for cpu in itertools.count():
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings") as f:
+                siblings.add(f.read().strip())
+        except OSError:
+            break
+    if siblings:
+        return len(siblings)
+    logical = os.cpu_count() or 4
+    return logical if logical <= 4 else logical // 2
 
 
-# The live context is saved before a different conversation overwrites it only if
-# it would lose at least this many tokens (a follow-up in the same conversation
-# loses a few at most, where the answer re-tokenizes differently).
-SAVE_MIN_DISCARDED_TOKENS = 32
+def resolve_threads(n_threads: int, n_threads_batch: int) -> tuple[int, int]:
+    """The thread counts in force: 0 means llama.cpp's own default, the physical
+    cores, for decoding; and the decoding count for prompt evaluation."""
+    decode = n_threads or physical_cores()
+    return decode, n_threads_batch or decode
 
 
 class Engine:
-    """A loaded GGUF model with one context, kept between requests for prefix reuse."""
+    """A loaded GGUF model and one context of n_parallel sequences, driven by its
+    own thread (start() it; submit() requests from any thread)."""
 
     def __init__(
         self,
         options: LoadOptions,
         *,
         prefix_cache_bytes: int = 0,
+        job_sequences: int | None = None,
         on_load_progress: Callable[[float], None] | None = None,
     ):
         self.options = options
-        # The cancel flag of the run in progress; llama.cpp polls it between graph
-        # computations, so a stop ends a long prompt evaluation within one batch.
-        self._cancel = threading.Event()
-        self._deadline: float | None = None
+        self.n_threads, self.n_threads_batch = resolve_threads(
+            options.n_threads, options.n_threads_batch
+        )
+        self.n_parallel = max(1, options.n_parallel)
+        # Background passes use at most this many sequences at once.
+        self.job_sequences = self.n_parallel if job_sequences is None else job_sequences
         try:
             extra_buffers = use_extra_buffers()
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc
-        try:
-            with _model_params(on_load_progress, extra_buffers):
-                self.llm = llama_cpp.Llama(
-                    model_path=options.path,
-                    n_ctx=options.n_ctx,
-                    n_gpu_layers=options.n_gpu_layers,
-                    flash_attn=options.flash_attn == "on",
-                    type_k=GGML_CACHE_TYPES[options.type_k],
-                    type_v=GGML_CACHE_TYPES[options.type_v],
-                    n_threads=options.n_threads or None,
-                    n_batch=options.n_batch,
-                    verbose=False,
-                )
-        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
-            raise ModelLoadError(f"{options.path}: llama.cpp could not load it ({exc})") from exc
-        # The deadline is enforced here rather than left to Celery's soft time limit:
-        # that arrives as a signal, and a signal that lands while llama.cpp is calling
-        # this Python callback is swallowed by ctypes ("Exception ignored").
-        self._abort_callback = llama_cpp.ggml_abort_callback(lambda _data: self._should_abort())
-        self._polling_aborts: bool | None = None
-        # Seconds per token of the last prompt batch and of the last answer's
-        # decoding: how long the next evaluation of each kind may take.
-        self._batch_s_per_token: float | None = None
-        self._decode_s_per_token: float | None = None
-        self._poll_aborts(None)
-        self.tokenizer = ChatTokenizer(self.llm, options.path)
+        llama_cpp.llama_backend_init()
+        self.model = _load_model(options, on_load_progress, extra_buffers)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.ctx = self._new_context()
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_batch = llama_cpp.llama_n_batch(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(max(self.n_batch, self.n_parallel), 0, 1)
+        self._memory = llama_cpp.llama_get_memory(self.ctx)
+        self._piece = ctypes.create_string_buffer(256)
+        self.slots = [Slot(i) for i in range(self.n_parallel)]
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
-        # The live context is already in prefix_cache as it stands (save_context).
-        self._live_saved = False
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: list[Request] = []
+        self._arrivals = itertools.count()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # Read by other threads (heartbeat, metrics); written by the engine thread.
+        self.load = {"running": 0, "waiting": 0, "kv_used": 0, "jobs_held": 0}
+        self._jobs_held = 0
+        self._jobs_lock = threading.Lock()
 
-    def _should_abort(self) -> bool:
-        return self._cancel.is_set() or self._past_deadline()
+    def _new_context(self):
+        options = self.options
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = options.n_ctx
+        params.n_batch = options.n_batch
+        params.n_ubatch = min(options.n_batch, 512)
+        params.n_seq_max = self.n_parallel
+        params.kv_unified = True
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads_batch
+        params.flash_attn_type = FLASH_ATTN_TYPES[options.flash_attn]
+        params.type_k = GGML_CACHE_TYPES[options.type_k]
+        params.type_v = GGML_CACHE_TYPES[options.type_v]
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise ModelLoadError(
+                f"{options.path}: llama.cpp could not create a context of {options.n_ctx:,} "
+                f"tokens for {self.n_parallel} sequences (KV {options.type_k}/"
+                f"{options.type_v}, flash attention {options.flash_attn}); see the "
+                "worker's log for llama.cpp's reason"
+            )
+        return ctx
 
-    def _poll_aborts(self, expected_s: float | None) -> None:
-        """Have llama.cpp call the abort callback during the evaluations to come if
-        they may take longer than ABORT_POLL_MIN_S (expected_s None: not known) or
-        run past the deadline."""
-        poll = (
-            expected_s is None
-            or expected_s > ABORT_POLL_MIN_S
-            or (self._deadline is not None and time.monotonic() + expected_s >= self._deadline)
-        )
-        if poll != self._polling_aborts:
-            callback = self._abort_callback if poll else _NO_ABORT_CALLBACK
-            llama_cpp.llama_set_abort_callback(self.llm._ctx.ctx, callback, None)
-            self._polling_aborts = poll
+    # --- what the file says -----------------------------------------------------
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
-    @staticmethod
-    def _expected_s(tokens: int, s_per_token: float | None) -> float | None:
-        return None if s_per_token is None else tokens * s_per_token * ABORT_POLL_MARGIN
-
-    def _past_deadline(self) -> bool:
-        return self._deadline is not None and time.monotonic() >= self._deadline
-
-    # --- what the file says ---------------------------------------------------
-    @property
-    def n_ctx(self) -> int:
-        return self.llm.n_ctx()
-
-    @property
-    def n_batch(self) -> int:
-        return self.llm.n_batch
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.llm.metadata
-
-    # --- prompts --------------------------------------------------------------
-    def chat_prompt_tokens(self, messages: Sequence[dict], assistant_prefix: str = "") -> list[int]:
-        """The token ids of messages rendered through the file's chat template.
-
-        assistant_prefix continues an answer that was cut short (a retried run).
-        """
-        return self.tokenizer.chat_tokens(messages, assistant_prefix)
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.tokenize(text)
-
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        if prompt_tokens + max_tokens > self.n_ctx:
+    def check_fits(self, prompt_tokens: int, max_tokens: int = 1) -> None:
+        """A prompt must leave room for at least one new token; max_tokens beyond the
+        context's end are cut to it (the answer then ends with "length")."""
+        if prompt_tokens + 1 > self.n_ctx:
             raise ContextOverflow(prompt_tokens, max_tokens, self.n_ctx)
 
-    # --- generation -----------------------------------------------------------
-    def stream(
-        self,
-        prompt_tokens: list[int],
-        sampling: Sampling,
-        cancel: threading.Event,
-        stats: RunStats,
-        on_prompt_progress: Callable[[int, int], None] | None = None,
-        deadline: float | None = None,
-    ) -> Iterator[str]:
-        """Yield the answer's text piece by piece (about a token each).
+    # --- the API for other threads ------------------------------------------------
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+        return self
 
-        Stops at end of generation, max_tokens, a stop string, or when `cancel` is
-        set (checked each token). Raises Cancelled if it is set while the prompt is
-        still being evaluated. A prompt longer than one batch reports its progress
-        through on_prompt_progress(evaluated, total) after each batch. Raises
-        TimeLimitExceeded once time.monotonic() passes `deadline`, within one token
-        (or one graph node during an evaluation that may take longer than
-        ABORT_POLL_MIN_S, prompt batches above all).
-        """
-        llm = self.llm
-        self.check_fits(len(prompt_tokens), 1)
-        max_tokens = min(sampling.max_tokens, self.n_ctx - len(prompt_tokens))
-        stats.prompt_tokens = len(prompt_tokens)
-        stats.started = time.monotonic()
-        self._cancel = cancel
-        self._deadline = deadline
-        try:
-            stats.cached_tokens = self._prefill(prompt_tokens, cancel, on_prompt_progress)
-        except (Cancelled, TimeLimitExceeded) as exc:
-            stats.finish_reason = "cancelled" if isinstance(exc, Cancelled) else "time_limit"
-            self._cancel, self._deadline = threading.Event(), None
-            raise
-        if sampling.seed is not None:
-            llm.set_seed(sampling.seed)
+    def submit(self, request: Request) -> Request:
+        """Queue a request; its events follow on request.events."""
+        request.stats.prompt_tokens = len(request.prompt)
+        self._inbox.put(request)
+        return request
 
-        # Each decoding step evaluates one token.
-        self._poll_aborts(self._expected_s(1, self._decode_s_per_token))
-        vocab = llm._model.vocab
-        pending = b""  # bytes of a UTF-8 character not yet complete
-        held = ""  # text that may be the start of a stop string
-        tokens = llm.generate(
-            prompt_tokens,
-            temp=sampling.temperature,
-            top_p=sampling.top_p,
-            reset=True,
-        )
-        try:
-            while True:
-                try:
-                    token = next(tokens)
-                except StopIteration:
-                    stats.finish_reason = stats.finish_reason or "stop"
-                    break
-                except RuntimeError as exc:
-                    if self._past_deadline():
-                        stats.finish_reason = "time_limit"
-                        raise TimeLimitExceeded() from exc
-                    if not cancel.is_set():
-                        raise _decode_error(exc) from exc
-                    if stats.first_token is None:
-                        raise Cancelled() from exc
-                    stats.finish_reason = "cancelled"
-                    break
-                now = time.monotonic()
-                if stats.first_token is None:
-                    stats.first_token = now
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    stats.finish_reason = "stop"
-                    break
-                stats.token_times.append(now)
-                stats.completion_tokens += 1
-                # One token's piece: the GGUF tokenizer takes no context (it ignores
-                # prev_tokens, which cost a copy of the whole prompt per token).
-                piece = pending + llm.detokenize([token])
-                text, pending = _decode_complete_utf8(piece)
-                held += text
-                emit, held, hit_stop = _split_on_stop(held, sampling.stop)
-                if emit:
-                    yield emit
-                if hit_stop:
-                    stats.finish_reason = "stop"
-                    break
-                if stats.completion_tokens >= max_tokens:
-                    stats.finish_reason = "length"
-                    break
-                if cancel.is_set():
-                    stats.finish_reason = "cancelled"
-                    break
-                if self._past_deadline():
-                    stats.finish_reason = "time_limit"
-                    raise TimeLimitExceeded()
-                if deadline is not None:  # it may fall in the next step now
-                    self._poll_aborts(self._expected_s(1, self._decode_s_per_token))
-            if stats.finish_reason != "cancelled" and held:
-                yield held
-        finally:
-            tokens.close()
-            stats.finished = time.monotonic()
-            if len(stats.token_times) >= 2:
-                decoded_s = stats.token_times[-1] - stats.token_times[0]
-                self._decode_s_per_token = decoded_s / (len(stats.token_times) - 1)
-            # A stale stop or deadline must not abort the next run.
-            self._cancel, self._deadline = threading.Event(), None
+    def cancel(self, request: Request) -> None:
+        """End the request within one step, waiting or running."""
+        request.cancel.set()
+        self._inbox.put(None)  # wakes the loop if it waits for work
 
-    def _prefill(
-        self,
-        prompt: list[int],
-        cancel: threading.Event,
-        on_progress: Callable[[int, int], None] | None,
-    ) -> int:
-        """Evaluate the prompt one batch at a time, starting after the longest
-        prefix already in the context (or in a saved state), up to and including its
-        last token. Returns the number of tokens reused. generate() then finds the
-        whole prompt just evaluated and samples from the last batch's logits at once.
-        (Leaving the last token to generate(), as before, cost a second forward pass
-        before the first token: one decoding step, 19 ms for SmolLM2 here.)"""
-        llm = self.llm
-        reused = self._restore_best_prefix(prompt)
-        self._live_saved = False  # from here on the context changes
-        llm.n_tokens = reused  # llm.eval drops the KV cells from here on
-        todo = prompt[reused:]
-        report = on_progress if on_progress is not None and len(todo) > self.n_batch else None
-        evaluated = reused
-        if report:
-            report(evaluated, len(prompt))
-        for start in range(0, len(todo), self.n_batch):
-            if cancel.is_set():
-                raise Cancelled()
-            if self._past_deadline():
-                raise TimeLimitExceeded()
-            batch = todo[start : start + self.n_batch]
-            self._poll_aborts(self._expected_s(len(batch), self._batch_s_per_token))
-            began = time.monotonic()
+    def reserve_job(self) -> bool:
+        """Hold one of the job_sequences places for a background request, or say
+        there is none free (the caller asks again later instead of waiting here)."""
+        with self._jobs_lock:
+            if self._jobs_held >= self.job_sequences:
+                return False
+            self._jobs_held += 1
+            return True
+
+    def release_job(self) -> None:
+        with self._jobs_lock:
+            self._jobs_held = max(0, self._jobs_held - 1)
+
+    def close(self) -> None:
+        """Stop the loop, fail what is left, and free llama.cpp's memory."""
+        self._stopping = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(10)
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
+    # --- the loop -------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
             try:
-                llm.eval(batch)
-            except RuntimeError as exc:
-                if cancel.is_set():
-                    raise Cancelled() from exc
-                if self._past_deadline():
-                    raise TimeLimitExceeded() from exc
-                raise _decode_error(exc) from exc
-            self._batch_s_per_token = (time.monotonic() - began) / len(batch)
-            evaluated += len(batch)
-            if report:
-                report(evaluated, len(prompt))
-        return reused
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - every request still ends, with the reason
+                log.exception("the engine's step failed")
+                for slot in self.slots:
+                    if slot.busy:
+                        self._end(slot, "error", exc)
+                        self._forget(slot)
+        for request in self._waiting:
+            request.events.put(("end", RuntimeError("the worker is shutting down")))
+        for slot in self.slots:
+            if slot.busy:
+                self._end(slot, "error", RuntimeError("the worker is shutting down"))
 
-    def _restore_best_prefix(self, prompt: list[int]) -> int:
-        """Make the context hold the longest available prefix of `prompt`: the live
-        one, or a saved state. Saves the live context first when switching away
-        would throw much of it away. Returns the prefix length (at most len - 1: the
-        last token is always evaluated, to get fresh logits)."""
-        llm = self.llm
-        live = llm.input_ids[: llm.n_tokens].tolist()
-        live_match = common_prefix(live, prompt)
-        saved_key, saved_match = self.prefix_cache.longest(prompt)
-        discarded = len(live) - max(live_match, 0)
-        switching = saved_match > live_match
-        if (
-            (switching or live_match < len(live))
-            and discarded >= SAVE_MIN_DISCARDED_TOKENS
-            and not self._live_saved
-        ):
-            self._save_live(live)
-        if switching and self._restore(saved_key):
-            live_match = saved_match
-        elif switching:
-            live_match = 0
-        return max(0, min(live_match, len(prompt) - 1))
+    def _step(self) -> None:
+        self._take_inbox(block=False)
+        self._end_cancelled()
+        self._admit()
+        self._publish_load()
+        if not any(slot.busy for slot in self.slots):
+            if not self._waiting:
+                self._save_idle_slots()
+            # Nothing to decode: wait for a request, a cancel, or a deadline to check.
+            self._take_inbox(block=True)
+            return
+        self._decode(self._build_batch())
 
-    def save_context(self) -> None:
-        """Save the live context in the prefix cache now, between requests.
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.25) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item is not None:
+                item.arrival = next(self._arrivals)
+                self._waiting.append(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
 
-        A request for another conversation would otherwise copy it out first, on
-        its way to the first token (3 to 15 ms for 300 tokens of SmolLM2 here;
-        docs/benchmarks.md). The worker calls this after each answer's final event.
-        """
-        live = self.llm.input_ids[: self.llm.n_tokens].tolist()
-        if not self._live_saved and len(live) >= SAVE_MIN_DISCARDED_TOKENS:
-            self._save_live(live)
+    def _end_cancelled(self) -> None:
+        now = time.monotonic()
+        for request in list(self._waiting):
+            reason = _stop_reason(request, now)
+            if reason:
+                self._waiting.remove(request)
+                request.stats.finish_reason = reason
+                request.stats.finished = now
+                request.events.put(("end", None))
+        for slot in self.slots:
+            if slot.busy:
+                reason = _stop_reason(slot.request, now)
+                if reason:
+                    self._end(slot, reason)
 
-    def _save_live(self, live: list[int]) -> None:
+    # --- admission ------------------------------------------------------------------
+    def _cells_reserved(self) -> int:
+        return sum(s.request.cells_needed(self.n_ctx) for s in self.slots if s.busy)
+
+    def _admit(self) -> None:
+        """Give free sequences to waiting requests: interactive first, then in order
+        of arrival. The first that does not fit waits, and so do all behind it of its
+        priority, so that a large request is not passed over forever."""
+        self._waiting.sort(key=lambda r: (r.priority, r.arrival))
+        blocked: set[int] = set()
+        for request in list(self._waiting):
+            if request.priority in blocked:
+                continue
+            try:
+                self.check_fits(len(request.prompt), request.max_tokens)
+            except ContextOverflow as exc:
+                self._waiting.remove(request)
+                request.events.put(("end", exc))
+                continue
+            free_slots = [s for s in self.slots if not s.busy]
+            room = self.n_ctx - self._cells_reserved()
+            if not free_slots or request.cells_needed(self.n_ctx) > room:
+                blocked.add(request.priority)
+                continue
+            running_jobs = sum(1 for s in self.slots if s.busy and s.request.priority == BACKGROUND)
+            if request.priority == BACKGROUND and running_jobs >= self.job_sequences:
+                blocked.add(request.priority)
+                continue
+            self._waiting.remove(request)
+            self._start(request, free_slots)
+
+    def _start(self, request: Request, free_slots: list[Slot]) -> None:
+        slot, reused = self._choose_slot(request, free_slots)
+        # Room for it: idle caches go, least recently used first, until every
+        # running request's whole reservation fits beside what stays cached.
+        reserved = self._cells_reserved() + request.cells_needed(self.n_ctx)
+        for other in sorted(free_slots, key=lambda s: s.last_used):
+            if other is slot:
+                continue
+            cached = sum(len(s.tokens) for s in self.slots if not s.busy and s is not slot)
+            if reserved + cached <= self.n_ctx:
+                break
+            if other.tokens:
+                self._evict(other)
+        slot.state = PROMPT
+        slot.request = request
+        slot.tenant = request.tenant
+        slot.saved = False
+        slot.sampler = _sampler_chain(self.vocab, request.sampling)
+        slot.pending, slot.held = b"", ""
+        slot.next_token = None
+        stats = request.stats
+        stats.started = time.monotonic()
+        stats.cached_tokens = reused
+        request.events.put(("admitted", None))
+
+    def _choose_slot(self, request: Request, free_slots: list[Slot]) -> tuple[Slot, int]:
+        """The free sequence to run it in, and how many prompt tokens it already holds
+        (at most all but the last, which is evaluated for its logits). Only the
+        request's own tenant's tokens count."""
+        prompt = request.prompt
+        limit = len(prompt) - 1
+
+        def reusable(slot: Slot) -> int:
+            if slot.tenant != request.tenant:
+                return 0
+            return min(common_prefix(slot.tokens, prompt), limit)
+
+        # The most tokens to reuse; among equals, an empty sequence, then the one
+        # idle longest, so that other tenants' caches stay as long as they can.
+        best = max(free_slots, key=lambda s: (reusable(s), not s.tokens, -s.last_used))
+        reused = reusable(best)
+        saved_key, saved_len = self.prefix_cache.longest(request.tenant, prompt)
+        saved_len = min(saved_len, limit)
+        if saved_len > reused:
+            # A saved state is better: restore it into the least useful free sequence.
+            data = self.prefix_cache.take(saved_key)
+            target = min(free_slots, key=lambda s: (reusable(s), bool(s.tokens), s.last_used))
+            if target.tokens:
+                self._evict(target)
+            if self._restore(target, saved_key, data):
+                return target, self._keep(target, saved_len)
+            best, reused = target, 0
+        if best.tenant != request.tenant and best.tokens:
+            self._evict(best)
+        elif len(best.tokens) - reused >= SAVE_MIN_TOKENS and not best.saved:
+            self._save(best)  # what the new request overwrites may be wanted again
+        return best, self._keep(best, reused)
+
+    def _keep(self, slot: Slot, n: int) -> int:
+        """Keep the first n tokens of the slot's cells; drop the rest."""
+        if n < len(slot.tokens):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, n, -1)
+            slot.tokens = slot.tokens[:n]
+        return n
+
+    def _evict(self, slot: Slot) -> None:
+        """Give the slot's cells back, saving them to host RAM first when worth it."""
+        if not slot.saved and len(slot.tokens) >= SAVE_MIN_TOKENS and slot.tenant:
+            self._save(slot)
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.tokens, slot.tenant, slot.saved = [], None, False
+
+    def _save(self, slot: Slot) -> None:
         if self.prefix_cache.capacity_bytes <= 0:
             return
-        ctx = self.llm._ctx.ctx
-        self.llm._ctx.kv_cache_seq_rm(-1, len(live), -1)
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        if size > self.prefix_cache.capacity_bytes:
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
+        if not size or size > self.prefix_cache.capacity_bytes:
             return
-        # Written in place into the bytes the cache keeps: one copy of the cells.
         data = bytearray(size)
         written = llama_cpp.llama_state_seq_get_data(
-            ctx, (ctypes.c_uint8 * size).from_buffer(data), size, 0
+            self.ctx, (ctypes.c_uint8 * size).from_buffer(data), size, slot.seq_id
         )
         if written:
-            self.prefix_cache.put(live, data if written == size else data[:written])
-            self._live_saved = tuple(live) in self.prefix_cache
+            slot.saved = self.prefix_cache.put(
+                slot.tenant, slot.tokens, data if written == size else data[:written]
+            )
 
-    def _restore(self, key: tuple[int, ...]) -> bool:
-        llm = self.llm
-        data = self.prefix_cache.take(key)
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), True)
-        array = ctypes.c_uint8 * len(data)
-        # llama.cpp only reads it: a saved bytearray is lent as it is, without a copy.
-        buffer = (
-            array.from_buffer(data) if isinstance(data, bytearray) else array.from_buffer_copy(data)
-        )
-        if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buffer, len(data), 0) == 0:
-            llm.n_tokens = 0
+    def _restore(self, slot: Slot, key: tuple, data: bytearray) -> bool:
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, buffer, len(data), slot.seq_id) == 0:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            slot.tokens, slot.tenant = [], None
             return False
-        llm.input_ids[: len(key)] = key
-        llm.n_tokens = len(key)
+        slot.tenant, slot.tokens, slot.saved = key[0], list(key[1]), True
         return True
+
+    def _save_idle_slots(self) -> None:
+        """With nothing to do, copy idle caches to host RAM, so that handing their
+        cells to another tenant later costs no time on that request's way."""
+        for slot in self.slots:
+            if not slot.busy and not slot.saved and len(slot.tokens) >= SAVE_MIN_TOKENS:
+                if not self._inbox.empty():
+                    return
+                self._save(slot)
+
+    # --- one step ----------------------------------------------------------------------
+    def _build_batch(self) -> int:
+        batch = self._batch
+        n = 0
+        for slot in self.slots:
+            slot.batch_index, slot.chunk = -1, 0
+            if slot.state == GENERATING:
+                _batch_add(batch, n, slot.next_token, len(slot.tokens), slot.seq_id, True)
+                slot.batch_index = n
+                n += 1
+        # Then prompt chunks, interactive first, up to n_batch tokens in all.
+        readers = [s for s in self.slots if s.state == PROMPT]
+        readers.sort(key=lambda s: (s.request.priority, s.request.arrival))
+        for slot in readers:
+            room = self.n_batch - n
+            if room <= 0:
+                break
+            prompt = slot.request.prompt
+            start = len(slot.tokens)
+            chunk = prompt[start : start + room]
+            last = start + len(chunk) == len(prompt)
+            for i, token in enumerate(chunk):
+                logits = last and i == len(chunk) - 1
+                _batch_add(batch, n, token, start + i, slot.seq_id, logits)
+                if logits:
+                    slot.batch_index = n
+                n += 1
+            slot.chunk = len(chunk)
+        batch.n_tokens = n
+        return n
+
+    def _decode(self, n_tokens: int) -> None:
+        code = llama_cpp.llama_decode(self.ctx, self._batch)
+        if code != 0:
+            error = DecodeError(
+                "llama.cpp could not evaluate the batch: "
+                f"{DECODE_ERRORS.get(code, 'error')} (llama_decode returned {code})."
+            )
+            for slot in self.slots:
+                if slot.busy and (slot.batch_index >= 0 or slot.chunk):
+                    self._end(slot, "error", error)
+                    self._forget(slot)
+            return
+        now = time.monotonic()
+        in_batch = sum(1 for s in self.slots if s.batch_index >= 0 or s.chunk)
+        for slot in self.slots:
+            if slot.state == PROMPT and slot.chunk:
+                request = slot.request
+                slot.tokens.extend(request.prompt[len(slot.tokens) : len(slot.tokens) + slot.chunk])
+                total = len(request.prompt)
+                if total - request.stats.cached_tokens > self.n_batch:
+                    request.events.put(("progress", (len(slot.tokens), total)))
+                if len(slot.tokens) < total:
+                    continue
+                slot.state = GENERATING
+            elif slot.state == GENERATING and slot.batch_index >= 0:
+                slot.tokens.append(slot.next_token)
+            else:
+                continue
+            stats = slot.request.stats
+            stats.batch_steps += 1
+            stats.batch_size_sum += in_batch
+            stats.batch_size_max = max(stats.batch_size_max, in_batch)
+            token = llama_cpp.llama_sampler_sample(slot.sampler, self.ctx, slot.batch_index)
+            self._accept(slot, token, now)
+
+    def _accept(self, slot: Slot, token: int, now: float) -> None:
+        """A sampled token: stream its text, or end the request."""
+        request = slot.request
+        stats = request.stats
+        if stats.first_token is None:
+            stats.first_token = now
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            self._end(slot, "stop")
+            return
+        stats.completion_tokens += 1
+        stats.token_times.append(now)
+        text, slot.pending = _decode_complete_utf8(slot.pending + self._token_bytes(token))
+        slot.held += text
+        emit, slot.held, hit_stop = _split_on_stop(slot.held, request.sampling.stop)
+        if emit:
+            request.events.put(("text", emit))
+        if hit_stop:
+            self._end(slot, "stop", flush=False)
+            return
+        if stats.completion_tokens >= request.max_tokens or len(slot.tokens) + 1 >= self.n_ctx:
+            self._end(slot, "length")
+            return
+        slot.next_token = token
+
+    def _token_bytes(self, token: int) -> bytes:
+        n = llama_cpp.llama_token_to_piece(
+            self.vocab, token, self._piece, len(self._piece), 0, False
+        )
+        if n < 0:
+            self._piece = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(
+                self.vocab, token, self._piece, len(self._piece), 0, False
+            )
+        return self._piece.raw[:n]
+
+    def _end(self, slot: Slot, reason: str, error: Exception | None = None, flush=True) -> None:
+        """Finish the slot's request. Its cells stay, for its tenant's next request."""
+        request = slot.request
+        stats = request.stats
+        if error is None:
+            stats.finish_reason = reason
+            if flush and reason not in ("cancelled",) and slot.held:
+                request.events.put(("text", slot.held))
+        stats.finished = time.monotonic()
+        request.events.put(("end", error))
+        if slot.sampler is not None:
+            llama_cpp.llama_sampler_free(slot.sampler)
+        slot.sampler = None
+        slot.request = None
+        slot.state = IDLE
+        slot.next_token = None
+        slot.last_used = stats.finished
+        slot.saved = False
+
+    def _forget(self, slot: Slot) -> None:
+        """Drop the slot's cells: after a failed step their state is unknown."""
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.tokens, slot.tenant, slot.saved = [], None, False
+
+    def _publish_load(self) -> None:
+        running = [s for s in self.slots if s.busy]
+        self.load = {
+            "running": len(running),
+            "waiting": len(self._waiting),
+            "kv_used": sum(len(s.tokens) for s in self.slots),
+            "kv_reserved": self._cells_reserved(),
+            "n_ctx": self.n_ctx,
+        }
+
+
+def _stop_reason(request: Request, now: float) -> str:
+    if request.cancel.is_set():
+        return "cancelled"
+    if request.deadline is not None and now >= request.deadline:
+        return "time_limit"
+    return ""
+
+
+def _batch_add(batch, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq_id
+    batch.logits[i] = logits
+
+
+def _sampler_chain(vocab, sampling: Sampling):
+    """llama.cpp's sampler chain for one request, in llama-cpp-python's order:
+    grammar, top-k 40, top-p, min-p 0.05, temperature, then a draw with the seed
+    (greedy at temperature 0)."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if sampling.grammar:
+        grammar = llama_cpp.llama_sampler_init_grammar(vocab, sampling.grammar.encode(), b"root")
+        if not grammar:
+            llama_cpp.llama_sampler_free(chain)
+            raise ValueError("llama.cpp could not parse the grammar")
+        llama_cpp.llama_sampler_chain_add(chain, grammar)
+    if sampling.temperature <= 0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        return chain
+    seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed
+    for sampler in (
+        llama_cpp.llama_sampler_init_top_k(40),
+        llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1),
+        llama_cpp.llama_sampler_init_min_p(0.05, 1),
+        llama_cpp.llama_sampler_init_temp(sampling.temperature),
+        llama_cpp.llama_sampler_init_dist(seed),
+    ):
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+    return chain
+
+
+def _load_model(options: LoadOptions, on_progress, extra_buffers: bool):
+    """llama_model_load_from_file, with llama.cpp's load progress (0..1) passed to
+    on_progress. A model in several files is given by its first file."""
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = options.n_gpu_layers
+    params.use_extra_bufts = extra_buffers
+
+    def report(progress: float, _data) -> bool:
+        if on_progress is not None:
+            try:
+                on_progress(float(progress))
+            except Exception:  # noqa: BLE001 - progress must never abort a load
+                pass
+        return True
+
+    callback = llama_cpp.llama_progress_callback(report)
+    params.progress_callback = callback
+    if not os.path.exists(options.path):
+        raise ModelLoadError(f"{options.path}: no such file")
+    model = llama_cpp.llama_model_load_from_file(options.path.encode(), params)
+    if not model:
+        raise ModelLoadError(
+            f"{options.path}: llama.cpp could not load it (see the worker's log for its reason)"
+        )
+    return model
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -527,19 +820,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
-
-
-def _decode_error(exc: RuntimeError) -> Exception:
-    """llama-cpp-python raises RuntimeError("llama_decode returned N"); say what N means."""
-    message = str(exc)
-    code = message.rsplit(" ", 1)[-1]
-    try:
-        meaning = DECODE_ERRORS.get(int(code))
-    except ValueError:
-        meaning = None
-    if meaning is None:
-        return exc
-    return DecodeError(f"llama.cpp could not evaluate the prompt: {meaning} ({message}).")
 
 
 def cpu_has_amx(cpuinfo: str | None = None) -> bool:
@@ -561,11 +841,9 @@ def use_extra_buffers(choice: str | None = None) -> bool:
     """Whether llama.cpp may repack weights into its extra CPU buffer types
     (LLAMA_EXTRA_BUFFERS: "on", "off" or "auto", the default).
 
-    "auto" turns them off on CPUs with AMX: there llama.cpp moves the weights into
-    its AMX buffer, and its AMX matrix multiplication crashes the process with a
-    segmentation fault on the first prompt (llama.cpp issue 20824, seen with
-    llama-cpp-python 0.3.36 and SmolLM2's Q4_1 here). Elsewhere llama.cpp's default
-    stands. Weights offloaded to a GPU are not affected either way.
+    "auto" turns them off on CPUs with AMX: there llama.cpp's AMX matrix
+    multiplication crashes the process on the first prompt (llama.cpp issue 20824,
+    seen with llama-cpp-python 0.3.36). Elsewhere llama.cpp's default stands.
     """
     if choice is None:
         choice = os.environ.get("LLAMA_EXTRA_BUFFERS", "auto")
@@ -577,41 +855,6 @@ def use_extra_buffers(choice: str | None = None) -> bool:
     if choice not in {"auto", ""}:
         raise ValueError(f'LLAMA_EXTRA_BUFFERS must be "on", "off" or "auto", not {choice!r}')
     return not cpu_has_amx()
-
-
-@contextmanager
-def _model_params(callback: Callable[[float], None] | None, extra_buffers: bool):
-    """Pass llama.cpp's model-load progress (0..1) to `callback`, and the extra
-    buffer choice to the load.
-
-    llama-cpp-python builds the model parameters inside Llama() and offers no
-    argument for either, so the default parameters it starts from are wrapped for
-    the duration of the load (one load at a time per process).
-    """
-    low_level = llama_cpp.llama_cpp
-    original = low_level.llama_model_default_params
-
-    def report(progress: float, _data) -> bool:
-        try:
-            callback(float(progress))
-        except Exception:  # noqa: BLE001 - progress must never abort a load
-            pass
-        return True
-
-    c_report = low_level.llama_progress_callback(report) if callback is not None else None
-
-    def wrapped():
-        params = original()
-        if c_report is not None:
-            params.progress_callback = c_report
-        params.use_extra_bufts = extra_buffers
-        return params
-
-    low_level.llama_model_default_params = wrapped
-    try:
-        yield
-    finally:
-        low_level.llama_model_default_params = original
 
 
 def _decode_complete_utf8(data: bytes) -> tuple[str, bytes]:

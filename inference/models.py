@@ -8,9 +8,13 @@ of truth; the websocket stream is a live view of it.
 from __future__ import annotations
 
 from django.conf import settings
-from django.db import connections, models
-from django.db.models import F, Q
+from django.db import models, transaction
+from django.db.models import F
 from django.utils import timezone
+
+from mixtralweb import namespace
+
+from . import streams
 
 KV_CACHE_TYPES = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0")]
 FLASH_ATTN_CHOICES = [("auto", "auto"), ("on", "on"), ("off", "off")]
@@ -70,13 +74,12 @@ class LanguageModel(models.Model):
     @property
     def queue_name(self) -> str:
         """The Celery queue for interactive work (chat, API) on this model."""
-        return f"model.{self.name}"
+        return namespace.model_queue(self.name)
 
     @property
     def bulk_queue_name(self) -> str:
-        """The queue for background work (long-context jobs). Workers consume it only
-        when the interactive queue is empty (queue_order_strategy "priority")."""
-        return f"model.{self.name}.bulk"
+        """The queue for background work (long-context jobs)."""
+        return namespace.bulk_queue(self.name)
 
 
 class WorkerHeartbeat(models.Model):
@@ -124,14 +127,6 @@ class WorkerHeartbeat(models.Model):
         return f"{self.model_name} worker {self.host}:{self.pid} ({self.state})"
 
 
-class ConversationQuerySet(models.QuerySet):
-    def visible_to(self, user):
-        """Conversations the user owns, or that are shared with one of their teams."""
-        if not user.is_authenticated:
-            return self.none()
-        return self.filter(Q(owner=user) | Q(team__memberships__user=user)).distinct()
-
-
 class Conversation(models.Model):
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
@@ -151,76 +146,12 @@ class Conversation(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
-    objects = ConversationQuerySet.as_manager()
-
     class Meta:
         ordering = ["-updated_at"]
         indexes = [models.Index(fields=["owner", "-updated_at"])]
 
     def __str__(self) -> str:
         return self.title or f"Conversation {self.pk}"
-
-
-class GenerationQuerySet(models.QuerySet):
-    def claim_queued(
-        self, pk: int, worker: str, one_statement: bool | None = None
-    ) -> Generation | None:
-        """Mark the queued generation `pk` running on `worker`, and return it with its
-        model; None if it is not queued. One conditional UPDATE: of two claimers,
-        only one can match.
-
-        On PostgreSQL (one_statement None: the default there) the UPDATE also
-        returns the row and its model: one round trip on every answer's way to its
-        first token instead of two. Elsewhere the row is read after the UPDATE."""
-        now = timezone.now()
-        changes = {"state": Generation.RUNNING, "started_at": now, "heartbeat_at": now}
-        changes["worker"] = worker
-        connection = connections[self.db]
-        if one_statement is None:
-            one_statement = connection.vendor == "postgresql"
-        if not one_statement:
-            queued = self.filter(pk=pk, state=Generation.QUEUED)
-            if not queued.update(attempts=F("attempts") + 1, **changes):
-                return None
-            return self.select_related("model").get(pk=pk)
-        qn = connection.ops.quote_name
-        gen_fields = Generation._meta.concrete_fields
-        model_fields = LanguageModel._meta.concrete_fields
-        setting = [f"{qn(name)} = %s" for name in changes]
-        setting.append(f"{qn('attempts')} = {qn('attempts')} + 1")
-        params = [
-            Generation._meta.get_field(name).get_db_prep_save(value, connection)
-            for name, value in changes.items()
-        ]
-        sql = (
-            f"WITH claimed AS (UPDATE {qn(Generation._meta.db_table)} SET {', '.join(setting)} "
-            f"WHERE {qn('id')} = %s AND {qn('state')} = %s "
-            f"RETURNING {', '.join(qn(f.column) for f in gen_fields)}) "
-            f"SELECT claimed.*, {', '.join('m.' + qn(f.column) for f in model_fields)} "
-            f"FROM claimed JOIN {qn(LanguageModel._meta.db_table)} m "
-            f"ON m.{qn('id')} = claimed.{qn('model_id')}"
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(sql, [*params, pk, Generation.QUEUED])
-            row = cursor.fetchone()
-        if row is None:
-            return None
-        gen = _from_row(Generation, gen_fields, row[: len(gen_fields)], self.db)
-        gen.model = _from_row(LanguageModel, model_fields, row[len(gen_fields) :], self.db)
-        return gen
-
-
-def _from_row(model, fields, values, db: str):
-    """An instance from a raw row, its values converted as the ORM converts them
-    (JSON decoded, and so on)."""
-    connection = connections[db]
-    converted = []
-    for field, value in zip(fields, values, strict=True):
-        col = field.cached_col
-        for convert in connection.ops.get_db_converters(col) + field.get_db_converters(connection):
-            value = convert(value, col, connection)
-        converted.append(value)
-    return model.from_db(db, [f.attname for f in fields], converted)
 
 
 class Generation(models.Model):
@@ -279,6 +210,14 @@ class Generation(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     worker = models.CharField(max_length=200, blank=True, help_text="host:pid of the worker.")
     cancel_requested = models.BooleanField(default=False)
+    stopped_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="Who pressed Stop (a team-mate, in a shared conversation).",
+    )
 
     queued_at = models.DateTimeField(default=timezone.now, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -287,8 +226,6 @@ class Generation(models.Model):
     # Written with every partial flush: a running generation whose worker died stops
     # moving, and the reaper fails it.
     heartbeat_at = models.DateTimeField(null=True, blank=True)
-
-    objects = GenerationQuerySet.as_manager()
 
     class Meta:
         ordering = ["-queued_at"]
@@ -302,9 +239,74 @@ class Generation(models.Model):
         return self.state in self.FINAL_STATES
 
     @property
-    def group_name(self) -> str:
-        """The channel-layer group that streams this generation."""
-        return f"gen.{self.pk}"
+    def tenant(self) -> str:
+        """Whose cached prompt tokens this generation may reuse, and who may reuse
+        its own: the team's for work shared with a team, else its user's alone."""
+        return f"team:{self.team_id}" if self.team_id else f"user:{self.user_id}"
+
+    # --- the lifecycle: queued -> running -> done, failed or cancelled ------------------
+    def claim(self, worker: str) -> bool:
+        """Mark the queued generation running on `worker`. False if it is not queued
+        any more (stopped meanwhile, or started by another worker): of two claimers,
+        only one wins."""
+        now = timezone.now()
+        changes = {"state": self.RUNNING, "started_at": now, "heartbeat_at": now, "worker": worker}
+        queued = Generation.objects.filter(pk=self.pk, state=self.QUEUED)
+        if not queued.update(attempts=F("attempts") + 1, **changes):
+            return False
+        for name, value in changes.items():
+            setattr(self, name, value)
+        self.attempts += 1
+        return True
+
+    def resume(self, worker: str, seen_text: str | None, max_attempts: int) -> bool:
+        """Take over a running generation whose worker died: it continues from the
+        text the user already saw. After max_attempts it fails instead, keeping that
+        text. False if there is nothing to continue."""
+        with transaction.atomic():
+            locked = Generation.objects.select_for_update().filter(pk=self.pk).first()
+            if locked is None or locked.state != self.RUNNING:
+                return False
+            if seen_text is not None and len(seen_text) > len(locked.text):
+                locked.text = seen_text
+            if locked.attempts >= max_attempts:
+                locked.finish(
+                    self.FAILED,
+                    f"The worker stopped during this answer {locked.attempts} times; "
+                    "it was not tried again.",
+                )
+                self.refresh_from_db()
+                return False
+            locked.attempts += 1
+            locked.worker = worker
+            locked.heartbeat_at = timezone.now()
+            locked.save(update_fields=["attempts", "worker", "heartbeat_at", "text"])
+        self.refresh_from_db()
+        return True
+
+    def finish(self, state: str, reason: str = "", *, stats=None) -> None:
+        """Record the end: its state, why, and (from a run's stats) what it took."""
+        self.state = state
+        self.reason = reason
+        self.finished_at = timezone.now()
+        fields = ["state", "reason", "finished_at", "text"]
+        if stats is not None:
+            self.finish_reason = stats.finish_reason
+            self.prompt_tokens = stats.prompt_tokens
+            self.completion_tokens = stats.completion_tokens
+            fields += ["finish_reason", "prompt_tokens", "completion_tokens", "first_token_at"]
+        Generation.objects.filter(pk=self.pk).update(**{f: getattr(self, f) for f in fields})
+
+    def request_stop(self, by=None) -> bool:
+        """Ask its worker to stop it; a generation still queued is cancelled at once
+        (True then: nobody else will announce its end). by: who asked."""
+        streams.request_stop(self)
+        Generation.objects.filter(pk=self.pk).update(cancel_requested=True, stopped_by=by)
+        cancelled = Generation.objects.filter(pk=self.pk, state=self.QUEUED).update(
+            state=self.CANCELLED, reason="Stopped before it started.", finished_at=timezone.now()
+        )
+        self.refresh_from_db()
+        return bool(cancelled)
 
 
 class MessageQuerySet(models.QuerySet):

@@ -6,17 +6,23 @@ that can be shown to the user as it is.
 
 from __future__ import annotations
 
+import logging
+
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from inference.quotas import QuotaExceeded, check_quota
-from mixtralweb import redis_pool
-from mixtralweb.db import insert_together
+from mixtralweb.accounts import access
 
-from .models import Conversation, Generation, LanguageModel, Message
-from .publisher import queue_stop_request
+from .models import Conversation, Generation, LanguageModel, Message, WorkerHeartbeat
+from .quotas import QuotaExceeded, check_quota
+from .selectors import announce_final
+from .signals import generation_finished
+from .tasks import enqueue
+from .workers import live_workers, serving_problem
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PARAMS = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 512, "seed": None}
 PARAM_LIMITS = {
@@ -90,8 +96,6 @@ def _check_usable(
     if model is None or not model.enabled:
         raise ChatError(f"There is no model named {name!r}.", code="unknown_model")
     if settings.CHAT_REQUIRE_WORKER:
-        from .workers import serving_problem
-
         problem = serving_problem(model.name, live_workers)
         if problem:
             raise ChatError(problem, code="no_worker")
@@ -100,9 +104,6 @@ def _check_usable(
 def serving_models():
     """Enabled models that a live worker serves (or is loading): the model picker
     offers only these."""
-    from .models import WorkerHeartbeat
-    from .workers import live_workers
-
     names = {w["model"] for w in live_workers() if w["state"] in WorkerHeartbeat.SERVING_STATES}
     return LanguageModel.objects.filter(enabled=True, name__in=names)
 
@@ -114,12 +115,8 @@ def get_conversation_for_user(user, conversation_id) -> Conversation:
         conversation_id = int(conversation_id)
     except (TypeError, ValueError):
         raise ChatError("Conversation not found.", code="not_found") from None
-    conversation = (
-        Conversation.objects.visible_to(user)
-        .select_related("model")
-        .filter(pk=conversation_id)
-        .first()
-    )
+    visible = access.conversations(user, Conversation.objects.select_related("model"))
+    conversation = visible.filter(pk=conversation_id).first()
     if conversation is None:
         raise ChatError("Conversation not found.", code="not_found")
     return conversation
@@ -130,17 +127,11 @@ def get_generation_for_user(user, generation_id) -> Generation:
         generation_id = int(generation_id)
     except (TypeError, ValueError):
         raise ChatError("Generation not found.", code="not_found") from None
-    gen = Generation.objects.filter(pk=generation_id).select_related("conversation").first()
+    visible = access.generations(user, Generation.objects.select_related("model"))
+    gen = visible.filter(pk=generation_id).first()
     if gen is None:
         raise ChatError("Generation not found.", code="not_found")
-    if gen.user_id == user.pk:
-        return gen
-    if (
-        gen.conversation_id
-        and Conversation.objects.visible_to(user).filter(pk=gen.conversation_id).exists()
-    ):
-        return gen
-    raise ChatError("Generation not found.", code="not_found")
+    return gen
 
 
 def conversation_input(conversation: Conversation) -> list[dict]:
@@ -158,12 +149,17 @@ def conversation_input(conversation: Conversation) -> list[dict]:
 
 
 def generation_enqueue(generation: Generation) -> None:
-    """Send the generation to its model's queue once the row is committed."""
-    from .tasks import generate
+    """Send the generation to its model's queue once the row is committed. If the
+    broker cannot take it now, the generation stays queued and the reaper sends it
+    again (tasks.requeue_stranded_generations): it is never lost."""
 
-    transaction.on_commit(
-        lambda: generate.apply_async(args=[generation.pk], queue=generation.model.queue_name)
-    )
+    def send() -> None:
+        try:
+            enqueue(generation)
+        except Exception:  # noqa: BLE001 - the reaper retries; the user sees it queued
+            log.exception("generation %s: could not be queued now; retried later", generation.pk)
+
+    transaction.on_commit(send)
 
 
 OVERFLOW_REFUSE = "refuse"
@@ -230,8 +226,9 @@ def _queue_answer(
     conversation.updated_at = timezone.now()
     conversation.save()
     generation = _new_generation(user, conversation, input_messages)
-    assistant = Message(conversation=conversation, role=Message.ASSISTANT, generation=generation)
-    insert_together([[generation], [assistant]])
+    generation.save()
+    Message.objects.create(conversation=conversation, role=Message.ASSISTANT, generation=generation)
+    assistant = generation.message
     generation_enqueue(generation)
     return assistant, generation
 
@@ -267,11 +264,7 @@ def _start_conversation(
 ) -> tuple[Conversation, Message, Generation]:
     """A new conversation, its first message and the answer's generation, queued.
 
-    Nothing is written until all is checked; then the conversation, the generation
-    and both messages go in together (mixtralweb.db.insert_together): on PostgreSQL
-    one statement, atomic by itself, where rows one by one in a transaction took five
-    round trips (BEGIN, three INSERTs, COMMIT) on the way to every first answer's
-    first token."""
+    Nothing is written until all is checked; then all four rows go in together."""
     model = get_model(model_name, live_workers)
     conversation = Conversation(
         owner=user,
@@ -286,11 +279,18 @@ def _start_conversation(
         known_input.insert(0, {"role": "system", "content": conversation.system_prompt})
     input_messages = _fit_context(conversation, overflow, known_input)
     generation = _new_generation(user, conversation, input_messages)
-    message = Message(conversation=conversation, role=Message.USER, author=user, content=content)
-    assistant = Message(conversation=conversation, role=Message.ASSISTANT, generation=generation)
-    # In this order: created_at and the ids put the question before its answer.
-    insert_together([[conversation], [generation], [message, assistant]])
-    generation_enqueue(generation)
+    with transaction.atomic():
+        conversation.save()
+        generation.conversation = conversation
+        generation.save()
+        # In this order: created_at and the ids put the question before its answer.
+        message = Message.objects.create(
+            conversation=conversation, role=Message.USER, author=user, content=content
+        )
+        Message.objects.create(
+            conversation=conversation, role=Message.ASSISTANT, generation=generation
+        )
+        generation_enqueue(generation)
     return conversation, message, generation
 
 
@@ -328,7 +328,13 @@ def chat_send(
     with transaction.atomic():
         conversation = get_conversation_for_user(user, conversation_id)
         if params is not None:
-            conversation.params = clean_params(params)
+            params = clean_params(params)
+            if params != conversation.params:
+                if not access.may_manage_conversation(user, conversation):
+                    raise ChatError(
+                        "Only the conversation's owner can change its settings.", "forbidden"
+                    )
+                conversation.params = params
         message = Message.objects.create(
             conversation=conversation, role=Message.USER, author=user, content=content
         )
@@ -369,7 +375,7 @@ def chat_edit(*, user, message_id, content, overflow: str | None = None):
             pk=message_id,
             role=Message.USER,
             superseded_at__isnull=True,
-            conversation__in=Conversation.objects.visible_to(user),
+            conversation__in=access.conversations(user, Conversation.objects.all()),
         )
         .select_related("conversation")
         .first()
@@ -377,6 +383,8 @@ def chat_edit(*, user, message_id, content, overflow: str | None = None):
     if original is None:
         raise ChatError("Message not found.", code="not_found")
     conversation = Conversation.objects.select_related("model").get(pk=original.conversation_id)
+    if original.author_id != user.pk and not access.may_manage_conversation(user, conversation):
+        raise ChatError("Only its author or the conversation's owner can edit it.", "forbidden")
     if conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING]).exists():
         raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
     now = timezone.now()
@@ -398,7 +406,7 @@ def chat_edit(*, user, message_id, content, overflow: str | None = None):
 
 def _owned_conversation(user, conversation_id) -> Conversation:
     conversation = get_conversation_for_user(user, conversation_id)
-    if conversation.owner_id != user.pk:
+    if not access.may_manage_conversation(user, conversation):
         raise ChatError("Only the owner can do that.", code="forbidden")
     return conversation
 
@@ -427,12 +435,10 @@ def conversation_delete(*, user, conversation_id) -> None:
 
 def conversation_share(*, user, conversation_id, team_id) -> Conversation:
     """Share the conversation with one of the owner's teams (None: stop sharing)."""
-    from mixtralweb.accounts.models import Team
-
     conversation = _owned_conversation(user, conversation_id)
     team = None
     if team_id not in (None, ""):
-        team = Team.objects.filter(pk=team_id, memberships__user=user).first()
+        team = access.teams_of(user).filter(pk=team_id).first()
         if team is None:
             raise ChatError("You are not a member of that team.", code="not_found")
     conversation.team = team
@@ -442,7 +448,7 @@ def conversation_share(*, user, conversation_id, team_id) -> Conversation:
 
 def conversations_matching(user, query: str):
     """Conversations the user may see whose title, messages or answers contain query."""
-    visible = Conversation.objects.visible_to(user)
+    visible = access.conversations(user, Conversation.objects.all())
     query = (query or "").strip()
     if not query:
         return visible
@@ -453,31 +459,13 @@ def conversations_matching(user, query: str):
     ).distinct()
 
 
-def request_stop(generation_id: int) -> None:
-    """Push the stop request that the worker running `generation_id` waits on. Only
-    for a generation the caller may stop (generation_stop checks; the chat socket
-    calls it first for its user's own answer, to save the check's time)."""
-    with redis_pool.client().pipeline(transaction=False) as pipe:
-        queue_stop_request(pipe, generation_id)
-        pipe.execute()
-
-
-def generation_stop(*, user, generation_id, stop_requested: bool = False) -> Generation:
-    """Ask the worker to stop; a generation still queued is cancelled at once.
-    stop_requested: the caller already pushed the request (request_stop)."""
+def generation_stop(*, user, generation_id) -> Generation:
+    """Ask the worker to stop; a generation still queued is cancelled at once."""
     gen = get_generation_for_user(user, generation_id)
     if gen.is_final:
         return gen
-    # The Redis request is what a running worker waits on: push it before the rest.
-    if not stop_requested:
-        request_stop(gen.pk)
-    Generation.objects.filter(pk=gen.pk).update(cancel_requested=True)
-    with transaction.atomic():
-        locked = Generation.objects.select_for_update().get(pk=gen.pk)
-        if locked.state == Generation.QUEUED:
-            locked.state = Generation.CANCELLED
-            locked.reason = "Stopped before it started."
-            locked.finished_at = timezone.now()
-            locked.save()
-            gen = locked
+    if gen.request_stop(by=user):
+        # It never reached a worker: nobody else will tell its followers.
+        announce_final(gen)
+        generation_finished.send(sender=Generation, generation=gen)
     return gen

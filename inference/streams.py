@@ -1,116 +1,175 @@
-"""One generation's stream, as the relay sends it: text coalesced into
-`generation.token` messages, events in order, then the final event.
+"""Streams generations from a worker process to the browsers, and carries stop
+requests back.
 
-A piece of text that arrives while the previous send is in flight, or less than
-`coalesce_s` after it, waits and goes out with the pieces that follow it (events
-and the close go out at once). Every send also appends the text to a short-lived
-Redis key, the live text a reconnecting client starts from, before the message
-goes out (in the same round trip, with mixtralweb.channel_layer): a client's
-snapshot is never behind a frame it then receives.
+A worker process runs one asyncio loop in a daemon thread, with channels_redis's
+channel layer and a Redis client. Each generation's task thread talks to it through
+a GenerationStream, whose methods return at once: the engine's events are never
+held up by Redis.
 
-One event waits: `generation.started` goes out with the first token (after it) or
-the first progress event, or after STARTED_HOLD_S if neither has come. Sent at
-once, it was work for this relay, Redis and every web server at the moment the
-model evaluates the prompt (on a CPU host, the same cores), and the first token
-came about 6 ms later for it (docs/benchmarks.md); a client learns nothing from it
-that the first token does not tell it a moment later.
+Text is coalesced: a piece that arrives less than STREAM_COALESCE_MS after the last
+send waits and goes out with the pieces after it; events and the final event go out
+at once, after the text queued before them. Each send first appends the text to the
+generation's live-text key, which a reconnecting client starts from, so a snapshot
+is never behind a frame the client then receives.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.conf import settings
+from redis.exceptions import RedisError
 
-from mixtralweb.channel_layer import FewerTripsChannelLayer
+from mixtralweb import namespace, redis_pool
 
-from .publisher import LIVE_TEXT_TTL_S, group_name, live_text_key
+log = logging.getLogger(__name__)
 
-# How long generation.started waits for company (the first token or progress).
-STARTED_HOLD_S = 0.25
-
-
-def _is_started(item: tuple) -> bool:
-    kind, payload, _ = item
-    return (
-        kind == "event"
-        and isinstance(payload, dict)
-        and payload.get("type") == "generation.started"
-    )
+LIVE_TEXT_TTL_S = 3600
+STOP_TTL_S = 3600
+ALIVE_TTL_S = 30
+ALIVE_REFRESH_S = 5
 
 
-class Stream:
-    def __init__(self, generation_id: int, start_offset: int = 0, coalesce_s: float | None = None):
-        self.generation_id = generation_id
-        self.group = group_name(generation_id)
+class StreamLoop:
+    """The process's stream thread: one event loop, its channel layer and Redis."""
+
+    _instance: StreamLoop | None = None
+    _lock = threading.Lock()
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.layer = get_channel_layer()
+        self.redis = None
+        threading.Thread(target=self.loop.run_forever, name="streams", daemon=True).start()
+
+    @classmethod
+    def get(cls) -> StreamLoop:
+        with cls._lock:
+            # A forked child inherits the object but not the thread: start its own.
+            if cls._instance is None or cls._instance.pid != os.getpid():
+                cls._instance = cls()
+            return cls._instance
+
+    def client(self):
+        """The loop's Redis client (call in the loop)."""
+        if self.redis is None:
+            self.redis = redis_pool.async_client()
+        return self.redis
+
+    def submit(self, coroutine) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+
+class GenerationStream:
+    """One generation's way out (text, events, the final event) and in (stop)."""
+
+    def __init__(self, generation, *, start_offset: int = 0):
+        self.generation_id = generation.pk
+        self.group = namespace.generation_group(generation.pk)
+        self.live_key = namespace.live_text_key(generation.pk, generation.queued_at)
+        self.stop_key = namespace.stop_key(generation.pk, generation.queued_at)
+        self.alive_key = namespace.alive_key(generation.pk, generation.queued_at)
         self.sent_chars = start_offset
-        if coalesce_s is None:
-            coalesce_s = settings.STREAM_COALESCE_MS / 1000
-        self.coalesce_s = coalesce_s
+        self.coalesce_s = settings.STREAM_COALESCE_MS / 1000
+        self._streams = StreamLoop.get()
+        # Used only in the stream thread (items go in by call_soon_threadsafe).
         self._queue: asyncio.Queue = asyncio.Queue()
-        # Set when an event or the close is queued: it ends a coalescing wait.
-        self._urgent = asyncio.Event()
-        # Set whenever anything is queued: it ends the wait of a held started event.
-        self._fed = asyncio.Event()
+        self._sender: concurrent.futures.Future | None = None
+        self._watcher: concurrent.futures.Future | None = None
 
-    def feed(self, message: dict) -> None:
-        """Queue {"op": "text", "text", "at"}, {"op": "event", "event"} or
-        {"op": "close", "final"}. Never waits."""
-        op = message["op"]
-        if op == "text":
-            self._queue.put_nowait(("text", message["text"], message["at"]))
-        elif op in ("event", "close"):
-            item = (op, message.get("event") or message.get("final"), None)
-            self._queue.put_nowait(item)
-            if not _is_started(item):
-                self._urgent.set()
-        else:
-            raise KeyError(f"unknown operation {op!r}")
-        self._fed.set()
+    # --- from the task thread; none of these waits on Redis ----------------------------
+    def watch_for_stop(self, on_stop: Callable[[], None]) -> None:
+        """Call on_stop (in the stream thread) when a stop is requested, including one
+        requested before now; meanwhile keep the alive key fresh for the reapers."""
+        if self._watcher is None:
+            self._watcher = self._streams.submit(self._watch(on_stop))
 
-    async def run(self, layer) -> str | None:
+    def open(self) -> None:
+        """Start sending (the generation has started)."""
+        if self._sender is None:
+            self._sender = self._streams.submit(self._send_all())
+
+    def put(self, text: str) -> None:
+        self._feed(("text", (text, time.time())))
+
+    def event(self, message: dict) -> None:
+        self._feed(("event", message))
+
+    def close(self, final: dict | None, timeout_s: float = 10.0) -> None:
+        """Send what is queued, then `final`; wait at most timeout_s for it to go.
+        The final event is sent even if the stream was never opened."""
+        self.open()
+        self._feed(("close", final))
+        try:
+            error = self._sender.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            error = f"the stream did not finish in {timeout_s} s"
+        if error:
+            # The database holds the answer: a reload shows it.
+            log.warning("generation %s: streaming failed: %s", self.generation_id, error)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self._streams.submit(self._forget())
+
+    def _feed(self, item: tuple) -> None:
+        self._streams.loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    # --- in the stream thread -----------------------------------------------------------
+    async def _watch(self, on_stop: Callable[[], None]) -> None:
+        redis = self._streams.client()
+        stopped = False
+        while True:
+            try:
+                await redis.set(self.alive_key, "1", ex=ALIVE_TTL_S)
+                if stopped:
+                    await asyncio.sleep(ALIVE_REFRESH_S)
+                elif await redis.blpop([self.stop_key], timeout=ALIVE_REFRESH_S):
+                    stopped = True
+                    on_stop()
+            except RedisError:
+                # Redis is restarting and the client's own retries gave up: try again
+                # shortly (the generation goes on meanwhile).
+                await asyncio.sleep(0.5)
+
+    async def _forget(self) -> None:
+        try:
+            await self._streams.client().delete(self.alive_key, self.stop_key)
+        except RedisError:
+            pass  # they expire by themselves
+
+    async def _send_all(self) -> str | None:
         """Send until the close has been sent. Returns None, or what went wrong (the
-        stream then drops the rest, up to and including its close)."""
+        rest is then dropped up to the close)."""
         loop = asyncio.get_running_loop()
         last_send = float("-inf")
+        error = None
         while True:
-            batch = [await self._queue.get()]
-            if _is_started(batch[0]) and self._queue.empty():
-                self._fed.clear()
-                try:
-                    await asyncio.wait_for(self._fed.wait(), STARTED_HOLD_S)
-                except TimeoutError:
-                    pass
+            items = [await self._queue.get()]
             wait = last_send + self.coalesce_s - loop.time()
-            if batch[0][0] == "text" and wait > 0 and not self._urgent.is_set():
-                try:
-                    await asyncio.wait_for(self._urgent.wait(), wait)
-                except TimeoutError:
-                    pass
-            self._urgent.clear()
+            if items[0][0] == "text" and wait > 0:
+                await asyncio.sleep(wait)
             while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            if _is_started(batch[0]) and len(batch) > 1:
-                # The first token goes first: it is what the user is waiting for.
-                started = batch.pop(0)
-                texts = next((i for i, item in enumerate(batch) if item[0] != "text"), len(batch))
-                batch.insert(texts, started)
-            try:
-                closing = await self._send(layer, batch)
-            except Exception as exc:  # noqa: BLE001 - reported to the worker
-                await self._drain_to_close(batch)
-                return f"{type(exc).__name__}: {exc}"
+                items.append(self._queue.get_nowait())
+            closing = any(kind == "close" for kind, _ in items)
+            if error is None:
+                try:
+                    await self._send(items)
+                except Exception as exc:  # noqa: BLE001 - reported to the task thread
+                    error = f"{type(exc).__name__}: {exc}"
             last_send = loop.time()
             if closing:
-                return None
+                return error
 
-    async def _drain_to_close(self, batch: list[tuple]) -> None:
-        if any(kind == "close" for kind, _, _ in batch):
-            return
-        while (await self._queue.get())[0] != "close":
-            pass
-
-    async def _send(self, layer: FewerTripsChannelLayer, batch: list[tuple]) -> bool:
+    async def _send(self, items: list[tuple]) -> None:
         texts: list[str] = []
         produced_at: list[float] = []
 
@@ -118,33 +177,61 @@ class Stream:
             if not texts:
                 return
             text = "".join(texts)
-            key = live_text_key(self.generation_id)
-
-            def append_live_text(pipe) -> None:
-                pipe.append(key, text.encode("utf-8")).expire(key, LIVE_TEXT_TTL_S)
-
+            times = produced_at[:]
+            texts.clear()
+            produced_at.clear()
+            redis = self._streams.client()
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.append(self.live_key, text.encode("utf-8"))
+                pipe.expire(self.live_key, LIVE_TEXT_TTL_S)
+                await pipe.execute()
             message = {
                 "type": "generation.token",
                 "generation": self.generation_id,
                 "offset": self.sent_chars,
                 "text": text,
-                "produced_at": produced_at[:],
+                "produced_at": times,  # when the worker had each piece (wall clock)
             }
-            # The append runs first, in the send's first round trip.
-            await layer.group_send(self.group, message, before=append_live_text)
+            await self._streams.layer.group_send(self.group, message)
             self.sent_chars += len(text)
-            texts.clear()
-            produced_at.clear()
 
-        for kind, payload, at in batch:
+        for kind, payload in items:
             if kind == "text":
-                texts.append(payload)
-                produced_at.append(at)
+                texts.append(payload[0])
+                produced_at.append(payload[1])
                 continue
             await flush_texts()
             if payload is not None:
-                await layer.group_send(self.group, payload)
-            if kind == "close":
-                return True
+                await self._streams.layer.group_send(self.group, payload)
         await flush_texts()
-        return False
+
+
+def request_stop(generation) -> None:
+    """Ask the worker that holds (or will hold) the generation to stop it."""
+    key = namespace.stop_key(generation.pk, generation.queued_at)
+    with redis_pool.client().pipeline(transaction=False) as pipe:
+        pipe.rpush(key, 1)
+        pipe.expire(key, STOP_TTL_S)
+        pipe.execute()
+
+
+def live_text(generation) -> str | None:
+    """What has been streamed of the generation so far, if Redis has it."""
+    raw = redis_pool.client().get(namespace.live_text_key(generation.pk, generation.queued_at))
+    return raw.decode("utf-8", "replace") if raw is not None else None
+
+
+def is_alive(generation) -> bool:
+    """Whether a worker holds the generation now (its stop watcher keeps this key)."""
+    return bool(
+        redis_pool.client().exists(namespace.alive_key(generation.pk, generation.queued_at))
+    )
+
+
+def forget_live_text(generation) -> None:
+    redis_pool.client().delete(namespace.live_text_key(generation.pk, generation.queued_at))
+
+
+def announce(group: str, message: dict) -> None:
+    """Send one message to a group from synchronous code (a view, a task)."""
+    async_to_sync(get_channel_layer().group_send)(group, message)

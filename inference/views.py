@@ -1,13 +1,17 @@
 """Pages for chat. Plain functions; access goes through services' helpers."""
 
+from datetime import timedelta
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
 from django.shortcuts import redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from . import services
-from .models import LanguageModel
+from .models import LanguageModel, WorkerHeartbeat
+from .workers import live_workers, serving_problem
 
 
 def _conversation_or_404(user, conversation_id):
@@ -85,3 +89,26 @@ def conversation_share(request, conversation_id: int):
         else:
             messages.success(request, "No longer shared.")
     return redirect("conversation", conversation_id=conversation_id)
+
+
+@login_required
+def workers_page(request):
+    """/workers/: every model, whether a worker serves it, and each worker's state."""
+    live = live_workers()
+    live_ids = {(w["host"], w["pid"]) for w in live}
+    gone = [
+        row
+        for row in WorkerHeartbeat.objects.filter(
+            seen_at__gte=timezone.now() - timedelta(days=1)
+        ).order_by("-seen_at")[:50]
+        if (row.host, row.pid) not in live_ids
+    ]
+    models = [
+        {"model": model, "problem": serving_problem(model.name)}
+        for model in LanguageModel.objects.filter(enabled=True)
+    ]
+    return render(
+        request,
+        "inference/workers.html",
+        {"live": live, "gone": gone, "models": models},
+    )

@@ -1,11 +1,10 @@
 """Which worker processes serve which model, and in what state: the heartbeat.
 
-Each model worker process writes a Redis key `worker:<host>:<pid>` with a TTL and
-refreshes it from a thread; a worker that dies stops refreshing and its key expires,
-so "is this model served?" never trusts a dead process. A sorted set indexes the
-keys by expiry, so that reading the live workers (on every chat message) costs one
-round trip (a script) however many other keys Redis holds. The same state is
-mirrored into the WorkerHeartbeat table for the workers page and the admin.
+Each model worker process writes a Redis key of its own with a TTL and refreshes it
+from a thread; a worker that dies stops refreshing and its key expires, so "is this
+model served?" never trusts a dead process. A sorted set indexes the keys by expiry,
+so reading the live workers costs one round trip (a script). The same state is
+mirrored into the WorkerHeartbeat table for the Workers page and the admin.
 """
 
 from __future__ import annotations
@@ -16,26 +15,18 @@ import os
 import socket
 import threading
 import time
-from datetime import timedelta
 
 from django.conf import settings
-from django.contrib.auth.decorators import login_required
 from django.db import close_old_connections, connection
-from django.shortcuts import render
 from django.utils import timezone
 
-from mixtralweb import redis_pool
+from mixtralweb import namespace, redis_pool
 
-from .models import LanguageModel, WorkerHeartbeat
+from .models import WorkerHeartbeat
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "worker:"
-# Sorted set: each worker key, scored by the time its heartbeat expires.
-INDEX_KEY = "workers:live"
-
-# Drops the expired entries from the index and returns the live workers' values, in
-# one round trip (it runs on every chat message, on the way to the first token).
+# Drops the expired entries from the index and returns the live workers' values.
 _LIVE_WORKERS_LUA = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local keys = redis.call('ZRANGE', KEYS[1], 0, -1)
@@ -48,7 +39,12 @@ _live_workers_script = None
 
 
 def worker_key(host: str, pid: int) -> str:
-    return f"{KEY_PREFIX}{host}:{pid}"
+    return namespace.key("worker", host, pid)
+
+
+def index_key() -> str:
+    """Sorted set: each worker key, scored by the time its heartbeat expires."""
+    return namespace.key("workers")
 
 
 def live_workers(model_name: str | None = None) -> list[dict]:
@@ -58,18 +54,11 @@ def live_workers(model_name: str | None = None) -> list[dict]:
     if _live_workers_script is None:
         _live_workers_script = client.register_script(_LIVE_WORKERS_LUA)
     # EVALSHA, or EVAL once after a Redis restart (redis-py's Script does that).
-    values = _live_workers_script(keys=[INDEX_KEY], args=[time.time()], client=client)
-    return parse_live_workers(values, model_name)
+    values = _live_workers_script(keys=[index_key()], args=[time.time()], client=client)
+    return _parse(values, model_name)
 
 
-def queue_live_workers(pipeline) -> None:
-    """Add the live-workers read to a Redis pipeline (sync or asyncio) that the caller
-    executes; its reply goes to parse_live_workers. (EVAL, not a registered script: a
-    pipeline would ask Redis whether the script exists first, a round trip more.)"""
-    pipeline.eval(_LIVE_WORKERS_LUA, 1, INDEX_KEY, time.time())
-
-
-def parse_live_workers(values, model_name: str | None = None) -> list[dict]:
+def _parse(values, model_name: str | None = None) -> list[dict]:
     workers = []
     for raw in values:
         if raw is None:
@@ -127,13 +116,22 @@ class Heartbeat:
             "state": WorkerHeartbeat.LOADING,
             "load_progress": 0.0,
             "reason": "",
-            "generation": None,
+            # Running now (admitted to a sequence), and every one this process holds,
+            # waiting for room included: the reaper leaves those alone.
+            "generations": [],
+            "held": [],
+            # The engine's load and settings in force, once loaded (Workers page,
+            # Prometheus): running, waiting, kv_used, kv_reserved, n_ctx,
+            # n_parallel, n_threads, n_threads_batch.
+            "engine": {},
             "started_at": timezone.now().isoformat(),
         }
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._last_progress_write = 0.0
+        # Called before each write for changes to report (the engine's load).
+        self.sample = None
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     @property
@@ -146,7 +144,7 @@ class Heartbeat:
         return self
 
     def report(self, **changes) -> None:
-        """Change the state (state=, reason=, load_progress=, generation=) and write it."""
+        """Change the state (state=, reason=, load_progress=, ...) and write it."""
         with self._lock:
             self.state.update(changes)
         self.write()
@@ -167,6 +165,14 @@ class Heartbeat:
         self.report(load_progress=round(fraction, 3))
 
     def write(self) -> None:
+        if self.sample is not None:
+            try:
+                changes = self.sample()
+            except Exception:  # noqa: BLE001 - a heartbeat never takes the worker down
+                log.exception("could not read the worker's state")
+                changes = {}
+            with self._lock:
+                self.state.update(changes)
         with self._lock:
             state = dict(self.state)
         ttl = max(1, int(self.interval_s * 3))
@@ -181,7 +187,7 @@ class Heartbeat:
         try:
             with redis_pool.client().pipeline(transaction=False) as pipe:
                 pipe.set(key, json.dumps(state), ex=ttl)
-                pipe.zadd(INDEX_KEY, {key: time.time() + ttl})
+                pipe.zadd(index_key(), {key: time.time() + ttl})
                 pipe.execute()
         except Exception:  # noqa: BLE001
             log.exception("could not write the worker heartbeat")
@@ -194,11 +200,8 @@ class Heartbeat:
             "state": state["state"],
             "load_progress": state["load_progress"],
             "reason": state["reason"],
-            "generation_id": state["generation"],
+            "generation_id": (state["generations"] or [None])[0],
         }
-        # One UPDATE once the row exists: update_or_create's transaction (BEGIN,
-        # SELECT FOR UPDATE, UPDATE, COMMIT) ran as each answer's prompt was being
-        # evaluated, on the same cores.
         mine = WorkerHeartbeat.objects.filter(host=self.host, pid=self.pid)
         if not mine.update(**fields, seen_at=timezone.now()):
             WorkerHeartbeat.objects.update_or_create(
@@ -211,11 +214,11 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self.report(state=WorkerHeartbeat.STOPPED, generation=None)
+        self.report(state=WorkerHeartbeat.STOPPED, generations=[], held=[])
         key = worker_key(self.host, self.pid)
         with redis_pool.client().pipeline(transaction=False) as pipe:
             pipe.delete(key)
-            pipe.zrem(INDEX_KEY, key)
+            pipe.zrem(index_key(), key)
             pipe.execute()
 
     def _run(self) -> None:
@@ -226,26 +229,3 @@ class Heartbeat:
                 break
             self.write()
         connection.close()  # this thread's own connection
-
-
-@login_required
-def workers_page(request):
-    """/workers/: every model, whether a worker serves it, and each worker's state."""
-    live = live_workers()
-    live_ids = {(w["host"], w["pid"]) for w in live}
-    gone = [
-        row
-        for row in WorkerHeartbeat.objects.filter(
-            seen_at__gte=timezone.now() - timedelta(days=1)
-        ).order_by("-seen_at")[:50]
-        if (row.host, row.pid) not in live_ids
-    ]
-    models = [
-        {"model": model, "problem": serving_problem(model.name)}
-        for model in LanguageModel.objects.filter(enabled=True)
-    ]
-    return render(
-        request,
-        "inference/workers.html",
-        {"live": live, "gone": gone, "models": models},
-    )

@@ -12,6 +12,8 @@ from redis.asyncio.retry import Retry as AsyncRedisRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from mixtralweb.namespace import default_namespace
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))
 
@@ -166,10 +168,14 @@ WHITENOISE_USE_FINDERS = True
 
 # --- Redis: Celery broker and the Channels layer share one server. -------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+# Every key, channel group and Celery queue of this deployment starts with this
+# (mixtralweb/namespace.py). By default it is derived from the database, so two
+# deployments on one Redis never meet unless they share a database.
+REDIS_NAMESPACE = env_str("REDIS_NAMESPACE", "") or default_namespace(DATABASES["default"])
 # A restarting Redis closes every connection, and redis-py's asyncio pools (the
-# channel layer's, the publisher's) do not retry: each stale connection would fail
-# one command, closing a socket or losing a token. Retry on a new connection for
-# about 8 s instead (tests/test_faults.py restarts Redis during a stream).
+# channel layer's, the streams') do not retry: each stale connection would fail one
+# command, closing a socket or losing a token. Retry on a new connection for about
+# 8 s instead (tests/test_faults.py restarts Redis during a stream).
 REDIS_ASYNC_OPTIONS = {
     "retry": AsyncRedisRetry(ExponentialBackoff(cap=1.0, base=0.05), 12),
     "retry_on_error": [RedisConnectionError],
@@ -177,7 +183,7 @@ REDIS_ASYNC_OPTIONS = {
 
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "mixtralweb.channel_layer.FewerTripsChannelLayer",
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
             # redis-py 8 times out reads after 5 s by default, exactly the time a
             # channel layer's blocking receive (BZPOPMIN) waits: reads need longer.
@@ -189,8 +195,11 @@ CHANNEL_LAYERS = {
     }
 }
 
-# --- Celery: long GPU tasks. tests/test_celery_config.py asserts the effective
-# values, because a misspelled CELERY_* name is silently ignored.
+# --- Celery. tests/test_celery_config.py asserts the effective values, because a
+# misspelled CELERY_* name is silently ignored. A model worker runs its generations
+# in a pool of threads, which has no time limits: its engine ends a generation at
+# GENERATION_TIME_LIMIT_S itself (inference/tasks.py). The limits below hold for the
+# ops worker's tasks.
 GENERATION_TIME_LIMIT_S = env_int("GENERATION_TIME_LIMIT_S", 1800)
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = None
@@ -200,11 +209,6 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SOFT_TIME_LIMIT = GENERATION_TIME_LIMIT_S
 CELERY_TASK_TIME_LIMIT = GENERATION_TIME_LIMIT_S + 60
-# A pool process loads its model (worker_process_init) before it tells the worker it
-# is up. Celery's default of 4 s kills it mid-load and forks another, forever: a
-# large model never starts, and a killed pool process is never replaced.
-WORKER_MODEL_LOAD_TIMEOUT_S = env_int("WORKER_MODEL_LOAD_TIMEOUT_S", 900)
-CELERY_WORKER_PROC_ALIVE_TIMEOUT = WORKER_MODEL_LOAD_TIMEOUT_S
 # The broker re-delivers an unacknowledged task after this long: it must outlast
 # the longest generation, or a slow answer would be started twice.
 # "priority": a worker listening on several queues always drains the first listed
@@ -214,13 +218,13 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "queue_order_strategy": "priority",
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-# Celery's Django fixup closes the database connection before and after every task
-# unless this is set, whatever CONN_MAX_AGE says: each generation's claim then paid
-# for a new PostgreSQL connection (3 to 5 ms) on its way to the first token.
-# inference/tasks.py applies Django's own rule instead (close_old_connections).
+# Celery's Django fixup closes the database connection after every task unless this
+# is set, whatever CONN_MAX_AGE says; inference/tasks.py applies Django's own rule
+# instead (close_old_connections), so a worker thread keeps its connection.
 CELERY_DB_REUSE_MAX = 2**31
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
-CELERY_TASK_DEFAULT_QUEUE = "default"
+# Tasks go to this deployment's ops queue unless sent to a model's queue.
+CELERY_TASK_ROUTES = ("mixtralweb.namespace.route_task",)
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-generations": {
@@ -238,8 +242,8 @@ DEFAULT_MODEL_N_CTX = env_int("DEFAULT_MODEL_N_CTX", 8192)
 LLAMA_N_THREADS = env_int("LLAMA_N_THREADS", 0)  # 0: llama.cpp's own choice
 # Partial answers are written to the database this often (seconds), not per token.
 GENERATION_FLUSH_INTERVAL_S = env_float("GENERATION_FLUSH_INTERVAL_S", 1.0)
-# The publisher sends a generation's tokens at most this often (events at once):
-# fewer, larger channel-layer sends keep the decode loop fast (inference/publisher.py).
+# A worker sends a generation's tokens at most this often (events at once), so that
+# a fast model does not send one channel-layer message per token (inference/streams.py).
 STREAM_COALESCE_MS = env_float("STREAM_COALESCE_MS", 25.0)
 # A running generation whose worker has not been heard from for this long is failed.
 GENERATION_STALE_AFTER_S = env_int("GENERATION_STALE_AFTER_S", 120)
@@ -282,6 +286,9 @@ WS_FRAME_MAX_BYTES = env_int("WS_FRAME_MAX_BYTES", 512 * 1024)
 # Per user, across all their sockets: frames beyond this in one window get an error.
 WS_RATE_LIMIT_FRAMES = env_int("WS_RATE_LIMIT_FRAMES", 60)
 WS_RATE_LIMIT_WINDOW_S = env_int("WS_RATE_LIMIT_WINDOW_S", 10)
+# Sockets open at once per user (tabs, devices), and generations one socket follows.
+WS_SOCKETS_PER_USER = env_int("WS_SOCKETS_PER_USER", 20)
+WS_FOLLOW_MAX = env_int("WS_FOLLOW_MAX", 50)
 # A long-context job's document, uploaded or pasted (docs/jobs.md).
 JOB_UPLOAD_MAX_BYTES = env_int("JOB_UPLOAD_MAX_BYTES", 20 * 1000 * 1000)
 # Pasted documents arrive as form fields: let them be as large as an upload.

@@ -33,6 +33,10 @@ class RequestMetrics(models.Model):
     itl_p95_ms = models.FloatField(null=True, blank=True)
     e2e_ms = models.FloatField(null=True, blank=True, help_text="Queued to finished.")
 
+    # Continuous batching: how many sequences shared the steps that decoded it.
+    batch_size_mean = models.FloatField(null=True, blank=True)
+    batch_size_max = models.PositiveSmallIntegerField(null=True, blank=True)
+
     # Where it ran
     host = models.CharField(max_length=200, blank=True)
     pid = models.PositiveIntegerField(null=True, blank=True)

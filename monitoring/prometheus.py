@@ -24,11 +24,11 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 
 from inference.models import Generation
-from mixtralweb import redis_pool
+from inference.workers import live_workers
+from mixtralweb import namespace, redis_pool
 from monitoring.models import RequestMetrics
 
 PREFIX = "workbench:"
-KEY_PREFIX = "monitoring:prom"
 SEEN_TTL_S = 7 * 24 * 3600
 
 # name -> (help, bucket upper bounds in seconds); the buckets are vLLM's.
@@ -94,15 +94,15 @@ COUNTERS = {
 
 
 def _models_key() -> str:
-    return f"{KEY_PREFIX}:models"
+    return namespace.key("prom", "models")
 
 
 def _counters_key(model: str) -> str:
-    return f"{KEY_PREFIX}:{model}:counters"
+    return namespace.key("prom", model, "counters")
 
 
 def _histogram_key(model: str, name: str) -> str:
-    return f"{KEY_PREFIX}:{model}:hist:{name}"
+    return namespace.key("prom", model, "hist", name)
 
 
 def _observe(pipe, model: str, name: str, value: float, times: int = 1) -> None:
@@ -119,7 +119,7 @@ def observe(generation: Generation) -> bool:
     second call (a redelivered signal) changes nothing and returns False."""
     client = redis_pool.client()
     # The id alone could repeat if the database were recreated beside the same Redis.
-    seen = f"{KEY_PREFIX}:seen:{generation.pk}:{generation.queued_at.timestamp():.6f}"
+    seen = namespace.key("prom", "seen", generation.pk, generation.queued_at.timestamp())
     if not client.set(seen, 1, nx=True, ex=SEEN_TTL_S):
         return False
     model = generation.model.name
@@ -173,6 +173,7 @@ class WorkbenchCollector:
             waiting.add_metric([name], counts.get((name, Generation.QUEUED), 0))
         yield running
         yield waiting
+        yield from _vllm_families(counts, models)
 
         counters = {model: client.hgetall(_counters_key(model)) for model in models}
         for name, help_text in COUNTERS.items():
@@ -206,6 +207,39 @@ class WorkbenchCollector:
             yield family
 
         yield from _gpu_families(telemetry.current_gpus())
+
+
+def _vllm_families(counts: dict, models: list[str]):
+    """The load gauges under vLLM's names, which operators' dashboards already use:
+    requests running and waiting per model, and the share of the models' KV cache
+    in use, from the live workers' heartbeats."""
+    names = sorted({*models, *(name for name, _ in counts)})
+    running = GaugeMetricFamily(
+        "vllm:num_requests_running", "Requests running on a model now.", labels=["model_name"]
+    )
+    waiting = GaugeMetricFamily(
+        "vllm:num_requests_waiting", "Requests waiting to start.", labels=["model_name"]
+    )
+    for name in names:
+        running.add_metric([name], counts.get((name, Generation.RUNNING), 0))
+        waiting.add_metric([name], counts.get((name, Generation.QUEUED), 0))
+    kv = GaugeMetricFamily(
+        "vllm:kv_cache_usage_perc",
+        "KV-cache usage of the model's live workers, 0 to 1.",
+        labels=["model_name"],
+    )
+    cells: dict[str, list[int]] = {}
+    for worker in live_workers():
+        engine = worker.get("engine") or {}
+        if engine.get("n_ctx"):
+            used = cells.setdefault(worker["model"], [0, 0])
+            used[0] += engine.get("kv_used", 0)
+            used[1] += engine["n_ctx"]
+    for name, (used, total) in sorted(cells.items()):
+        kv.add_metric([name], used / total)
+    yield running
+    yield waiting
+    yield kv
 
 
 def _gpu_families(gpus: list[dict]):

@@ -1,4 +1,4 @@
-"""Turns what a run measured into its RequestMetrics row. Called by the worker."""
+"""Turns what a run measured into its RequestMetrics row (monitoring.receivers)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ def record_metrics(generation, stats, resources: dict, *, n_ctx: int) -> Request
         itl_p50_ms=percentile(itl, 50),
         itl_p95_ms=percentile(itl, 95),
         e2e_ms=(finished_at - generation.queued_at).total_seconds() * 1000,
+        batch_size_mean=stats.batch_size_mean,
+        batch_size_max=stats.batch_size_max or None,
         host=socket.gethostname(),
         pid=os.getpid(),
         **resources,

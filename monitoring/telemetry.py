@@ -30,16 +30,23 @@ from django.db import close_old_connections, connection
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from mixtralweb import redis_pool
+from mixtralweb import namespace, redis_pool
 from monitoring import nvml
 from monitoring.models import GpuSample
 
 log = logging.getLogger(__name__)
 
-LIVE_GROUP = "gpu.telemetry"
-HOSTS_KEY = "monitoring:hosts"  # hash: host -> {"host", "gpus", "seen_at"}
 GPUS_KEY = "monitoring:gpus"  # hash: "host/index" -> latest reading
-LOCK_KEY = "monitoring:telemetry-lock:{host}"
+
+
+def hosts_key() -> str:
+    """Hash: host -> {"host", "gpus", "seen_at"}, the latest reading of each host."""
+    return namespace.key("telemetry", "hosts")
+
+
+def lock_key(host: str) -> str:
+    """One sampler per host, whichever of its workers holds this."""
+    return namespace.key("telemetry", "lock", host)
 
 
 def _stale_after_s() -> float:
@@ -87,7 +94,7 @@ def sample_once(host: str | None = None) -> list[GpuSample]:
     client = redis_pool.client()
     pipe = client.pipeline()
     pipe.hset(
-        HOSTS_KEY,
+        hosts_key(),
         host,
         json.dumps({"host": host, "gpus": len(readings), "seen_at": now.isoformat()}),
     )
@@ -104,7 +111,7 @@ def _fresh(items: list[dict], field: str) -> list[dict]:
 
 def current_hosts() -> list[dict]:
     """Worker hosts heard from recently, each with its number of GPUs (0: none)."""
-    values = [json.loads(v) for v in redis_pool.client().hvals(HOSTS_KEY)]
+    values = [json.loads(v) for v in redis_pool.client().hvals(hosts_key())]
     return sorted(_fresh(values, "seen_at"), key=lambda h: h["host"])
 
 
@@ -134,7 +141,7 @@ class HostTelemetry:
         self._thread.join(5)
 
     def _holds_host_lock(self, client: redis.Redis) -> bool:
-        key = LOCK_KEY.format(host=self.host)
+        key = lock_key(self.host)
         ttl = int(self.interval_s * 3) + 1
         if client.set(key, self.owner, nx=True, ex=ttl):
             return True
@@ -163,7 +170,9 @@ class HostTelemetry:
                 for s in rows
             ],
         }
-        self._loop.run_until_complete(get_channel_layer().group_send(LIVE_GROUP, message))
+        self._loop.run_until_complete(
+            get_channel_layer().group_send(namespace.telemetry_group(), message)
+        )
 
     def _run(self) -> None:
         # One event loop for the thread's whole life: the channel layer keeps its

@@ -19,6 +19,7 @@ from pathlib import Path
 import redis
 from django.conf import settings
 
+from mixtralweb import namespace
 from tests.conftest import LOG_DIR, Stack, database_url, free_port
 
 
@@ -95,7 +96,7 @@ class RedisServer:
     def worker_states(self) -> list[dict]:
         """The live heartbeats (inference/workers.py) in this Redis."""
         client = self.client()
-        keys = list(client.scan_iter(match="worker:*"))
+        keys = list(client.scan_iter(match=namespace.key("worker", "*")))
         return [json.loads(raw) for raw in client.mget(keys) if raw] if keys else []
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import socket
 import subprocess
 import sys
@@ -25,11 +26,29 @@ import redis
 from django.conf import settings
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
 
+from mixtralweb import namespace
 from tests.browser import browser  # noqa: F401 - the Chromium fixture, for browser tests
 from tests.fake_nvml import fake_gpus, no_gpu  # noqa: F401 - fixtures: a substituted NVML
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / "var" / "test-logs"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _deployment_namespace():
+    """This run's own namespace in Redis (keys, channel groups, Celery queues), given
+    to every process it starts: nothing left by an earlier run, or by `make run` on
+    the same Redis, reaches it. Its keys are deleted at the end."""
+    namespace_ = f"test-{uuid.uuid4().hex[:10]}"
+    os.environ["REDIS_NAMESPACE"] = namespace_
+    settings.REDIS_NAMESPACE = namespace_
+    yield namespace_
+    try:
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        for key in client.scan_iter(match=f"{namespace_}*", count=1000):
+            client.delete(key)
+    except redis.RedisError:
+        pass
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -132,7 +151,7 @@ class Stack:
         while time.monotonic() < deadline:
             replies = app.control.inspect(timeout=1).active_queues() or {}
             if any(
-                q["name"] == f"model.{settings.DEFAULT_MODEL_NAME}"
+                q["name"] == namespace.model_queue(settings.DEFAULT_MODEL_NAME)
                 for queues in replies.values()
                 for q in queues
             ):
@@ -155,7 +174,7 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(django_db_setup, django_db_blocker):
+def stack(_deployment_namespace, django_db_setup, django_db_blocker):
     """daphne + a model worker on the test database, for the whole session."""
     from inference.registry import ensure_default_model
 
@@ -296,7 +315,7 @@ def _workers_idle_before_the_tables_are_emptied(request):
 
     def busy() -> bool:
         try:
-            return any(w.get("generation") for read in readers for w in read())
+            return any(w.get("held") for read in readers for w in read())
         except redis.RedisError:
             return True  # a test restarted Redis: ask again
 

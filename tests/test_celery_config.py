@@ -25,9 +25,10 @@ def test_it_uses_redis_as_the_broker():
     assert app.conf.broker_url.startswith("redis://")
 
 
-def test_a_pool_process_has_time_to_load_its_model_before_it_must_say_it_is_up():
-    # Celery's default (4 s) kills a pool process still loading its model.
-    assert app.conf.worker_proc_alive_timeout == settings.WORKER_MODEL_LOAD_TIMEOUT_S >= 60
+def test_tasks_without_a_queue_go_to_this_deployments_ops_queue(settings):
+    settings.REDIS_NAMESPACE = "deployment-a"
+    route = app.amqp.router.route({}, "inference.tasks.reap_stale_generations")
+    assert route["queue"].name == "deployment-a.ops"
 
 
 def test_a_worker_keeps_its_database_connection_from_one_task_to_the_next(transactional_db):

@@ -8,8 +8,8 @@ import pytest
 from django.utils import timezone
 
 from inference.jobs import services
-from inference.jobs.events import job_snapshot
 from inference.jobs.models import Job, JobChunk
+from inference.jobs.selectors import job_snapshot
 from inference.models import Generation
 from tests.jobs_documents import document, register_smollm2
 

@@ -8,65 +8,32 @@ job.progress at each step and the generation.* frames of its current pass.
 
 from __future__ import annotations
 
-import json
-
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 
-from ..consumers import GenerationEventsMixin
+from mixtralweb import namespace
+from mixtralweb.accounts import access
+
+from ..consumers import FrameConsumer, GenerationEventsMixin
 from . import services
-from .events import job_snapshot, unread_count
-
-CLOSE_UNAUTHENTICATED = 4401
-FRAME_MAX_BYTES = 4096
+from .models import Job
+from .selectors import job_snapshot, unread_count
 
 
-class JobConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
-    async def connect(self):
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
-            return
-        self.user = user
-        self.groups_joined: set[str] = set()
-        self.watched_jobs: set[int] = set()
+class JobConsumer(GenerationEventsMixin, FrameConsumer):
+    handlers = {"job.subscribe": "on_subscribe", "job.seen": "on_seen"}
+    frame_max_bytes = 4096
+
+    async def on_connect(self):
         self.pass_group: dict[int, str] = {}  # job id -> group of its current pass
-        await self.accept()
-        await self._join(services.user_group(user.pk))
-        count = await database_sync_to_async(unread_count)(user.pk)
+        await self.join(namespace.user_jobs_group(self.user.pk))
+        count = await database_sync_to_async(unread_count)(self.user.pk)
         await self.send_json({"type": "jobs.unread", "count": count})
-
-    async def disconnect(self, code):
-        for group in getattr(self, "groups_joined", ()):
-            await self.channel_layer.group_discard(group, self.channel_name)
-
-    async def receive(self, text_data=None, bytes_data=None):
-        raw = text_data if text_data is not None else bytes_data
-        if not raw or len(raw) > FRAME_MAX_BYTES:
-            return await self.send_error("bad_frame", "Empty or oversized frame.")
-        try:
-            frame = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return await self.send_error("bad_json", "The frame is not valid JSON.")
-        if not isinstance(frame, dict):
-            return await self.send_error("bad_frame", 'A frame is a JSON object with a "type".')
-        kind = frame.get("type")
-        try:
-            if kind == "job.subscribe":
-                await self.on_subscribe(frame)
-            elif kind == "job.seen":
-                await self.on_seen(frame)
-            else:
-                await self.send_error("unknown_type", "Unknown frame type.")
-        except services.JobError as exc:
-            await self.send_error(exc.code, str(exc))
 
     async def on_subscribe(self, frame):
         job = await database_sync_to_async(services.get_job_for_user)(self.user, frame.get("job"))
         # Join before reading the snapshot: a step is then in the snapshot, in a
         # later frame, or both; never lost between the two.
-        await self._join(job.group_name)
-        self.watched_jobs.add(job.pk)
+        await self.join(namespace.job_group(job.pk))
         snapshot = await database_sync_to_async(job_snapshot)(job)
         await self._follow_pass(snapshot)
         await self.send_json(snapshot)
@@ -80,25 +47,21 @@ class JobConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
     async def _follow_pass(self, snapshot: dict):
         job_id = snapshot["job"]
         current = snapshot.get("current")
-        group = f"gen.{current['generation']}" if current else None
+        group = namespace.generation_group(current["generation"]) if current else None
         old = self.pass_group.get(job_id)
         if old and old != group:
-            await self.channel_layer.group_discard(old, self.channel_name)
-            self.groups_joined.discard(old)
+            await self.leave(old)
         if group:
-            await self._join(group)
+            await self.join(group)
             self.pass_group[job_id] = group
 
-    async def _join(self, group: str):
-        if group not in self.groups_joined:
-            await self.channel_layer.group_add(group, self.channel_name)
-            self.groups_joined.add(group)
-
-    async def send_json(self, content: dict):
-        await self.send(text_data=json.dumps(content))
-
-    async def send_error(self, code: str, message: str):
-        await self.send_json({"type": "error", "code": code, "message": message})
+    async def recheck_access(self):
+        watched = list(self.pass_group)
+        visible = await database_sync_to_async(_visible_jobs)(self.user, watched)
+        for job_id in set(watched) - visible:
+            await self.leave(namespace.job_group(job_id))
+            await self.leave(self.pass_group.pop(job_id))
+            await self.send_json({"type": "access.lost", "job": job_id})
 
     # --- channel-layer events ------------------------------------------------------
     async def job_progress(self, event):
@@ -107,3 +70,8 @@ class JobConsumer(GenerationEventsMixin, AsyncWebsocketConsumer):
 
     async def job_finished(self, event):
         await self.send_json(event)
+
+
+def _visible_jobs(user, job_ids) -> set[int]:
+    user.refresh_from_db(fields=["is_active"])
+    return set(access.jobs(user, Job.objects.filter(pk__in=job_ids)).values_list("pk", flat=True))

@@ -4,15 +4,6 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
-
-
-class JobQuerySet(models.QuerySet):
-    def visible_to(self, user):
-        """Jobs the user owns, or that are shared with one of their teams."""
-        if not user.is_authenticated:
-            return self.none()
-        return self.filter(Q(user=user) | Q(team__memberships__user=user)).distinct()
 
 
 class Job(models.Model):
@@ -80,8 +71,6 @@ class Job(models.Model):
     # When the owner saw the finished job; unset means an unread notification.
     seen_at = models.DateTimeField(null=True, blank=True)
 
-    objects = JobQuerySet.as_manager()
-
     class Meta:
         db_table = "inference_job"
         ordering = ["-created_at"]
@@ -97,11 +86,6 @@ class Job(models.Model):
     @property
     def fits(self) -> bool:
         return self.prompt_tokens + self.max_tokens <= self.n_ctx
-
-    @property
-    def group_name(self) -> str:
-        """The channel-layer group that carries this job's progress."""
-        return f"job.{self.pk}"
 
 
 class JobChunk(models.Model):
@@ -157,7 +141,3 @@ class JobChunk(models.Model):
 
     def __str__(self) -> str:
         return f"Job {self.job_id} pass {self.level}.{self.index}"
-
-    @property
-    def is_combine(self) -> bool:
-        return self.level > 0

@@ -10,19 +10,20 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.db import transaction
 from django.utils import timezone
 
-from inference.events import final_event
 from inference.models import Generation, LanguageModel
 from inference.quotas import QuotaExceeded, check_quota
-from inference.services import generation_stop
+from inference.services import generation_enqueue, generation_stop
+from inference.streams import announce as send_to_group
+from mixtralweb import namespace
+from mixtralweb.accounts import access
 
 from . import planning
 from .documents import DocumentError, clean_pasted_text, read_upload
 from .models import Job, JobChunk
+from .selectors import job_snapshot, unread_count
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def get_job_for_user(user, job_id) -> Job:
         job_id = int(job_id)
     except (TypeError, ValueError):
         raise JobError("Job not found.", code="not_found") from None
-    jobs = Job.objects.visible_to(user).select_related("model", "team").defer("document")
+    jobs = access.jobs(user, Job.objects.select_related("model", "team").defer("document"))
     job = jobs.filter(pk=job_id).first()
     if job is None:
         raise JobError("Job not found.", code="not_found")
@@ -61,7 +62,7 @@ def get_job_for_user(user, job_id) -> Job:
 
 def _own_job_locked(user, job_id) -> Job:
     job = get_job_for_user(user, job_id)
-    if job.user_id != user.pk:
+    if not access.may_manage_job(user, job):
         raise JobError("Only the owner of a job may change it.", code="forbidden")
     return Job.objects.select_for_update().select_related("model").get(pk=job.pk)
 
@@ -239,10 +240,9 @@ def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = Non
     chunk.state = JobChunk.RUNNING
     chunk.save()
     chunk.generations.add(gen)
-    queue = job.model.bulk_queue_name
-    # Enqueued by _after_commit, after the watchers hear of the pass: their sockets
+    # Enqueued by announce(), after the watchers hear of the pass: their sockets
     # then join its group before the worker can start streaming it.
-    job.passes_to_enqueue = [*getattr(job, "passes_to_enqueue", []), (gen.pk, queue)]
+    job.passes_to_enqueue = [*getattr(job, "passes_to_enqueue", []), gen]
 
 
 def _finish_job(job: Job, state: str, reason: str = "", result: str = "") -> None:
@@ -359,10 +359,7 @@ def job_cancel(*, user, job_id) -> Job:
         )
         announce(job)
     for gen_id in running:
-        gen = generation_stop(user=job.user, generation_id=gen_id)
-        if gen.state == Generation.CANCELLED and not gen.started_at:
-            # It never reached a worker, so no worker will announce its end.
-            async_to_sync(get_channel_layer().group_send)(gen.group_name, final_event(gen))
+        generation_stop(user=job.user, generation_id=gen_id)
     return job
 
 
@@ -384,29 +381,19 @@ def jobs_redrive() -> int:
 
 
 # --- telling the browsers --------------------------------------------------------------
-def user_group(user_id: int) -> str:
-    """The channel-layer group of one user's job notifications."""
-    return f"jobs.user.{user_id}"
-
-
 def announce(job: Job) -> None:
     """After the commit, send the job's new state to its watchers, tell the owner
     when it has finished, then enqueue the passes it started."""
-    from inference.tasks import generate
-
     job_id, user_id, final = job.pk, job.user_id, job.is_final
     passes, job.passes_to_enqueue = getattr(job, "passes_to_enqueue", []), []
 
     def send():
-        from .events import job_snapshot, unread_count
-
-        layer = get_channel_layer()
         fresh = Job.objects.select_related("model").defer("document").get(pk=job_id)
         snapshot = job_snapshot(fresh)
-        async_to_sync(layer.group_send)(fresh.group_name, {**snapshot, "type": "job.progress"})
+        send_to_group(namespace.job_group(job_id), {**snapshot, "type": "job.progress"})
         if final:
-            async_to_sync(layer.group_send)(
-                user_group(user_id),
+            send_to_group(
+                namespace.user_jobs_group(user_id),
                 {
                     "type": "job.finished",
                     "job": job_id,
@@ -420,7 +407,5 @@ def announce(job: Job) -> None:
 
     # A failed announcement must not keep the passes from being enqueued.
     transaction.on_commit(send, robust=True)
-    for gen_id, queue in passes:
-        transaction.on_commit(
-            lambda gen_id=gen_id, queue=queue: generate.apply_async(args=[gen_id], queue=queue)
-        )
+    for gen in passes:
+        generation_enqueue(gen)

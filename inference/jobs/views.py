@@ -13,11 +13,12 @@ from django.utils.text import slugify
 from django.views.decorators.http import require_POST
 
 from inference.models import LanguageModel
+from mixtralweb.accounts import access
 
 from . import planning, services
-from .events import job_snapshot
 from .forms import JobForm
 from .models import Job
+from .selectors import job_snapshot
 
 STATE_FILTERS = {
     "active": [Job.QUEUED, Job.RUNNING],
@@ -37,10 +38,11 @@ def _job_or_404(user, job_id) -> Job:
 
 @login_required
 def job_list(request):
-    jobs = (
-        Job.objects.visible_to(request.user)
-        .select_related("model", "user", "team")
-        .defer("document", "result", "instruction")
+    jobs = access.jobs(
+        request.user,
+        Job.objects.select_related("model", "user", "team").defer(
+            "document", "result", "instruction"
+        ),
     )
     state = request.GET.get("state", "")
     if state in STATE_FILTERS:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 
-from ..events import final_event, live_text
+from mixtralweb import namespace
+
 from ..models import Generation
-from ..publisher import group_name
+from ..selectors import final_event, live_text
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ async def follow(generation_id: int) -> AsyncIterator[Text | Final]:
     """Yield Text pieces in order, then one Final."""
     layer = get_channel_layer()
     channel = await layer.new_channel()
-    group = group_name(generation_id)
+    group = namespace.generation_group(generation_id)
     await layer.group_add(group, channel)
     sent = 0
     receiving = None

@@ -1,7 +1,9 @@
 """Start a Celery worker for one registered model: `manage.py modelworker NAME`.
 
-One worker process runs one model at batch size 1 (`--concurrency 1`); more
-throughput means more workers, each on its own GPU (CUDA_VISIBLE_DEVICES) or host.
+One worker process loads the model once and runs its generations in a pool of
+threads, n_parallel of them at once in one llama.cpp context (inference/serving.py).
+More throughput beyond one GPU means more workers, each on its own GPU
+(CUDA_VISIBLE_DEVICES) or host.
 """
 
 import os
@@ -11,6 +13,7 @@ import sys
 from django.core.management.base import BaseCommand, CommandError
 
 from inference.models import LanguageModel
+from inference.serving import pool_size
 
 
 class Command(BaseCommand):
@@ -38,9 +41,9 @@ class Command(BaseCommand):
             "--hostname",
             f"{model.name}@%h",
             "--concurrency",
-            "1",
+            str(pool_size(model)),
             "--pool",
-            "prefork",
+            "threads",
             "--loglevel",
             loglevel,
             "--without-gossip",

@@ -22,6 +22,7 @@ from django.core.management.base import BaseCommand, CommandError
 from honcho.manager import Manager
 
 from inference.registry import ensure_default_model
+from mixtralweb import namespace
 
 
 def redis_answers(url: str) -> bool:
@@ -46,7 +47,8 @@ class Command(BaseCommand):
         self.stdout.write(f"Default model: {model.name} ({model.path})")
 
         manager = Manager()
-        env = dict(os.environ)
+        # Every process of this deployment uses the same namespace in Redis.
+        env = {**os.environ, "REDIS_NAMESPACE": namespace.namespace()}
         redis_url = settings.REDIS_URL
         if not redis_answers(redis_url):
             redis_url = self.start_local_redis(manager, redis_url)
@@ -64,7 +66,8 @@ class Command(BaseCommand):
         # run even while the model worker is busy or gone.
         manager.add_process(
             "ops",
-            f"{bin_dir}/celery -A mixtralweb worker --queues default --hostname ops@%h "
+            f"{bin_dir}/celery -A mixtralweb worker --queues {namespace.ops_queue()} "
+            "--hostname ops@%h "
             "--pool solo --loglevel INFO --without-gossip --without-mingle",
             env=env,
         )
@@ -112,7 +115,9 @@ class Command(BaseCommand):
         self.stdout.write(f"Redis does not answer at {url}: starting redis-server on port {port}.")
         manager.add_process(
             "redis",
-            f"{binary} --bind 127.0.0.1 --port {port} --dir {data_dir} --save 60 1 --appendonly no",
+            # Its data survives a restart (append-only file): queued answers' tasks too.
+            f"{binary} --bind 127.0.0.1 --port {port} --dir {data_dir} "
+            "--save 60 1 --appendonly yes",
         )
         local_url = f"redis://127.0.0.1:{port}/{(parsed.path or '/0').lstrip('/') or 0}"
         # The others start beside it and retry until it answers.

@@ -1,11 +1,15 @@
-"""The shapes of what the server sends over websockets (docs/protocol.md)."""
+"""Reads that build what the server sends about generations and conversations, over
+websockets and the API (docs/protocol.md)."""
 
 from __future__ import annotations
 
-from mixtralweb import redis_pool
+import math
 
-from .models import Generation, Message
-from .publisher import live_text_key
+from mixtralweb import namespace
+
+from . import streams
+from .models import Conversation, Generation, LanguageModel, Message
+from .workers import live_workers
 
 METRIC_FIELDS = [
     "prompt_tokens",
@@ -20,6 +24,8 @@ METRIC_FIELDS = [
     "decode_tokens_per_s",
     "itl_p50_ms",
     "itl_p95_ms",
+    "batch_size_mean",
+    "batch_size_max",
     "vram_process_peak_bytes",
     "gpu_index",
 ]
@@ -52,15 +58,23 @@ def final_event(gen: Generation) -> dict:
     }
 
 
+def announce_final(gen: Generation, stream: streams.GenerationStream | None = None) -> None:
+    """Tell everyone following the generation that it has ended, with its text and
+    metrics: the one place the final event is sent from. A worker passes its stream,
+    so that the event follows the text sent before it."""
+    if stream is not None:
+        stream.close(final_event(gen))
+    else:
+        streams.announce(namespace.generation_group(gen.pk), final_event(gen))
+
+
 def live_text(gen: Generation) -> str:
     """What the user has seen of a running generation: the Redis live text, which
     is ahead of the periodic database flush, or the database text."""
     if gen.state == Generation.RUNNING:
-        live = redis_pool.client().get(live_text_key(gen.pk))
-        if live is not None:
-            text = live.decode("utf-8", "replace")
-            if len(text) >= len(gen.text):
-                return text
+        text = streams.live_text(gen)
+        if text is not None and len(text) >= len(gen.text):
+            return text
     return gen.text
 
 
@@ -76,8 +90,9 @@ def queue_position(gen: Generation) -> int | None:
 
 
 def queue_eta_s(gen: Generation, position: int | None) -> float | None:
-    """About how long until it starts: the position times the mean duration of the
-    model's recent generations, plus what is left of the one running."""
+    """About how long until it starts, from the real service rate: the model's live
+    workers each run n_parallel answers at once, each taking about the mean time of
+    its recent answers; the queue ahead drains that many at a time."""
     if position is None:
         return None
     recent = list(
@@ -90,7 +105,10 @@ def queue_eta_s(gen: Generation, position: int | None) -> float | None:
     if not recent:
         return None
     mean_s = sum((end - start).total_seconds() for start, end in recent) / len(recent)
-    return round(position * mean_s, 1)
+    model = LanguageModel.objects.filter(pk=gen.model_id).only("name", "n_parallel").first()
+    workers = max(1, len(live_workers(model.name))) if model else 1
+    at_once = workers * (model.n_parallel if model else 1)
+    return round(math.ceil(position / at_once) * mean_s, 1)
 
 
 def generation_snapshot(gen: Generation) -> dict:
@@ -126,3 +144,40 @@ def message_payload(message: Message) -> dict:
         payload["text"] = snapshot["text"]
         payload["generation"] = {k: v for k, v in snapshot.items() if k != "type"}
     return payload
+
+
+def new_turn_payloads(message: Message, generation: Generation) -> list[dict]:
+    """The user's message (as created) and the answer's, with the generation read
+    now: the worker may have started it already."""
+    assistant = Message.objects.select_related("generation").get(generation=generation)
+    return [message_payload(message), message_payload(assistant)]
+
+
+def live_generation_ids(conversation: Conversation) -> list[int]:
+    return list(
+        conversation.generations.filter(
+            state__in=[Generation.QUEUED, Generation.RUNNING]
+        ).values_list("pk", flat=True)
+    )
+
+
+def conversation_snapshot(conversation: Conversation) -> dict:
+    messages = conversation.messages.current().select_related("author", "generation__metrics")
+    return {
+        "type": "conversation.snapshot",
+        "conversation": {
+            "id": conversation.pk,
+            "title": str(conversation),
+            "model": conversation.model.name,
+            "n_ctx": conversation.model.n_ctx,
+            "team": conversation.team.name if conversation.team_id else None,
+            "owner": conversation.owner.get_username(),
+        },
+        "messages": [message_payload(m) for m in messages],
+    }
+
+
+def queued_snapshots(generation_ids: list[int]) -> list[dict]:
+    """Snapshots of those generations still queued (their position and estimate)."""
+    queued = Generation.objects.filter(pk__in=generation_ids, state=Generation.QUEUED)
+    return [generation_snapshot(gen) for gen in queued]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from inference.events import live_text, metrics_payload, queue_position
 from inference.models import Generation
+from inference.selectors import live_text, metrics_payload, queue_position
 
 from .models import Job, JobChunk
 

@@ -1,0 +1,132 @@
+"""The model worker process: one engine for its model, and its heartbeat.
+
+`manage.py modelworker NAME` runs a Celery worker whose pool is threads in one
+process. The process loads the model once, before it takes any task, into an Engine
+whose own thread decodes every sequence (inference/engine.py). Each generation is a
+task in a pool thread: it hands its request to the engine and streams what comes
+back (inference/tasks.py). So a worker has as many generations in flight as the
+engine has sequences, and each one's broker message is acknowledged when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from django.conf import settings
+
+from .engine import Engine, ModelLoadError
+from .gguf_inspect import GGUFError, inspect_gguf
+from .models import LanguageModel, WorkerHeartbeat
+from .registry import load_options
+from .workers import Heartbeat, describe_device
+
+log = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def pool_size(model: LanguageModel) -> int:
+    """Celery pool threads for a model worker: one per sequence, and as many again
+    waiting at the engine's door, so that a freed sequence is taken at once."""
+    return max(2, 2 * model.n_parallel)
+
+
+class ModelServer:
+    """This process's model: loaded once, shared by every task thread."""
+
+    _current: ModelServer | None = None
+
+    def __init__(self, model: LanguageModel):
+        self.model = model
+        self.engine: Engine | None = None
+        self.error = ""
+        self._lock = threading.Lock()
+        self.held: set[int] = set()  # generations this process holds
+        self.running: set[int] = set()  # of those, admitted to a sequence
+        self.heartbeat = Heartbeat(model.name, describe_device(model.n_gpu_layers))
+        self.heartbeat.sample = self._sample
+
+    @classmethod
+    def current(cls) -> ModelServer | None:
+        return cls._current
+
+    @classmethod
+    def start(cls, model_name: str) -> ModelServer | None:
+        """Load the named model into this process (the heartbeat says "loading" with
+        llama.cpp's progress, then "ready" or "failed" with the reason)."""
+        model = LanguageModel.objects.filter(name=model_name).first()
+        if model is None:
+            log.error("no model named %r is registered", model_name)
+            return None
+        server = cls._current = cls(model)
+        server.heartbeat.start()
+        server.load()
+        return server
+
+    def load(self) -> None:
+        options = load_options(self.model)
+        try:
+            # The header is checked first: a missing, truncated or foreign file gets a
+            # precise reason instead of llama.cpp's "failed to load model".
+            inspect_gguf(options.path)
+            self.engine = Engine(
+                options,
+                prefix_cache_bytes=settings.ENGINE_PREFIX_CACHE_MB * 1024 * 1024,
+                job_sequences=self.model.job_sequences,
+                on_load_progress=self.heartbeat.loading_progress,
+            ).start()
+        except (GGUFError, ModelLoadError, MemoryError) as exc:
+            self.error = str(exc) if not isinstance(exc, MemoryError) else "out of memory"
+            log.error("model %s failed to load in pid %s: %s", self.model, os.getpid(), exc)
+            self.heartbeat.report(state=WorkerHeartbeat.FAILED, reason=self.error)
+            return
+        log.info(
+            "model %s loaded in pid %s: %s sequences, %s threads (%s for prompts)",
+            self.model,
+            os.getpid(),
+            self.engine.n_parallel,
+            self.engine.n_threads,
+            self.engine.n_threads_batch,
+        )
+        self.heartbeat.report(state=WorkerHeartbeat.READY, load_progress=1.0, reason="")
+
+    def stop(self) -> None:
+        self.heartbeat.stop()
+        if self.engine is not None:
+            self.engine.close()
+
+    def hold(self, generation_id: int) -> None:
+        with self._lock:
+            self.held.add(generation_id)
+        self.heartbeat.report_soon()
+
+    def started(self, generation_id: int) -> None:
+        with self._lock:
+            self.running.add(generation_id)
+        self.heartbeat.report_soon()
+
+    def release(self, generation_id: int) -> None:
+        with self._lock:
+            self.held.discard(generation_id)
+            self.running.discard(generation_id)
+        self.heartbeat.report_soon()
+
+    def _sample(self) -> dict:
+        """What the heartbeat reports each time it writes."""
+        with self._lock:
+            running, held = sorted(self.running), sorted(self.held)
+        changes = {"generations": running, "held": held}
+        if self.engine is not None:
+            changes["state"] = WorkerHeartbeat.BUSY if running else WorkerHeartbeat.READY
+            changes["engine"] = {
+                **self.engine.load,
+                "n_parallel": self.engine.n_parallel,
+                "n_threads": self.engine.n_threads,
+                "n_threads_batch": self.engine.n_threads_batch,
+            }
+        return changes

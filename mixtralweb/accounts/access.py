@@ -1,0 +1,129 @@
+"""Who may see, act on and administer what. Every view, consumer and API endpoint
+asks here; nothing else decides.
+
+The cast, as the tests name them:
+- a thing's **owner** sees it and does anything with it;
+- a **team member**, when the owner shares a conversation or a job with the team,
+  sees it, follows it live, may post the next message and stop an answer, but may
+  not edit the owner's messages, change its settings, rename, share or delete it;
+- a **team admin** also sees the team's usage and invites people to the team;
+- **staff** administer the deployment: everyone's usage and metrics, the workers,
+  the GPUs and the planner; they do not read other people's conversations;
+- an **outsider** (no shared team) and **anonymous** see nothing of it.
+
+It names the other apps' models by their fields and imports none of them: the
+accounts app is the bottom layer (accounts <- inference <- monitoring).
+"""
+
+from __future__ import annotations
+
+from django.db.models import Q, QuerySet
+
+from .models import Membership, Team
+
+
+def _member_of(team_field: str, user) -> Q:
+    return Q(**{f"{team_field}__memberships__user": user})
+
+
+def _signed_in(user) -> bool:
+    return bool(user is not None and user.is_authenticated and user.is_active)
+
+
+# --- conversations -----------------------------------------------------------------
+def conversations(user, queryset: QuerySet) -> QuerySet:
+    """The conversations the user may see: their own and those shared with a team of
+    theirs."""
+    if not _signed_in(user):
+        return queryset.none()
+    return queryset.filter(Q(owner=user) | _member_of("team", user)).distinct()
+
+
+def may_see_conversation(user, conversation) -> bool:
+    if not _signed_in(user):
+        return False
+    return conversation.owner_id == user.pk or _in_team(user, conversation.team_id)
+
+
+def may_post(user, conversation) -> bool:
+    """Send the next message (or regenerate the last answer): owner and team."""
+    return may_see_conversation(user, conversation)
+
+
+def may_manage_conversation(user, conversation) -> bool:
+    """Rename, share, delete, edit its messages, change its settings: the owner."""
+    return _signed_in(user) and conversation.owner_id == user.pk
+
+
+# --- generations (chat answers, API calls, job passes) ---------------------------------
+def generations(user, queryset: QuerySet) -> QuerySet:
+    """The generations whose text the user may read: their own; a chat answer in a
+    conversation they may see; a pass of a job shared with their team."""
+    if not _signed_in(user):
+        return queryset.none()
+    return queryset.filter(
+        Q(user=user)
+        | Q(conversation__owner=user)
+        | _member_of("conversation__team", user)
+        | (Q(source="job") & _member_of("team", user))
+    ).distinct()
+
+
+def may_stop(user, generation) -> bool:
+    """Anyone who may read an answer may stop it (the conversation says who did)."""
+    return generations(user, type(generation).objects.filter(pk=generation.pk)).exists()
+
+
+# --- jobs ------------------------------------------------------------------------------
+def jobs(user, queryset: QuerySet) -> QuerySet:
+    if not _signed_in(user):
+        return queryset.none()
+    return queryset.filter(Q(user=user) | _member_of("team", user)).distinct()
+
+
+def may_manage_job(user, job) -> bool:
+    """Run, discard or cancel a job: its owner."""
+    return _signed_in(user) and job.user_id == user.pk
+
+
+# --- teams -----------------------------------------------------------------------------
+def _in_team(user, team_id) -> bool:
+    return bool(team_id) and Membership.objects.filter(team_id=team_id, user=user).exists()
+
+
+def teams_of(user) -> QuerySet:
+    """Teams the user belongs to (to share with, to pick a job's team)."""
+    if not _signed_in(user):
+        return Team.objects.none()
+    return Team.objects.filter(memberships__user=user)
+
+
+def teams_administered(user) -> QuerySet:
+    """Teams whose usage the user sees and to which they may invite: every team for
+    staff, else the teams where they are an admin."""
+    if not _signed_in(user):
+        return Team.objects.none()
+    if user.is_staff:
+        return Team.objects.all()
+    return Team.objects.filter(memberships__user=user, memberships__role=Membership.ADMIN)
+
+
+def may_administer_team(user, team) -> bool:
+    return teams_administered(user).filter(pk=team.pk).exists()
+
+
+# --- usage and metrics -------------------------------------------------------------------
+def usage_of(user, queryset: QuerySet, user_field: str = "user") -> QuerySet:
+    """Usage rows (metrics, not text) the user may see: their own; their teams'
+    members' where they are a team admin; everyone's for staff."""
+    if not _signed_in(user):
+        return queryset.none()
+    if user.is_staff:
+        return queryset
+    administered = teams_administered(user).values("memberships__user")
+    return queryset.filter(Q(**{user_field: user}) | Q(**{f"{user_field}__in": administered}))
+
+
+def is_staff(user) -> bool:
+    """The deployment's administrators: usage of everyone, workers, GPUs."""
+    return _signed_in(user) and user.is_staff
