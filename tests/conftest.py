@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
