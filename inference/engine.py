@@ -311,6 +311,11 @@ class Engine:
         self.n_parallel = max(1, options.n_parallel)
         # Background passes use at most this many sequences at once.
         self.job_sequences = self.n_parallel if job_sequences is None else job_sequences
+        llama_log = logging.getLogger("llama-cpp-python")
+        if llama_log.level == logging.NOTSET:
+            # llama.cpp's own log (through llama-cpp-python) prints every tensor at
+            # load; its warnings and errors are what a worker's log needs.
+            llama_log.setLevel(logging.WARNING)
         try:
             extra_buffers = use_extra_buffers()
         except ValueError as exc:
