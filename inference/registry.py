@@ -186,17 +186,38 @@ def register_model(
 
 
 def ensure_default_model() -> LanguageModel:
-    """Register the embedded default model if it is not registered yet."""
+    """Register the default model if it is not registered yet, with the options the
+    environment gives it (settings.DEFAULT_MODEL_OPTIONS)."""
     existing = LanguageModel.objects.filter(name=settings.DEFAULT_MODEL_NAME).first()
     if existing is not None:
         return existing
     return register_model(
         name=settings.DEFAULT_MODEL_NAME,
         path=default_model_path(),
-        n_ctx=settings.DEFAULT_MODEL_N_CTX,
-        n_threads=settings.LLAMA_N_THREADS,
         description="SmolLM2-135M-Instruct Q4_1, embedded default (CPU)",
+        **{"n_ctx": settings.DEFAULT_MODEL_N_CTX, **settings.DEFAULT_MODEL_OPTIONS},
     )
+
+
+def apply_default_model_settings() -> list[str]:
+    """Make the default model's registration follow the environment at each start:
+    the options set there (settings.DEFAULT_MODEL_OPTIONS) and DEFAULT_MODEL_PATH.
+    Options not set there keep what the registry holds (an admin's choice). Returns
+    what changed, in words: "n_threads 0 -> 2 (from the environment)"."""
+    model = ensure_default_model()
+    changes = {
+        option: value
+        for option, value in settings.DEFAULT_MODEL_OPTIONS.items()
+        if getattr(model, option) != value
+    }
+    notes = [f"{option} {getattr(model, option)} -> {value}" for option, value in changes.items()]
+    path = model.path
+    if settings.DEFAULT_MODEL_PATH and str(default_model_path().resolve()) != model.path:
+        path = str(default_model_path().resolve())
+        notes.append(f"path {model.path} -> {path}")
+    if notes:
+        register_model(name=model.name, path=path, **changes)
+    return [f"{note} (from the environment)" for note in notes]
 
 
 def load_options(model: LanguageModel) -> LoadOptions:

@@ -17,6 +17,7 @@ from mixtralweb.accounts import access
 
 from .models import Conversation, Generation, LanguageModel, Message, WorkerHeartbeat
 from .quotas import QuotaExceeded, check_quota
+from .receivers import access_changed_for_conversation
 from .selectors import announce_final
 from .signals import generation_finished
 from .tasks import enqueue
@@ -430,6 +431,8 @@ def conversation_delete(*, user, conversation_id) -> None:
         running = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
         for gen in running:
             generation_stop(user=user, generation_id=gen.pk)
+        # Everyone watching it loses it now (their sockets re-check after the commit).
+        access_changed_for_conversation(conversation.pk)
         conversation.delete()
 
 
@@ -441,6 +444,8 @@ def conversation_share(*, user, conversation_id, team_id) -> Conversation:
         team = access.teams_of(user).filter(pk=team_id).first()
         if team is None:
             raise ChatError("You are not a member of that team.", code="not_found")
+    if team != conversation.team:
+        access_changed_for_conversation(conversation.pk)
     conversation.team = team
     conversation.save(update_fields=["team", "updated_at"])
     return conversation

@@ -22,13 +22,14 @@ from redis.exceptions import RedisError
 
 from mixtralweb import namespace
 
-from . import streams
+from . import broker, streams
 from .engine import BACKGROUND, INTERACTIVE, ContextOverflow, DecodeError, Request, Sampling
 from .models import Generation
 from .selectors import announce_final
 from .serving import ModelServer, worker_name
 from .signals import generation_ended, generation_finished, generation_started
 from .tokens import tokenizer_for
+from .workers import live_workers
 
 log = logging.getLogger(__name__)
 
@@ -310,3 +311,45 @@ def reap_stale_generations() -> int:
         generation_finished.send(sender=Generation, generation=gen)
         count += 1
     return count
+
+
+# Re-sent at most this many times by the reaper before it fails with the reason.
+REQUEUE_MAX = 3
+
+
+@shared_task(name="inference.tasks.requeue_stranded_generations")
+def requeue_stranded_generations() -> dict:
+    """Queued generations whose task is gone are sent again, or failed with why.
+
+    A task can be lost between the commit and the broker (Redis was down when it was
+    sent), inside the broker (a Redis without persistence restarted), or with a
+    worker killed while the task waited in its pool. A generation queued longer than
+    GENERATION_STRANDED_AFTER_S that no live worker holds and whose task is not in
+    its queue is sent again; after REQUEUE_MAX times, or if its model is no longer
+    enabled, it fails with the reason. Sending twice is harmless: the task is
+    idempotent by the generation's id (only one claim wins)."""
+    cutoff = timezone.now() - timedelta(seconds=settings.GENERATION_STRANDED_AFTER_S)
+    queued = list(
+        Generation.objects.filter(state=Generation.QUEUED, queued_at__lt=cutoff).select_related(
+            "model"
+        )
+    )
+    if not queued:
+        return {"requeued": 0, "failed": 0}
+    held = {gen_id for worker in live_workers() for gen_id in worker.get("held", ())}
+    waiting = broker.waiting_generations({gen.model.name for gen in queued})
+    requeued = failed = 0
+    for gen in queued:
+        if gen.pk in held or gen.pk in waiting:
+            continue
+        if not gen.model.enabled:
+            reason = f"The model {gen.model.name!r} was disabled before this answer started."
+        elif broker.count_requeue(gen) > REQUEUE_MAX:
+            reason = f"Its task was lost {REQUEUE_MAX} times; it was not sent again."
+        else:
+            enqueue(gen)
+            requeued += 1
+            continue
+        _fail_unstarted(gen, reason)
+        failed += 1
+    return {"requeued": requeued, "failed": failed}

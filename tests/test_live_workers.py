@@ -12,9 +12,10 @@ from inference import workers
 
 
 @pytest.fixture
-def scratch_index(redis_client, monkeypatch):
-    index = f"test:workers:live:{time.monotonic_ns()}"
-    monkeypatch.setattr(workers, "INDEX_KEY", index)
+def scratch_index(redis_client, settings):
+    # A namespace of its own: this index, and the keys of the workers it lists.
+    settings.REDIS_NAMESPACE = f"test-workers-{time.monotonic_ns()}"
+    index = workers.index_key()
     keys = []
 
     def add(name: str, model: str, expires_in_s: float, value: bool = True) -> str:
@@ -40,8 +41,8 @@ def test_only_live_workers_are_read_and_the_expired_leave_the_index(scratch_inde
 
     assert [(w["model"], w["pid"]) for w in found] == [("mixtral", 2), ("smol", 1)]
     assert [w["pid"] for w in workers.live_workers("smol")] == [1]
-    assert redis_client.zscore(workers.INDEX_KEY, expired) is None
-    assert redis_client.zcard(workers.INDEX_KEY) == 3
+    assert redis_client.zscore(workers.index_key(), expired) is None
+    assert redis_client.zcard(workers.index_key()) == 3
 
 
 def test_an_empty_index_reads_as_no_workers(scratch_index):
@@ -55,20 +56,13 @@ def test_the_read_survives_redis_forgetting_its_scripts(scratch_index, redis_cli
     assert len(workers.live_workers()) == 1
 
 
-def test_a_pipeline_reads_the_live_workers_in_its_own_round_trip(scratch_index, redis_client):
-    """As the chat socket does, with its rate-limit commands."""
+def test_another_deployments_workers_are_not_read(scratch_index, settings):
     scratch_index("a", "smol", 30)
-    scratch_index("b", "mixtral", 30)
-    expired = scratch_index("c", "smol", -1)
-    with redis_client.pipeline(transaction=False) as pipe:
-        pipe.incr(f"{workers.INDEX_KEY}:counter")
-        workers.queue_live_workers(pipe)
-        count, values = pipe.execute()
-    redis_client.delete(f"{workers.INDEX_KEY}:counter")
-    assert count == 1
-    assert workers.parse_live_workers(values) == workers.live_workers()
-    assert [w["pid"] for w in workers.parse_live_workers(values, "smol")] == [1]
-    assert redis_client.zscore(workers.INDEX_KEY, expired) is None
+    mine = settings.REDIS_NAMESPACE
+    settings.REDIS_NAMESPACE = f"{mine}-other"
+    assert workers.live_workers() == []
+    settings.REDIS_NAMESPACE = mine
+    assert len(workers.live_workers()) == 1
 
 
 def test_serving_problem_judges_the_workers_it_is_given():

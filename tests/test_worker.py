@@ -32,7 +32,7 @@ def wait_finished(gen: Generation, state: str) -> Generation:
     (the heartbeat no longer names it): nothing is still being written, so the
     tables can be emptied after the test."""
     gen = wait_for(lambda: Generation.objects.filter(pk=gen.pk, state=state).first(), 120)
-    wait_for(lambda: all(w["generation"] != gen.pk for w in live_workers(gen.model.name)), 30)
+    wait_for(lambda: all(gen.pk not in w["held"] for w in live_workers(gen.model.name)), 30)
     return gen
 
 

@@ -10,9 +10,11 @@ import os
 import shutil
 import sys
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from inference.models import LanguageModel
+from inference.registry import apply_default_model_settings
 from inference.serving import pool_size
 
 
@@ -24,6 +26,9 @@ class Command(BaseCommand):
         parser.add_argument("--loglevel", default="INFO")
 
     def handle(self, *args, name, loglevel, **options):
+        if name == settings.DEFAULT_MODEL_NAME:
+            for note in apply_default_model_settings():
+                self.stdout.write(f"{name}: {note}")
         model = LanguageModel.objects.filter(name=name).first()
         if model is None:
             known = ", ".join(LanguageModel.objects.values_list("name", flat=True)) or "none"

@@ -21,7 +21,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from honcho.manager import Manager
 
-from inference.registry import ensure_default_model
+from inference.registry import apply_default_model_settings, ensure_default_model
 from mixtralweb import namespace
 
 
@@ -43,6 +43,8 @@ class Command(BaseCommand):
         self.stdout.write("Preparing the database…")
         call_command("migrate", interactive=False, verbosity=0)
         self.ensure_admin()
+        for note in apply_default_model_settings():
+            self.stdout.write(f"Default model: {note}")
         model = ensure_default_model()
         self.stdout.write(f"Default model: {model.name} ({model.path})")
 
