@@ -2,9 +2,15 @@ from django import forms
 from django.contrib import admin
 from django.utils.html import format_html, format_html_join
 
-from .gguf_inspect import GGUFError, inspect_gguf
+from .gguf import GGUFError, inspect_gguf
 from .models import Conversation, Generation, LanguageModel, Message, WorkerHeartbeat
-from .registry import LOAD_OPTION_FIELDS, PRESETS, LoadOptionsError, check_load_options
+from .registry import (
+    LOAD_OPTION_FIELDS,
+    PRESETS,
+    LoadOptionsError,
+    check_load_options,
+    preset_options,
+)
 from .registry import inspection_fields as fields_from_report
 
 
@@ -32,9 +38,9 @@ class LanguageModelForm(forms.ModelForm):
         except GGUFError as exc:
             self.add_error("path", str(exc))
             return cleaned
-        cleaned.update(PRESETS.get(cleaned.get("preset") or "", {}))
-        options = {f: cleaned.get(f) for f in LOAD_OPTION_FIELDS if f in cleaned}
         try:
+            cleaned.update(preset_options(cleaned.get("preset")))
+            options = {f: cleaned.get(f) for f in LOAD_OPTION_FIELDS if f in cleaned}
             check_load_options(options, self.report)
         except LoadOptionsError as exc:
             for field, reason in exc.errors.items():
@@ -52,8 +58,23 @@ class LanguageModelForm(forms.ModelForm):
 @admin.register(LanguageModel)
 class LanguageModelAdmin(admin.ModelAdmin):
     form = LanguageModelForm
-    list_display = ["name", "architecture", "parameters", "n_ctx", "n_gpu_layers", "enabled"]
-    readonly_fields = ["architecture", "context_length_trained", "has_chat_template", "summary"]
+    list_display = [
+        "name",
+        "architecture",
+        "parameters",
+        "files",
+        "n_ctx",
+        "n_gpu_layers",
+        "n_parallel",
+        "enabled",
+    ]
+    readonly_fields = [
+        "architecture",
+        "context_length_trained",
+        "has_chat_template",
+        "files",
+        "summary",
+    ]
     fieldsets = [
         (None, {"fields": ["name", "path", "description", "enabled"]}),
         ("Load options", {"fields": ["preset", *LOAD_OPTION_FIELDS]}),
@@ -65,11 +86,20 @@ class LanguageModelAdmin(admin.ModelAdmin):
         count = obj.inspection.get("parameter_count")
         return f"{count / 1e9:.2f} B" if count else "—"
 
+    @admin.display(description="size")
+    def files(self, obj):
+        """The whole model: every file of a split one ("67.8 GB in 5 files")."""
+        return obj.files_summary or "—"
+
     @admin.display(description="inspection")
     def summary(self, obj):
         if not obj.inspection:
             return "—"
-        rows = [(k, v) for k, v in obj.inspection.items() if k not in {"extra", "path"}]
+        rows = [
+            (k, ", ".join(v) if k == "files" else v)
+            for k, v in obj.inspection.items()
+            if k not in {"extra", "path"}
+        ]
         return format_html(
             "<table>{}</table>", format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows)
         )

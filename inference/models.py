@@ -15,6 +15,7 @@ from django.utils import timezone
 from mixtralweb import namespace
 
 from . import streams
+from .gguf import files_summary
 
 KV_CACHE_TYPES = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0")]
 FLASH_ATTN_CHOICES = [("auto", "auto"), ("on", "on"), ("off", "off")]
@@ -70,6 +71,11 @@ class LanguageModel(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def files_summary(self) -> str:
+        """The whole model's size and files, from its inspection: "67.8 GB in 5 files"."""
+        return files_summary(self.inspection)
 
     @property
     def queue_name(self) -> str:

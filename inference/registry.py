@@ -8,13 +8,15 @@ told the admin (docs/models.md).
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 
 from .engine import GGML_CACHE_TYPES, LoadOptions
-from .gguf_inspect import GGUFError, GGUFReport, inspect_gguf
+from .gguf import GGUFError, GGUFReport, inspect_gguf
 from .models import LanguageModel
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,9 +37,11 @@ LOAD_OPTION_FIELDS = [
 # Named sets of load options for known deployments; docs/models.md says why each
 # value is what it is.
 PRESETS: dict[str, dict] = {
-    # Mixtral 8x22B Q3_K_M (file ~67.8 GB) on one A100 80GB: every layer on the GPU,
-    # the trained 64K context, and a q8_0 KV cache (~8.0 GB at 65,536 tokens; f16
-    # would be ~15.0 GB and not fit). A quantized V cache needs flash attention.
+    # Mixtral 8x22B Q3_K_M (file ~67.8 GB, in several files) on one A100 80GB: every
+    # layer on the GPU, the trained 64K context as the KV pool, and a q8_0 KV cache
+    # (~8.0 GB at 65,536 tokens; f16 would be ~15.0 GB and leave under 5% free). A
+    # quantized V cache needs flash attention. n_parallel: the capacity planner's
+    # answer for this card, model and cache (see PRESET_PROVIDERS).
     "mixtral-8x22b-a100-80gb": {
         "n_ctx": 65536,
         "n_gpu_layers": -1,
@@ -61,6 +65,37 @@ class LoadOptionsError(ValueError):
     def __init__(self, errors: dict[str, str]):
         self.errors = errors
         super().__init__("; ".join(f"{name}: {reason}" for name, reason in errors.items()))
+
+
+# Options of a preset that another app works out from the preset's other options:
+# {preset: {option: compute(options) -> value}}. The capacity planner (the `planner`
+# app) registers n_parallel for the Mixtral preset when Django starts; inference
+# does not import the planner, the planner plugs in here.
+PRESET_PROVIDERS: dict[str, dict[str, Callable[[dict], object]]] = {}
+
+
+def provide_preset_option(preset: str, option: str, compute: Callable[[dict], object]) -> None:
+    """Have `compute(preset's options)` set `option` whenever the preset is used."""
+    if preset not in PRESETS or option not in LOAD_OPTION_FIELDS:
+        raise ValueError(f"no preset {preset!r} or no load option {option!r}")
+    PRESET_PROVIDERS.setdefault(preset, {})[option] = compute
+
+
+def preset_options(preset: str | None) -> dict:
+    """The preset's load options, the computed ones included ({} for no preset)."""
+    if not preset:
+        return {}
+    if preset not in PRESETS:
+        raise LoadOptionsError(
+            {"preset": f"unknown preset {preset!r}; known: {', '.join(PRESETS)}"}
+        )
+    options = dict(PRESETS[preset])
+    for option, compute in PRESET_PROVIDERS.get(preset, {}).items():
+        try:
+            options[option] = compute(dict(options))
+        except ValueError as exc:
+            raise LoadOptionsError({option: f"the {preset} preset cannot set it: {exc}"}) from exc
+    return options
 
 
 def check_load_options(options: dict, report: GGUFReport | dict | None = None) -> None:
@@ -162,10 +197,7 @@ def register_model(
     A bad file raises GGUFError, bad options LoadOptionsError; either way nothing
     is saved. Options given explicitly override the preset's.
     """
-    if preset is not None and preset not in PRESETS:
-        raise LoadOptionsError(
-            {"preset": f"unknown preset {preset!r}; known: {', '.join(PRESETS)}"}
-        )
+    presets = preset_options(preset)
     unknown = set(options) - set(LOAD_OPTION_FIELDS)
     if unknown:
         raise LoadOptionsError({o: "not a load option" for o in sorted(unknown)})
@@ -174,11 +206,14 @@ def register_model(
     merged = {f: getattr(existing, f) for f in LOAD_OPTION_FIELDS} if existing else {}
     if not existing:
         merged = {f: LanguageModel._meta.get_field(f).get_default() for f in LOAD_OPTION_FIELDS}
-    merged |= PRESETS.get(preset or "", {})
+    merged |= presets
     merged |= {k: v for k, v in options.items() if v is not None}
     check_load_options(merged, report)
     with transaction.atomic():
-        defaults = {"path": str(Path(path).resolve()), **inspection_fields(report), **merged}
+        # Absolute, but not resolved: the Hub's cache links each file to a blob named
+        # by its hash, and llama.cpp finds a split model's other files by the name of
+        # the first, the link's.
+        defaults = {"path": os.path.abspath(path), **inspection_fields(report), **merged}
         if description:
             defaults["description"] = description
         model, _ = LanguageModel.objects.update_or_create(name=name, defaults=defaults)

@@ -18,7 +18,7 @@ import threading
 from django.conf import settings
 
 from .engine import Engine, ModelLoadError
-from .gguf_inspect import GGUFError, inspect_gguf
+from .gguf import GGUFError, inspect_gguf
 from .models import LanguageModel, WorkerHeartbeat
 from .registry import load_options
 from .workers import Heartbeat, describe_device

@@ -87,6 +87,7 @@ INSTALLED_APPS = [
     "inference",
     "inference.jobs",
     "monitoring",
+    "monitoring.planner",
 ]
 
 MIDDLEWARE = [

@@ -28,8 +28,14 @@ from monitoring.planner.compute import (
     plan,
     prompt_flops_per_token,
 )
-from monitoring.planner.gguf_file import read_gguf
-from monitoring.planner.planning import _catalog_weights, make_report
+from monitoring.planner.concurrency import experts_touched
+from monitoring.planner.present import as_text
+from monitoring.planner.report import (
+    _catalog_weights,
+    make_report,
+    read_model_file,
+    suggested_n_parallel,
+)
 
 MIXTRAL_8X22B = catalog.MODELS["mixtral-8x22b"]
 A100_80GB = catalog.GPUS["a100-80gb"]
@@ -208,22 +214,23 @@ def test_it_sizes_the_attention_scores_without_flash_attention():
 
 
 def test_it_reads_exact_bytes_and_architecture_from_a_gguf_file():
-    model = read_gguf(embedded_gguf())
-    assert model.architecture == "llama"
-    assert model.file_type == "Q4_1"
-    assert model.arch.n_layers == 30
-    assert model.arch.n_kv_heads == 3
-    assert model.arch.head_dim == 64
-    assert model.arch.tied_embeddings is True
+    gguf, arch, weights = read_model_file(embedded_gguf())
+    assert gguf.architecture == "llama"
+    assert gguf.file_type == "Q4_1"
+    assert arch.n_layers == 30
+    assert arch.n_kv_heads == 3
+    assert arch.head_dim == 64
+    assert arch.tied_embeddings is True
     # Sum of the tensors' n_bytes: Q4_1 layers, a Q8_0 embedding, f32 norms.
-    assert model.weights.file_bytes == 96_576_768
-    assert model.weights.token_embedding_bytes == 30_081_024
+    assert weights.file_bytes == 96_576_768
+    assert weights.token_embedding_bytes == 30_081_024
     # Tied: the output head is the embedding, read whole for every token.
-    assert model.weights.read_per_token_bytes == model.weights.file_bytes
+    assert weights.read_per_token_bytes == weights.file_bytes
     # The catalog's architecture numbers agree with the file's.
-    assert model.params_total == catalog.MODELS["smollm2-135m"].arch.params_total
+    assert gguf.parameter_count == catalog.MODELS["smollm2-135m"].arch.params_total
+    assert arch.params_total == gguf.parameter_count
     # 2 x 30 x 3 x 64 x 2 = 23,040 bytes per token in f16.
-    assert kv_bytes_per_token(model.arch, "f16") == 23_040
+    assert kv_bytes_per_token(arch, "f16") == 23_040
 
 
 LLAMA_CPP_SIZES = """
@@ -253,16 +260,14 @@ def test_it_predicts_the_kv_cache_and_compute_buffer_llama_cpp_allocates():
     )
     blocks = run.stderr.split("config ")[1:]
     assert len(blocks) == 3
-    model = read_gguf(path)
+    _, arch, _ = read_model_file(path)
     for block, (n_ctx, flash_attn, kv) in zip(
         blocks, [(4096, False, "f16"), (8192, False, "f16"), (8192, True, "q8_0")], strict=True
     ):
         kv_mib = float(re.search(r"llama_kv_cache: size =\s+([\d.]+) MiB", block).group(1))
         compute_mib = float(re.search(r"CPU compute buffer size =\s+([\d.]+) MiB", block).group(1))
-        predicted_kv = kv_bytes_per_token(model.arch, kv) * n_ctx / MIB
-        predicted_compute = (
-            compute_buffer_bytes(model.arch, n_ctx=n_ctx, flash_attn=flash_attn) / MIB
-        )
+        predicted_kv = kv_bytes_per_token(arch, kv) * n_ctx / MIB
+        predicted_compute = compute_buffer_bytes(arch, n_ctx=n_ctx, flash_attn=flash_attn) / MIB
         assert predicted_kv == pytest.approx(kv_mib, abs=0.01)
         assert predicted_compute == pytest.approx(compute_mib, rel=0.10)
 
@@ -270,8 +275,8 @@ def test_it_predicts_the_kv_cache_and_compute_buffer_llama_cpp_allocates():
 def test_it_refuses_a_file_that_is_not_gguf(tmp_path):
     bogus = tmp_path / "notes.gguf"
     bogus.write_bytes(b"hello, not a model")
-    with pytest.raises(PlanError, match="not a GGUF file"):
-        read_gguf(bogus)
+    with pytest.raises(PlanError, match="notes.gguf: not a GGUF file"):
+        read_model_file(bogus)
 
 
 # --- the command -----------------------------------------------------------------------
@@ -313,7 +318,7 @@ def test_the_command_explains_the_plan_in_words():
     text = run_plan("--gpu", "a100-80gb", "--model", "mixtral-8x22b", "--quant", "Q3_K_M",
                     "--ctx", "65536")  # fmt: skip
     assert "tight" in text  # f16 is the default KV cache
-    assert "224.0 KiB" in text
+    assert "229.4 kB" in text  # 224 KiB, in the decimal units the planner shows
     assert "15.0 GB" in text
     assert "56.4 GB" in text and "67.8 GB" in text
     assert "q8_0 KV cache with flash attention on" in text
@@ -360,7 +365,13 @@ def test_the_command_plans_a_registered_model_by_name():
           "--no-flash-attn"], "needs flash attention"),
         (["--gpu", "a100-80gb", "--model", "mixtral-8x22b", "--quant", "Q4_K_M", "--ctx", "0"],
          "the context must be between 1 and"),
-        (["--gpu", "a100-80gb", "--model", "missing/model.gguf"], "no such GGUF file"),
+        (["--gpu", "a100-80gb", "--model", "missing/model.gguf"],
+         "missing/model.gguf: no such file"),
+        (["--gpu", "a100-80gb", "--model", "mixtral-8x22b", "--quant", "Q3_K_M", "--users", "0"],
+         "the number of users at once is at least 1, not 0"),
+        (["--gpu", "a100-80gb", "--model", "mixtral-8x22b", "--quant", "Q3_K_M", "--kv", "q8_0",
+          "--users", "300"], "300 users at once would get less than 256 tokens each of a "
+         "65,536-token KV pool; at most 255 users"),
     ],
 )  # fmt: skip
 def test_the_command_refuses_bad_input_with_the_valid_choices(args, message):
@@ -412,12 +423,12 @@ def test_it_calibrates_the_cpu_efficiency_from_recorded_runs(django_user_model, 
 
     report = make_report(gpu="cpu-ddr4-2ch", model="smol")
 
-    model = read_gguf(embedded_gguf())
+    _, arch, weights = read_model_file(embedded_gguf())
     ratios = [
         t
         / decode_bound_tokens_per_s(
-            model.weights,
-            model.arch,
+            weights,
+            arch,
             bandwidth_bytes_per_s=51.2e9,
             kv_per_token=23_040,
             n_ctx=c,
@@ -507,7 +518,8 @@ def test_the_page_shows_measurements_of_a_registered_model(client, django_user_m
     ("params", "message"),
     [
         ({"gpu": "voodoo-2"}, "unknown GPU &#x27;voodoo-2&#x27;; valid: a100-40gb"),
-        ({"ctx": "lots"}, "the context must be a whole number of tokens"),
+        ({"ctx": "lots"}, "the context must be a whole number, not &#x27;lots&#x27;"),
+        ({"users": "many"}, "the number of users at once must be a whole number"),
         ({"model": "../../etc/passwd.gguf"}, "unknown model"),
         ({"kv": "f32"}, "unknown KV cache type"),
     ],
@@ -527,4 +539,259 @@ def test_the_page_says_when_a_registered_model_has_lost_its_file(client, django_
     client.force_login(django_user_model.objects.create_user("bob", password="bob-pass-123"))
     response = client.get("/planner/", {"gpu": "l4", "model": "gone"})
     assert response.status_code == 400
-    assert "missing/gone.gguf: no such GGUF file" in response.content.decode()
+    assert "missing/gone.gguf: no such file" in response.content.decode()
+
+
+# --- sizes in one convention, offloading in plain words (issue 20) -----------------------
+
+
+@pytest.mark.django_db
+def test_every_size_is_shown_in_decimal_units(client, django_user_model):
+    text = run_plan("--gpu", "a100-80gb", "--model", "mixtral-8x22b", "--quant", "Q3_K_M",
+                    "--ctx", "65536", "--kv", "q8_0")  # fmt: skip
+    client.force_login(django_user_model.objects.create_user("bob", password="bob-pass-123"))
+    page = client.get("/planner/").content.decode()
+    for output in (text, page):
+        for binary in ("GiB", "MiB", "KiB"):
+            assert binary not in output
+    # 81,920 MiB of GPU memory, 1 GiB of overhead, 121,856 bytes of KV per token.
+    assert "85.9 GB" in text and "1.07 GB" in text and "121.9 kB" in text
+    assert "1 GB = 10^9 bytes" in text
+
+
+@pytest.mark.django_db
+def test_offloading_says_how_many_layers_go_on_the_gpu():
+    text = run_plan("--gpu", "rtx-4090", "--model", "llama-3.1-70b", "--quant", "Q4_K_M",
+                    "--ctx", "8192")  # fmt: skip
+    headline = text.splitlines()[0]
+    assert "does not fit with every layer on the GPU" in headline
+    assert "44 of the 80 layers fit on the GPU (n_gpu_layers 44)" in headline
+    assert "the other 36 run on the host" in headline
+    assert "offload 44" not in text
+
+
+# --- how many people at once (issue 17) ---------------------------------------------------
+
+
+def test_b_tokens_touch_the_expected_number_of_distinct_experts():
+    # E x (1 - (1 - k/E)^B): each expert is missed by one token with probability 3/4.
+    assert experts_touched(8, 2, 1) == 2.0
+    assert experts_touched(8, 2, 4) == 8 * (1 - 0.75**4) == 5.46875
+    assert experts_touched(8, 2, 8) == pytest.approx(7.2, abs=0.01)
+    assert experts_touched(8, 2, 64) == pytest.approx(8.0)
+    assert experts_touched(1, 1, 16) == 1.0  # a dense model reads its one FFN
+
+
+def q8_mixtral_report(**kwargs):
+    return make_report(
+        gpu="a100-80gb", model="mixtral-8x22b", quant="Q3_K_M", n_ctx=65536, kv="q8_0", **kwargs
+    )
+
+
+def test_it_counts_the_kv_tokens_left_after_the_weights_and_buffers():
+    c = q8_mixtral_report().concurrency
+    # 81,920 MiB - 67,705,205,787 of weights on the GPU - compute buffer (FFN 512 x 16,384
+    # x 2 experts x 2 x 4 = 134,217,728 + residual 50,331,648) - 1 GiB of overhead
+    # = 16,935,848,933 bytes; / 121,856 per q8_0 token = 138,982 tokens.
+    assert c.kv_free_bytes == 85_899_345_920 - 67_705_205_787 - 184_549_376 - 1_073_741_824
+    assert c.kv_tokens_left == 138_982
+    # The pool is the context planned: 65,536 tokens, the trained context.
+    assert (c.pool_tokens, c.pool_limited_by) == (65536, "the context planned")
+
+
+def test_it_suggests_four_chats_and_one_job_for_mixtral_on_an_a100():
+    c = q8_mixtral_report().concurrency
+    # Half the 65,536-token pool in 8,192-token chats: 4; the job keeps the other half.
+    assert c.users_suggested and c.users == 4
+    assert c.chat_context_tokens == 8192
+    assert c.job_context_tokens == 32768
+    assert (c.n_parallel, c.job_sequences) == (5, 1)
+
+
+def test_an_f16_cache_holds_half_the_tokens_and_the_same_split():
+    c = make_report(
+        gpu="a100-80gb", model="mixtral-8x22b", quant="Q3_K_M", n_ctx=65536, kv="f16"
+    ).concurrency
+    # The same free memory (flash attention on), at 229,376 bytes per token.
+    assert c.kv_tokens_left == 16_935_848_933 // 229_376 == 73_834
+    assert c.users == 4 and c.n_parallel == 5
+
+
+def test_asked_for_more_users_it_shares_the_pool_evenly():
+    c = q8_mixtral_report(users=12).concurrency
+    # 12 chats and a job share 65,536 tokens: 5,041 each, the job gets the rest.
+    assert not c.users_suggested
+    assert c.chat_context_tokens == 65536 // 13 == 5041
+    assert c.job_context_tokens == 65536 - 12 * 5041 == 5044
+    assert c.n_parallel == 13
+
+
+def test_the_aggregate_decode_counts_the_experts_the_batch_touches():
+    report = q8_mixtral_report()
+    p, c = report.plan, report.concurrency
+    w = p.weights
+    # 5 sequences: shared weights and output head once, 6.1 of 8 experts per layer,
+    # and every sequence's own KV cache (4 x 8,192 + 32,768 = 65,536 tokens).
+    touched = 8 * (1 - 0.75**5)
+    weights_read = w.read_per_token_bytes + w.expert_bytes * (touched - 2) / 8
+    kv_read = 121_856 * 65536
+    step_s = (weights_read + kv_read) / (2039e9 * 0.6)
+    assert c.full.experts_touched == pytest.approx(touched)
+    assert c.full.limited_by == "memory bandwidth"
+    assert c.aggregate_decode_tokens_per_s == pytest.approx(5 / step_s)
+    assert c.per_sequence_decode_tokens_per_s == pytest.approx(1 / step_s)
+    # Reading 5 x 2 experts' worth (every expert, and more) would be slower.
+    naive_s = (w.read_per_token_bytes + w.expert_bytes * (5 - 1) * 2 / 8 + kv_read) / (2039e9 * 0.6)
+    assert c.aggregate_decode_tokens_per_s > 5 / naive_s * 1.3
+    # More sequences, more tokens in all, fewer for each.
+    assert c.aggregate_decode_tokens_per_s > p.decode_estimate_tokens_per_s * 2
+    assert c.per_sequence_decode_tokens_per_s < c.single_tokens_per_s
+
+
+def test_one_sequence_alone_decodes_as_fast_as_the_plan_estimates():
+    from monitoring.planner.concurrency import decode_step
+
+    p = q8_mixtral_report().plan
+    alone = decode_step(
+        p.weights,
+        p.arch,
+        p.device,
+        contexts=[p.n_ctx],
+        kv_bytes_per_token=p.kv_bytes_per_token,
+        efficiency=p.decode_efficiency.factor,
+        compute_efficiency=None,
+    )
+    assert alone.experts_touched == 2.0
+    assert alone.tokens_per_s == pytest.approx(p.decode_estimate_tokens_per_s)
+
+
+def test_a_model_that_needs_offloading_gets_no_concurrency_answer():
+    report = make_report(gpu="rtx-4090", model="llama-3.1-70b", quant="Q4_K_M", n_ctx=8192)
+    assert report.plan.n_gpu_layers == 44 and report.concurrency is None
+    assert "does not fit the GPU with room for a KV cache" in as_text(report)
+
+
+@pytest.mark.django_db
+def test_the_command_answers_how_many_people_at_once():
+    text = run_plan("--gpu", "a100-80gb", "--model", "mixtral-8x22b", "--quant", "Q3_K_M",
+                    "--ctx", "65536", "--kv", "q8_0")  # fmt: skip
+    assert "KV tokens left after the weights and buffers  138,982 tokens" in text
+    assert "4 chats x 8,192 tokens + 1 job x 32,768 tokens" in text
+    assert "Context left for one job" in text and "32,768 tokens" in text
+    assert "5 tokens at once read 6.1 of the 8 experts of each layer, not 5 x 2" in text
+    assert "-np 5 -kvu" in text
+    data = json.loads(run_plan("--gpu", "a100-80gb", "--model", "mixtral-8x22b", "--quant",
+                               "Q3_K_M", "--kv", "q8_0", "--users", "8", "--json"))  # fmt: skip
+    c = data["concurrency"]
+    assert (c["users"], c["users_suggested"], c["n_parallel"]) == (8, False, 9)
+    assert c["chat_context_tokens"] == 65536 // 9
+    assert c["aggregate_decode_tokens_per_s"] == pytest.approx(c["full"]["tokens_per_s"])
+
+
+@pytest.mark.django_db
+def test_the_page_answers_how_many_people_at_once(client, django_user_model):
+    client.force_login(django_user_model.objects.create_user("bob", password="bob-pass-123"))
+    html = client.get("/planner/", {"users": "12"}).content.decode()
+    assert 'id="planner-concurrency"' in html
+    assert "12 chats x 5,041 tokens + 1 job x 5,044 tokens" in html
+    assert "n_parallel 13, job_sequences 1" in html
+    html = client.get("/planner/").content.decode()
+    assert "4 chats x 8,192 tokens + 1 job x 32,768 tokens" in html
+
+
+def test_the_preset_answer_is_the_planners_for_the_presets_options():
+    from inference.registry import PRESETS
+
+    options = PRESETS["mixtral-8x22b-a100-80gb"]
+    n_parallel = suggested_n_parallel(
+        gpu="a100-80gb", model="mixtral-8x22b", quant="Q3_K_M", options=options
+    )
+    assert n_parallel == q8_mixtral_report(flash_attn=True).concurrency.n_parallel == 5
+
+
+# --- a model in several files (issue 26) ---------------------------------------------------
+
+
+def numbers(data, prefix="") -> dict:
+    """Every number in a JSON report, by its path: what "planned exactly alike" compares."""
+    if isinstance(data, dict):
+        found = {}
+        for key, value in data.items():
+            found |= numbers(value, f"{prefix}.{key}")
+        return found
+    if isinstance(data, list):
+        found = {}
+        for index, value in enumerate(data):
+            found |= numbers(value, f"{prefix}[{index}]")
+        return found
+    if isinstance(data, (int, float)) and not isinstance(data, bool):
+        return {prefix: data}
+    return {}
+
+
+@pytest.fixture(scope="module")
+def split_models(tmp_path_factory):
+    """(single file, first shard) of the embedded model and of the tiny Mixtral."""
+    from tests.fixtures import tiny_mixtral
+    from tests.fixtures.split_gguf import write_shards
+
+    folder = tmp_path_factory.mktemp("split")
+    tiny = tiny_mixtral.build_tiny_mixtral(folder / "tiny.gguf")
+    return {
+        "smollm2": (
+            embedded_gguf(),
+            write_shards(embedded_gguf(), folder / "smol.gguf", max_tensors=100),
+        ),  # fmt: skip
+        "tiny-mixtral": (tiny, write_shards(tiny, folder / "tiny-split.gguf", max_size=20_000)),
+    }
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", ["smollm2", "tiny-mixtral"])
+def test_a_split_model_is_planned_exactly_as_the_single_file(split_models, name):
+    single, shards = split_models[name]
+    for gpu in ("l4", "cpu-ddr4-2ch"):
+        one = make_report(gpu=gpu, model=str(single), n_ctx=2048).as_json()
+        split = make_report(gpu=gpu, model=str(shards[0]), n_ctx=2048).as_json()
+        assert numbers(split) == numbers(one)
+        assert len(numbers(split)) > 50
+        assert split["files"] == [str(p) for p in shards] and len(shards) > 2
+    text = run_plan("--gpu", "l4", "--model", str(shards[0]))
+    assert f"in {len(shards)} files" in text
+
+
+@pytest.mark.django_db
+def test_a_split_registered_model_is_compared_with_its_runs_as_the_single_file(
+    split_models, django_user_model
+):
+    from inference.registry import register_model
+
+    single, shards = split_models["smollm2"]
+    user = django_user_model.objects.create_user("alice", password="alice-pass-123")
+    for name, path in (("one", single), ("split", shards[0])):
+        model = register_model(name=name, path=path, n_ctx=4096)
+        for tokens_per_s, context in [(70.0, 100), (60.0, 1000)]:
+            record_run(user, model, decode_tokens_per_s=tokens_per_s, context_used=context)
+        record_run(user, model, decode_tokens_per_s=400.0, context_used=500, vram=900 * MIB,
+                   gpu_index=0)  # fmt: skip
+
+    one = make_report(gpu="l4", model="one").as_json()
+    split = make_report(gpu="l4", model="split").as_json()
+    assert len(split["measured"]) == 2
+    assert numbers(split["measured"]) == numbers(one["measured"])
+    assert numbers(split["plan"]) == numbers(one["plan"])
+
+
+@pytest.mark.django_db
+def test_the_page_plans_a_split_registered_model_as_a_whole(
+    split_models, client, django_user_model
+):
+    from inference.registry import register_model
+
+    single, shards = split_models["tiny-mixtral"]
+    register_model(name="tiny-split", path=shards[0], n_ctx=1024)
+    client.force_login(django_user_model.objects.create_user("bob", password="bob-pass-123"))
+    html = client.get("/planner/", {"gpu": "l4", "model": "tiny-split"}).content.decode()
+    _, _, weights = read_model_file(single)
+    size = f"{weights.file_bytes / 1e6:.1f} MB"
+    assert f"all the model&#x27;s tensors {size}, in {len(shards)} files" in html

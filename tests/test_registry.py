@@ -1,13 +1,18 @@
 """Registering models: inspection stored, load options checked before any worker
-tries them, nothing half-registered, and the two ways in (addmodel, admin)."""
+tries them, nothing half-registered, and the two ways in (addmodel, admin); models
+in several files registered as a whole; the Mixtral preset's n_parallel."""
+
+import os
+from dataclasses import replace
 
 import pytest
 from django.core.management import CommandError, call_command
 
-from inference.gguf_inspect import GGUFError
+from inference.gguf import GGUFError
 from inference.models import LanguageModel
 from inference.registry import LoadOptionsError, register_model
 from tests.fixtures import tiny_mixtral
+from tests.fixtures.split_gguf import write_shards
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def test_a_bad_file_leaves_the_registered_model_as_it_was(db, tiny_path, tmp_pat
     with pytest.raises(GGUFError):
         register_model(name="tiny-mixtral", path=tmp_path / "gone.gguf", n_ctx=1024)
     model = LanguageModel.objects.get(name="tiny-mixtral")
-    assert model.path == str(tiny_path.resolve()) and model.n_ctx == 2048
+    assert model.path == os.path.abspath(tiny_path) and model.n_ctx == 2048
 
 
 def test_a_quantized_v_cache_without_flash_attention_is_refused(db, tiny_path):
@@ -86,6 +91,41 @@ def test_the_a100_preset_sets_the_64k_quantized_cache(db, long_context_path):
     )
     assert (model.n_ctx, model.n_gpu_layers, model.flash_attn) == (65536, -1, "on")
     assert (model.type_k, model.type_v) == ("q8_0", "q8_0")
+
+
+def test_the_a100_preset_takes_its_parallel_sequences_from_the_planner(db, long_context_path):
+    from monitoring.planner.report import make_report
+
+    model = register_model(
+        name="mixtral-8x22b", path=long_context_path, preset="mixtral-8x22b-a100-80gb"
+    )
+    answer = make_report(
+        gpu="a100-80gb", model="mixtral-8x22b", quant="Q3_K_M", n_ctx=65536, kv="q8_0",
+        flash_attn=True,
+    ).concurrency  # fmt: skip
+    # 4 chats of 8,192 tokens and one job with the other 32,768 (docs/planner.md).
+    assert model.n_parallel == answer.n_parallel == 5
+    assert model.job_sequences == answer.job_sequences == 1
+
+
+def test_the_presets_parallel_sequences_follow_the_catalog(db, long_context_path, monkeypatch):
+    """Computed from the catalog when the preset is used, not written down beside it:
+    a card with less memory holds a smaller KV pool, so fewer people at once."""
+    from monitoring.planner import catalog
+
+    card = catalog.GPUS["a100-80gb"]
+    # 72,000 MiB leaves 6.5 GB after the weights and buffers: a pool of 53,620 q8_0
+    # tokens, 3 chats of 8,192 in its half, and the job.
+    monkeypatch.setitem(catalog.GPUS, "a100-80gb", replace(card, memory_bytes=72_000 * 2**20))
+    model = register_model(name="m", path=long_context_path, preset="mixtral-8x22b-a100-80gb")
+    assert model.n_parallel == 4
+
+
+def test_options_given_with_the_preset_override_its_parallel_sequences(db, long_context_path):
+    model = register_model(
+        name="m", path=long_context_path, preset="mixtral-8x22b-a100-80gb", n_parallel=2
+    )
+    assert model.n_parallel == 2
 
 
 def test_the_preset_is_refused_for_a_model_trained_on_less_context(db, tiny_path):
@@ -173,10 +213,119 @@ def test_the_admin_page_shows_why_a_file_is_refused(admin_client_logged_in, tmp_
 
 
 def test_the_admin_page_shows_why_options_are_refused(admin_client_logged_in, tiny_path):
-    response = admin_client_logged_in.post(
-        "/admin/inference/languagemodel/add/",
-        admin_form(tiny_path, type_v="q8_0", flash_attn="off"),
-    )
+    form = admin_form(tiny_path, type_v="q8_0", flash_attn="off")
+    response = admin_client_logged_in.post("/admin/inference/languagemodel/add/", form)
     assert response.status_code == 200
     assert "needs flash attention" in response.content.decode()
     assert not LanguageModel.objects.exists()
+
+
+# --- a model in several files ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tiny_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("split")
+    return write_shards(tiny_path, folder / "tiny-q.gguf", max_tensors=8)
+
+
+def copy_set(shards, folder, skip=()):
+    folder.mkdir()
+    for number, shard in enumerate(shards, start=1):
+        if number not in skip:
+            (folder / shard.name).write_bytes(shard.read_bytes())
+    return folder / shards[0].name
+
+
+def test_a_split_model_is_registered_as_a_whole(db, tiny_path, tiny_shards):
+    single = register_model(name="one", path=tiny_path, n_ctx=1024).inspection
+    model = register_model(name="split", path=tiny_shards[0], n_ctx=1024)
+    model.refresh_from_db()
+    assert model.path == str(tiny_shards[0])
+    assert model.inspection["files"] == [str(p) for p in tiny_shards]
+    for key in ("parameter_count", "tensor_count", "tensor_bytes", "tensor_types"):
+        assert model.inspection[key] == single[key], key
+    assert model.inspection["parameter_count"] == tiny_mixtral.expected_parameter_count()
+    total = sum(p.stat().st_size for p in tiny_shards)
+    assert model.inspection["file_bytes"] == total
+    assert model.files_summary == f"{total / 1e6:.1f} MB in 3 files"
+
+
+def test_addmodel_lists_every_file_of_a_split_model(db, tiny_shards, capsys):
+    call_command("addmodel", str(tiny_shards[0]), "--name", "split", "--n-ctx", "1024")
+    out = capsys.readouterr().out
+    assert "MB in 3 files:" in out
+    for shard in tiny_shards:
+        assert f"\n  {shard}" in out
+    assert f'"parameter_count": {tiny_mixtral.expected_parameter_count()}' in out
+
+
+def test_a_missing_file_registers_nothing_and_names_it(db, tiny_shards, tmp_path):
+    first = copy_set(tiny_shards, tmp_path / "partial", skip={3})
+    with pytest.raises(CommandError) as caught:
+        call_command("addmodel", str(first), "--name", "split")
+    assert "split into 3 files and 1 is missing" in str(caught.value)
+    assert tiny_shards[2].name in str(caught.value)
+    assert not LanguageModel.objects.exists()
+
+
+def test_a_foreign_file_registers_nothing_and_names_it(db, tiny_path, tiny_shards, tmp_path):
+    other = write_shards(tiny_path, tmp_path / "other.gguf", max_tensors=5)
+    first = copy_set(tiny_shards, tmp_path / "mixed")
+    foreign = tmp_path / "mixed" / tiny_shards[1].name
+    foreign.write_bytes(other[1].read_bytes())
+    register_model(name="split", path=tiny_shards[0], n_ctx=1024)
+    with pytest.raises(GGUFError, match=f"{foreign}: not part of .* file 2 of 5"):
+        register_model(name="split", path=first, n_ctx=2048)
+    model = LanguageModel.objects.get()
+    assert model.path == str(tiny_shards[0]) and model.n_ctx == 1024
+
+
+def test_addmodel_given_a_later_file_names_the_first(db, tiny_shards):
+    with pytest.raises(CommandError) as caught:
+        call_command("addmodel", str(tiny_shards[1]), "--name", "split")
+    assert f"give the first one: {tiny_shards[0]}" in str(caught.value)
+    assert not LanguageModel.objects.exists()
+
+
+def test_a_split_model_in_the_hubs_cache_is_registered_by_its_links(db, tiny_shards, tmp_path):
+    """The Hub's cache keeps each file as a blob named by its hash and links the
+    published name to it; llama.cpp finds the other files by the link's name."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for number, shard in enumerate(tiny_shards):
+        blob = blobs / f"{number:064x}"
+        blob.write_bytes(shard.read_bytes())
+        (snapshot / shard.name).symlink_to(blob)
+    model = register_model(name="split", path=snapshot / tiny_shards[0].name, n_ctx=1024)
+    assert model.path == str(snapshot / tiny_shards[0].name)
+    assert len(model.inspection["files"]) == 3
+
+
+def test_the_admin_page_refuses_a_split_model_missing_a_file(
+    admin_client_logged_in, tiny_shards, tmp_path
+):
+    first = copy_set(tiny_shards, tmp_path / "partial", skip={2})
+    response = admin_client_logged_in.post(
+        "/admin/inference/languagemodel/add/", admin_form(first, n_ctx="1024")
+    )
+    assert response.status_code == 200
+    assert tiny_shards[1].name in response.content.decode()
+    assert not LanguageModel.objects.exists()
+
+
+def test_the_admin_lists_a_split_model_with_its_size_and_files(admin_client_logged_in, tiny_shards):
+    register_model(name="split", path=tiny_shards[0], n_ctx=1024)
+    page = admin_client_logged_in.get("/admin/inference/languagemodel/").content.decode()
+    assert "MB in 3 files" in page
+
+
+def test_the_admin_preset_takes_the_planners_parallel_sequences(
+    admin_client_logged_in, long_context_path
+):
+    form = admin_form(long_context_path, preset="mixtral-8x22b-a100-80gb", n_parallel="4")
+    response = admin_client_logged_in.post("/admin/inference/languagemodel/add/", form)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    model = LanguageModel.objects.get(name="tiny-mixtral")
+    assert (model.n_ctx, model.type_v, model.n_parallel) == (65536, "q8_0", 5)

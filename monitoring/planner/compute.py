@@ -1,19 +1,30 @@
 """The planner's arithmetic: bytes, bandwidth and FLOPs, with no Django and no I/O.
 
-Every figure is a plain number with its unit in its name. Sizes are bytes; "GB" in
-text means 10^9 bytes, "GiB" 2^30, "KiB" 2^10. Each estimate that is not exact
-arithmetic carries its assumption in `Plan.assumptions`, in words.
+Every figure is a plain number with its unit in its name. Sizes are bytes. What the
+planner shows is decimal (GB = 10^9 bytes, kB = 10^3; present.py); the binary
+constants here (GIB, MIB, KIB) only state quantities that are binary by nature, such
+as a GPU's 81,920 MiB. Each estimate that is not exact arithmetic carries its
+assumption in `Plan.assumptions`, in words.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 
 KIB = 1024
 MIB = 1024**2
 GIB = 1024**3
+KB = 10**3
+MB = 10**6
 GB = 10**9
+
+# Expert FFN tensors: merged ("blk.3.ffn_up_exps.weight") or one per expert, as older
+# Mixtral conversions store them ("blk.3.ffn_up.5.weight").
+EXPERT_TENSOR = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)(_exps|\.\d+)\.")
+LAYER_TENSOR = re.compile(r"^blk\.\d+\.")
 
 # Bytes per cached value for each llama.cpp KV cache type: f16 is 2 bytes; q8_0 stores
 # 32 values in 34 bytes (8.5 bits), q4_0 32 values in 18 bytes (4.5 bits).
@@ -117,7 +128,8 @@ class Weights:
 
     llama.cpp keeps the token embedding in host memory even with every layer on the
     GPU (the lookup reads one row per token); a tied output head is a second copy of
-    it on the GPU.
+    it on the GPU. `file_bytes` is every tensor of the model, in however many files.
+    `expert_bytes` is the part of `layers_bytes` in expert FFNs (0 for a dense model).
     """
 
     file_bytes: int
@@ -128,6 +140,7 @@ class Weights:
     output_read_per_token_bytes: int
     n_layers: int
     source: str
+    expert_bytes: int = 0
 
     @property
     def gpu_bytes(self) -> int:
@@ -159,6 +172,7 @@ def weights_from_parameters(arch: Architecture, *, file_bytes: int, source: str)
     output_bytes = round(arch.output_params * bytes_per_param)
     layers_bytes = file_bytes - embedding_bytes - (0 if arch.tied_embeddings else output_bytes)
     layers_read = round(layers_bytes * arch.layer_params_active / arch.layer_params)
+    experts = arch.n_experts * arch.expert_params if arch.is_moe else 0
     return Weights(
         file_bytes=file_bytes,
         token_embedding_bytes=embedding_bytes,
@@ -168,6 +182,46 @@ def weights_from_parameters(arch: Architecture, *, file_bytes: int, source: str)
         output_read_per_token_bytes=output_bytes,
         n_layers=arch.n_layers,
         source=source,
+        expert_bytes=round(layers_bytes * experts / arch.layer_params),
+    )
+
+
+def weights_from_tensors(
+    arch: Architecture, tensors: Iterable[tuple[str, int]], *, source: str
+) -> Weights:
+    """Exact weight bytes from a model's tensors (name, bytes), every file's.
+
+    The token embedding, the layers (of which the expert FFNs, read for only
+    n_experts_used of n_experts per token), and the rest: output head, final norm,
+    rope tables. A tied output head is the embedding, read whole per token.
+    """
+    total = embedding = output = layers = layers_read = experts = 0
+    used_fraction = arch.n_experts_used / arch.n_experts
+    for name, n_bytes in tensors:
+        total += n_bytes
+        if name.startswith("token_embd."):
+            embedding += n_bytes
+        elif LAYER_TENSOR.match(name):
+            layers += n_bytes
+            if EXPERT_TENSOR.match(name):
+                experts += n_bytes
+                layers_read += n_bytes * used_fraction
+            else:
+                layers_read += n_bytes
+        else:
+            output += n_bytes
+    if arch.tied_embeddings:
+        output += embedding
+    return Weights(
+        file_bytes=total,
+        token_embedding_bytes=embedding,
+        output_bytes=output,
+        layers_bytes=layers,
+        layers_read_per_token_bytes=round(layers_read),
+        output_read_per_token_bytes=output,
+        n_layers=arch.n_layers,
+        source=source,
+        expert_bytes=experts if arch.is_moe else 0,
     )
 
 
@@ -553,10 +607,14 @@ def plan(
 
 
 def _assumptions(device, weights, efficiency, prompt_eff, host) -> list[str]:
-    lines = [f"Weights: {weights.source}."]
+    lines = [
+        "Sizes are decimal: 1 GB = 10^9 bytes, 1 MB = 10^6, 1 kB = 10^3 (so a card sold "
+        'as "80GB" holds 85.9 GB).',
+        f"Weights: {weights.source}.",
+    ]
     if device.kind == "gpu":
         lines.append(
-            f"Runtime overhead {GPU_RUNTIME_OVERHEAD_BYTES / GIB:.1f} GiB: CUDA context, "
+            f"Runtime overhead {GPU_RUNTIME_OVERHEAD_BYTES / GB:.2f} GB: CUDA context, "
             "cuBLAS workspace and memory the driver keeps back (an estimate; "
             "compare with the measured process peak)."
         )
@@ -584,7 +642,7 @@ def _assumptions(device, weights, efficiency, prompt_eff, host) -> list[str]:
         )
     if host is not None and device.kind == "gpu":
         lines.append(
-            f"Layers that do not fit run on the host ({host.label}, "
+            f"Layers that do not fit the GPU run on the host ({host.label}, "
             f"{host.bandwidth_bytes_per_s / GB:.0f} GB/s, efficiency "
             f"{DEFAULT_DECODE_EFFICIENCY['cpu']:.2f})."
         )

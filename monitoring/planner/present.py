@@ -1,15 +1,30 @@
-"""A plan in words and rounded numbers, the same on the page and in the terminal."""
+"""A plan in words and rounded numbers, the same on the page and in the terminal.
+
+One convention for sizes: decimal units (GB = 10^9 bytes, MB = 10^6, kB = 10^3), the
+units model files are published in. A GPU's memory, binary by nature (an A100 80GB
+has 81,920 MiB), is shown in GB too: 85.9 GB.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .compute import DOES_NOT_FIT, FITS, GB, KIB
-from .planning import Report
+from .compute import DOES_NOT_FIT, FITS, GB, KB, MB
+from .concurrency import CHAT_CONTEXT_TOKENS
+from .report import Report
 
 
 def gb(n_bytes: float | None) -> str:
-    return "—" if n_bytes is None else f"{n_bytes / GB:,.1f} GB"
+    """A size in GB, or in MB below one GB."""
+    if n_bytes is None:
+        return "—"
+    if abs(n_bytes) < GB:
+        return f"{n_bytes / MB:,.1f} MB"
+    return f"{n_bytes / GB:,.1f} GB"
+
+
+def kb(n_bytes: float) -> str:
+    return f"{n_bytes / KB:,.1f} kB"
 
 
 def tps(tokens_per_s: float | None) -> str:
@@ -42,8 +57,14 @@ def headline(report: Report) -> str:
         f"{p.verdict}"
     )
     if p.verdict == DOES_NOT_FIT:
-        if p.n_gpu_layers > 0:
-            return head + f"; offload {p.n_gpu_layers} of {p.arch.n_layers} layers"
+        if p.offload_slowdown:
+            on_host = p.arch.n_layers - p.n_gpu_layers
+            return (
+                head + f" with every layer on the GPU; {p.n_gpu_layers} of the "
+                f"{p.arch.n_layers} layers fit on the GPU (n_gpu_layers {p.n_gpu_layers}) "
+                f"and the other {on_host} run on the host, about "
+                f"{p.offload_slowdown:.1f}x slower"
+            )
         return head
     return head + f", {gb(p.headroom_bytes)} free"
 
@@ -52,16 +73,18 @@ def sections(report: Report) -> list[Section]:
     p = report.plan
     w = p.weights
     on = "GPU" if p.device.kind == "gpu" else "host"
+    files = len(report.files)
     memory = [
         Row(
             f"Weights in {on} memory",
             gb(p.total_bytes - p.kv_bytes - p.compute_buffer_bytes - p.runtime_overhead_bytes),
-            f"file {gb(w.file_bytes)}"
+            f"all the model's tensors {gb(w.file_bytes)}"
+            + (f", in {files} files" if files > 1 else "")
             + ("; the token embedding stays in host memory" if p.device.kind == "gpu" else ""),
         ),
         Row(
             "KV cache per token",
-            f"{p.kv_bytes_per_token / KIB:,.1f} KiB",
+            kb(p.kv_bytes_per_token),
             f"{p.kv_type}: 2 x {p.arch.n_layers} layers x {p.arch.n_kv_heads} KV heads x "
             f"{p.arch.head_dim} dims",
         ),
@@ -113,7 +136,8 @@ def sections(report: Report) -> list[Section]:
             Row(
                 "Offloading",
                 f"{p.n_gpu_layers} of {p.arch.n_layers} layers on the GPU",
-                f"the rest on the host; about {p.offload_slowdown:.1f}x slower decode",
+                f"the other {p.arch.n_layers - p.n_gpu_layers} layers and the output head on "
+                f"the host; about {p.offload_slowdown:.1f}x slower decode",
             )
         )
     s = p.settings
@@ -123,8 +147,19 @@ def sections(report: Report) -> list[Section]:
         Row("flash_attn", "on" if s.flash_attn else "off"),
         Row("type_k / type_v", f"{s.type_k} / {s.type_v}"),
         Row("n_batch / n_ubatch", f"{s.n_batch} / {s.n_ubatch}"),
-        Row("llama.cpp", s.command_line(report.path or "MODEL.gguf")),
     ]
+    c = report.concurrency
+    command = s.command_line(report.path or "MODEL.gguf")
+    if c is not None:
+        settings.append(
+            Row(
+                "n_parallel / job_sequences",
+                f"{c.n_parallel} / {c.job_sequences}",
+                "sequences in one KV pool (llama.cpp's unified KV cache), of which jobs",
+            )
+        )
+        command += f" -np {c.n_parallel} -kvu"
+    settings.append(Row("llama.cpp", command))
     result = [Section("Memory", memory), Section("Speed", speed)]
     if report.rule_of_thumb or report.claim:
         result.append(Section("Rule of thumb vs. the file", rule_rows(report)))
@@ -173,6 +208,81 @@ def rule_rows(report: Report) -> list[Row]:
             ),
         ]
     return rows
+
+
+def concurrency_rows(report: Report) -> list[Row]:
+    """How many people at once, at what context, and how fast in all."""
+    c, p = report.concurrency, report.plan
+    if c is None:
+        return [
+            Row(
+                "People at once",
+                "—",
+                "the model does not fit the GPU with room for a KV cache; see offloading",
+            )
+        ]
+    plural = "s" if c.users != 1 else ""
+    how = (
+        f"as many {CHAT_CONTEXT_TOKENS:,}-token chats as half the pool holds; choose "
+        "another number with --users (the Users field)"
+        if c.users_suggested
+        else f"{c.users} user{plural} at once, as asked"
+    )
+    trained = p.arch.context_length_trained
+    job_capped = trained and c.job_context_tokens == trained
+    speed = (
+        f"{tps(c.per_sequence_decode_tokens_per_s)} for each sequence, every one at its whole "
+        f"context; {tps(c.empty.tokens_per_s)} in all at empty contexts; one sequence "
+        f"alone at {tokens(c.chat_context_tokens)}: {tps(c.single_tokens_per_s)}"
+    )
+    if p.arch.is_moe:
+        speed += (
+            f". {c.n_parallel} tokens at once read {c.full.experts_touched:.1f} of the "
+            f"{p.arch.n_experts} experts of each layer, not {c.n_parallel} x "
+            f"{p.arch.n_experts_used}: E x (1 - (1 - k/E)^B)"
+        )
+    if c.full.limited_by == "compute":
+        speed += "; at this batch the GPU's compute, not its bandwidth, sets the pace"
+    return [
+        Row(
+            "KV tokens left after the weights and buffers",
+            tokens(c.kv_tokens_left),
+            f"{gb(c.kv_free_bytes)} free after the weights, compute buffer and runtime "
+            f"overhead, at {kb(p.kv_bytes_per_token)} per token ({p.kv_type})",
+        ),
+        Row(
+            "KV pool (n_ctx)",
+            tokens(c.pool_tokens),
+            "shared by every sequence; "
+            + (
+                "all that memory holds"
+                if c.pool_limited_by == "memory"
+                else "the context planned above"
+                + (
+                    f" (memory would hold {c.kv_tokens_left / c.pool_tokens:.1f}x as much)"
+                    if c.kv_tokens_left >= 1.5 * c.pool_tokens
+                    else ""
+                )
+            ),
+        ),
+        Row(
+            "Suggested split" if c.users_suggested else "Split",
+            f"{c.users} chat{plural} x {tokens(c.chat_context_tokens)} + "
+            f"{c.job_sequences} job x {tokens(c.job_context_tokens)}",
+            f"n_parallel {c.n_parallel}, job_sequences {c.job_sequences}; {how}",
+        ),
+        Row(
+            "Context left for one job",
+            tokens(c.job_context_tokens),
+            "what the chats leave of the pool when each holds its whole context"
+            + ("; the trained context caps it" if job_capped else ""),
+        ),
+        Row(
+            f"Aggregate decode at {c.n_parallel} sequences",
+            tps(c.aggregate_decode_tokens_per_s),
+            speed,
+        ),
+    ]
 
 
 def comfortable_options(report: Report) -> str:
@@ -256,6 +366,7 @@ def as_text(report: Report) -> str:
     lines = [headline(report), ""]
     groups = [(s.title, s.rows) for s in sections(report)]
     groups.insert(2, ("KV cache options at this context", option_rows(report)))
+    groups.insert(3, ("People at once", concurrency_rows(report)))
     if report.registered_name:
         groups.append(
             ("Estimate vs. measured", measured_rows(report) or [Row("Runs", "none recorded")])

@@ -2,4 +2,5 @@ from django.urls import path
 
 from . import views
 
-urlpatterns = [path("", views.planner, name="planner")]
+app_name = "planner"
+urlpatterns = [path("", views.planner, name="page")]

@@ -12,7 +12,7 @@ from inference.models import LanguageModel
 
 from . import catalog, present
 from .compute import KV_TYPES, PlanError
-from .planning import make_report
+from .report import make_report
 
 # What the page plans before anyone asks: the deployment this project was built for.
 DEFAULTS = {
@@ -23,6 +23,7 @@ DEFAULTS = {
     "kv": "q8_0",
     "flash_attn": "auto",
     "host": catalog.DEFAULT_HOST,
+    "users": "",
 }
 FLASH_ATTN_CHOICES = {"auto": None, "on": True, "off": False}
 
@@ -34,13 +35,13 @@ def _form_values(query) -> dict:
     return values
 
 
-def _context(text: str) -> int | None:
+def _whole_number(text: str, what: str) -> int | None:
     if text == "":
         return None
     try:
         return int(text.replace(",", "").replace("_", ""))
     except ValueError:
-        raise PlanError(f"the context must be a whole number of tokens, not {text!r}") from None
+        raise PlanError(f"{what} must be a whole number, not {text!r}") from None
 
 
 @login_required
@@ -64,10 +65,11 @@ def planner(request):
             gpu=values["gpu"],
             model=values["model"],
             quant=values["quant"] or None,
-            n_ctx=_context(values["ctx"]),
+            n_ctx=_whole_number(values["ctx"], "the context"),
             kv=values["kv"],
             flash_attn=FLASH_ATTN_CHOICES[values["flash_attn"]],
             host=values["host"],
+            users=_whole_number(values["users"], "the number of users at once"),
         )
     except PlanError as exc:
         error, status = str(exc), 400
@@ -88,7 +90,8 @@ def planner(request):
             headline=present.headline(report),
             sections=present.sections(report),
             options=present.option_rows(report),
+            concurrency=present.concurrency_rows(report),
             measured=present.measured_rows(report),
             assumptions=report.plan.assumptions,
         )
-    return render(request, "monitoring/planner.html", context, status=status)
+    return render(request, "planner/planner.html", context, status=status)

@@ -1,15 +1,17 @@
-"""Register a GGUF file: `manage.py addmodel PATH --name NAME [load options]`.
+"""Register a GGUF model: `manage.py addmodel PATH --name NAME [load options]`.
 
-The file is inspected and the load options are checked before anything is saved;
-a bad file or a combination llama.cpp would refuse is reported, and nothing is
-registered. Running it again for the same name updates that model.
+PATH is the model's file, or the first file of a model split into several
+(`...-00001-of-00005.gguf`): the others are found beside it and checked too. The
+files are inspected and the load options are checked before anything is saved; a
+bad or missing file or a combination llama.cpp would refuse is reported, and
+nothing is registered. Running it again for the same name updates that model.
 """
 
 import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from inference.gguf_inspect import GGUFError
+from inference.gguf import GGUFError
 from inference.registry import PRESETS, LoadOptionsError, register_model
 
 
@@ -28,10 +30,16 @@ class Command(BaseCommand):
     help = "Inspect a GGUF file and register it as a model (or update the named model)."
 
     def add_arguments(self, parser):
-        parser.add_argument("path", help="the GGUF file")
+        parser.add_argument(
+            "path", help="the GGUF file; for a model in several files, the first (-00001-of-...)"
+        )
         parser.add_argument("--name", required=True, help="a slug, e.g. mixtral-8x22b")
         parser.add_argument("--description", default="")
-        parser.add_argument("--preset", choices=sorted(PRESETS), help="named load options")
+        parser.add_argument(
+            "--preset",
+            choices=sorted(PRESETS),
+            help="named load options (docs/models.md); explicit options override them",
+        )
         parser.add_argument("--n-ctx", type=int)
         parser.add_argument("--n-gpu-layers", type=int, help="-1: every layer on the GPU")
         parser.add_argument("--flash-attn", type=on_off_auto, metavar="on|off|auto")
@@ -60,9 +68,11 @@ class Command(BaseCommand):
             reasons = "\n".join(f"  --{k.replace('_', '-')}: {v}" for k, v in exc.errors.items())
             raise CommandError(f"{path}: load options refused:\n{reasons}") from exc
         report = model.inspection
+        files = report.get("files", [])
+        listing = ":" + "".join(f"\n  {file}" for file in files) if len(files) > 1 else ""
         self.stdout.write(
             self.style.SUCCESS(f"Registered {model.name} ({model.path})")
-            + "\n"
+            + f"\n{model.files_summary}{listing}\n"
             + json.dumps(
                 {
                     k: report.get(k)
@@ -74,7 +84,9 @@ class Command(BaseCommand):
                         "block_count",
                         "context_length",
                         "file_type",
+                        "tensor_count",
                         "tensor_bytes",
+                        "file_bytes",
                     )
                 },
                 indent=2,

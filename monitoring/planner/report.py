@@ -1,14 +1,18 @@
-"""From what a user typed to a plan: names resolved, the file read, runs compared.
+"""The planner's report: from what a user typed to a plan, with names resolved, the
+model's files read, the pool split between users, and recorded runs compared.
 
 The page and the `plan` command both call `make_report`; bad input raises PlanError
-with a message that lists what would be valid.
+with a message that lists what would be valid. `suggested_n_parallel` is the answer
+the registry's Mixtral preset takes (apps.py).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+from inference.gguf import GGUFError, GGUFReport, inspect_gguf
 
 from . import catalog
 from .compute import (
@@ -20,8 +24,9 @@ from .compute import (
     Weights,
     plan,
     weights_from_parameters,
+    weights_from_tensors,
 )
-from .gguf_file import read_gguf
+from .concurrency import Concurrency, concurrency
 from .measured import Comparison, compare
 
 MAX_CONTEXT_TOKENS = 1 << 22  # beyond any model we plan; stops absurd input early
@@ -44,11 +49,13 @@ class Report:
     model_label: str
     quant: str
     source_kind: str  # "catalog", "registered" or "file"
-    path: str | None
+    path: str | None  # the file llama.cpp is given: the first of a split model's
+    files: list[str]  # every file of the model (none for a catalog model)
     registered_name: str | None
     rule_of_thumb: RuleOfThumb | None
     claim: catalog.Claim | None
     comparisons: list[Comparison]
+    concurrency: Concurrency | None
 
     @property
     def claim_fraction_of_bound(self) -> float | None:
@@ -57,23 +64,34 @@ class Report:
         return self.claim.decode_tokens_per_s / self.plan.decode_bound_tokens_per_s
 
     def as_json(self) -> dict:
-        from dataclasses import asdict
-
         data = {
             "model": self.model_label,
             "quant": self.quant,
             "source": self.source_kind,
             "path": self.path,
+            "files": self.files,
             "registered_model": self.registered_name,
             "plan": self.plan.as_json(),
             "rule_of_thumb": asdict(self.rule_of_thumb) if self.rule_of_thumb else None,
             "claim": asdict(self.claim) if self.claim else None,
             "claim_fraction_of_bound": self.claim_fraction_of_bound,
             "measured": [asdict(c) for c in self.comparisons],
+            "concurrency": _concurrency_json(self.concurrency),
         }
         if self.path:
             data["plan"]["settings"]["command_line"] = self.plan.settings.command_line(self.path)
         return data
+
+
+def _concurrency_json(answer: Concurrency | None) -> dict | None:
+    if answer is None:
+        return None
+    data = asdict(answer)
+    data["aggregate_decode_tokens_per_s"] = answer.aggregate_decode_tokens_per_s
+    data["per_sequence_decode_tokens_per_s"] = answer.per_sequence_decode_tokens_per_s
+    for step in ("full", "empty"):
+        data[step]["tokens_per_s"] = getattr(answer, step).tokens_per_s
+    return data
 
 
 def host_memory_bytes() -> int:
@@ -146,6 +164,42 @@ def _catalog_weights(model: catalog.CatalogModel, quant: catalog.QuantType) -> W
     )
 
 
+def read_model_file(path: str) -> tuple[GGUFReport, Architecture, Weights]:
+    """The model at `path` (a GGUF file, or the first of several) as the planner
+    needs it: exact tensor bytes over every file. Bad files raise PlanError."""
+    try:
+        report = inspect_gguf(path)
+    except GGUFError as exc:
+        raise PlanError(str(exc)) from exc
+    if not (report.block_count and report.embedding_length and report.head_count):
+        raise PlanError(
+            f"{path}: {report.architecture} metadata lacks block_count, embedding_length "
+            "or head_count"
+        )
+    names = {t.name for t in report.tensors}
+    arch = Architecture(
+        n_layers=report.block_count,
+        n_embd=report.embedding_length,
+        n_heads=report.head_count,
+        n_kv_heads=report.head_count_kv or report.head_count,
+        head_dim=report.head_dim,
+        n_ff=report.feed_forward_length or 0,
+        n_vocab=report.vocab_size or 0,
+        context_length_trained=report.context_length or 0,
+        n_experts=report.expert_count or 1,
+        n_experts_used=report.expert_used_count or 1,
+        tied_embeddings="output.weight" not in names,
+    )
+    files = len(report.files)
+    weights = weights_from_tensors(
+        arch,
+        ((t.name, t.n_bytes) for t in report.tensors),
+        source="exact tensor bytes read from the model's GGUF file"
+        + (f"s ({files} files)" if files > 1 else ""),
+    )
+    return report, arch, weights
+
+
 def make_report(
     *,
     gpu: str,
@@ -155,9 +209,11 @@ def make_report(
     kv: str = "f16",
     flash_attn: bool | None = None,
     host: str = catalog.DEFAULT_HOST,
+    users: int | None = None,
 ) -> Report:
     """Plan `model` on `gpu`. `model` is a catalog name (with `quant`), a registered
-    model's name or the path of a GGUF file (whose own tensors are used)."""
+    model's name or the path of a GGUF file, or of the first of its files (whose
+    own tensors are used). `users`: people at once (None: the planner suggests)."""
     device = resolve_device(gpu)
     host_device = resolve_host(host)
     if kv not in KV_TYPES:
@@ -168,6 +224,7 @@ def make_report(
 
     registered = None
     path: str | None = None
+    files: list[str] = []
     arch: Architecture
     if model.lower() in catalog.MODELS:
         entry = catalog.MODELS[model.lower()]
@@ -199,10 +256,10 @@ def make_report(
                 "--quant applies to catalog models only; a GGUF file is planned from its "
                 "own tensors"
             )
-        gguf_model = read_gguf(path)
-        arch, weights = gguf_model.arch, gguf_model.weights
-        label = registered.name if registered else gguf_model.name
-        quant_name = gguf_model.file_type
+        gguf, arch, weights = read_model_file(path)
+        files = gguf.files
+        label = registered.name if registered else gguf.name or Path(path).stem
+        quant_name = gguf.file_type
         source_kind = "registered" if registered else "file"
         rule, claim = None, None
 
@@ -243,8 +300,39 @@ def make_report(
         quant=quant_name,
         source_kind=source_kind,
         path=path,
+        files=files,
         registered_name=registered.name if registered else None,
         rule_of_thumb=rule,
         claim=claim,
         comparisons=comparisons,
+        concurrency=concurrency(
+            result,
+            users=users,
+            compute_efficiency=result.prompt_efficiency.factor
+            if result.prompt_efficiency
+            else None,
+        ),
     )
+
+
+FLASH_ATTN_MODES = {"auto": None, "on": True, "off": False}
+
+
+def suggested_n_parallel(*, gpu: str, model: str, quant: str, options: dict) -> int:
+    """The sequences a catalog model on a GPU should decode together, with these
+    load options (n_ctx, type_k and type_v, flash_attn, as LanguageModel has them):
+    the suggested people at once plus the job sequence. The registry's presets take
+    their n_parallel from here (apps.py)."""
+    if options.get("type_k", "f16") != options.get("type_v", "f16"):
+        raise PlanError("the planner plans one KV cache type for K and V")
+    report = make_report(
+        gpu=gpu,
+        model=model,
+        quant=quant,
+        n_ctx=options.get("n_ctx"),
+        kv=options.get("type_k", "f16"),
+        flash_attn=FLASH_ATTN_MODES[options.get("flash_attn", "auto")],
+    )
+    if report.concurrency is None:
+        raise PlanError(f"{model} {quant} does not fit {gpu} with room for a KV cache")
+    return report.concurrency.n_parallel

@@ -1,4 +1,5 @@
-"""manage.py plan: will this model fit on this GPU, and how fast will it run?"""
+"""manage.py plan: will this model fit on this GPU, how fast will it run, and how
+many people can use it at once?"""
 
 import argparse
 import json
@@ -7,15 +8,16 @@ from django.core.management.base import BaseCommand, CommandError
 
 from monitoring.planner import catalog
 from monitoring.planner.compute import KV_TYPES, PlanError
-from monitoring.planner.planning import make_report
 from monitoring.planner.present import as_text
+from monitoring.planner.report import make_report
 
 
 class Command(BaseCommand):
     help = (
         "Plan a model on a GPU: memory, headroom, largest context, offloading, decode and "
-        "prompt speed, llama.cpp settings. --model is a catalog model (with --quant), a "
-        "registered model's name or the path of a GGUF file."
+        "prompt speed, how many people at once at what context, llama.cpp settings. "
+        "--model is a catalog model (with --quant), a registered model's name or the path "
+        "of a GGUF file (the first file of a model in several)."
     )
 
     def add_arguments(self, parser):
@@ -25,7 +27,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--model",
             required=True,
-            help=f"one of: {catalog.names(catalog.MODELS)}; a registered model; a GGUF path",
+            help=f"one of: {catalog.names(catalog.MODELS)}; a registered model; a GGUF path "
+            "(for a model in several files, the first: ...-00001-of-0000N.gguf)",
         )
         parser.add_argument("--quant", help=f"catalog models only: {catalog.names(catalog.QUANTS)}")
         parser.add_argument(
@@ -43,6 +46,12 @@ class Command(BaseCommand):
             default=catalog.DEFAULT_HOST,
             help=f"CPU side for offloaded layers: {catalog.names(catalog.HOSTS)}",
         )
+        parser.add_argument(
+            "--users",
+            type=int,
+            help="people chatting at once; the KV pool is split between them and one job "
+            "(default: as many 8,192-token chats as half the pool holds)",
+        )
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     def handle(self, *args, **options):
@@ -55,6 +64,7 @@ class Command(BaseCommand):
                 kv=options["kv"],
                 flash_attn=options["flash_attn"],
                 host=options["host"],
+                users=options["users"],
             )
         except PlanError as exc:
             raise CommandError(str(exc)) from exc

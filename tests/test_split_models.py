@@ -1,0 +1,109 @@
+"""A model in several GGUF files, as the Hub publishes large ones, on the real stack:
+registered by its first file, loaded by llama.cpp from all of them (with load
+progress over all of them), answering through the chat, shown whole on the Workers
+page. The embedded SmolLM2 is split into three files for it."""
+
+import pytest
+
+from inference.engine import Engine, LoadOptions
+from inference.gguf import inspect_gguf
+from inference.models import Generation
+from inference.registry import (
+    LOAD_OPTION_FIELDS,
+    embedded_model_path,
+    ensure_default_model,
+    register_model,
+)
+from inference.workers import live_workers
+from tests.fixtures.split_gguf import write_shards
+
+MODEL = "smollm2-split"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("split")
+    return write_shards(embedded_model_path(), folder / "smollm2.gguf", max_tensors=100)
+
+
+def register(path):
+    """With the default model's load options, so that the answers can be compared."""
+    default = ensure_default_model()
+    options = {option: getattr(default, option) for option in LOAD_OPTION_FIELDS}
+    return register_model(name=MODEL, path=path, **options)
+
+
+@pytest.fixture(scope="module")
+def split_worker(stack, shards, django_db_blocker):
+    with django_db_blocker.unblock():
+        register(shards[0])
+    stack.start_worker("split-worker", model=MODEL)
+    try:
+        yield stack.wait_model(MODEL)
+    finally:
+        stack.stop("split-worker")
+
+
+@pytest.fixture
+def split_model(transactional_db, shards):
+    # Registered again for each test: transactional tests empty the tables after each.
+    return register(shards[0])
+
+
+def test_llama_cpp_reports_load_progress_over_every_file(shards):
+    """One report per tensor of all three files, then 1.0: not the first file's share."""
+    progress = []
+    engine = Engine(
+        LoadOptions(path=str(shards[0]), n_ctx=256, n_batch=64), on_load_progress=progress.append
+    )
+    engine.close()
+    tensors = inspect_gguf(shards[0]).tensor_count
+    assert len(shards) == 3 and tensors == 272
+    assert progress[-1] == 1.0
+    assert progress == sorted(progress)
+    assert len(progress) == tensors + 1
+
+
+def test_its_worker_loads_every_file_and_says_so(split_worker):
+    assert split_worker["state"] == "ready", split_worker.get("reason")
+    assert split_worker["load_progress"] == 1.0
+    assert any(w["pid"] == split_worker["pid"] for w in live_workers(MODEL))
+
+
+def ask(ws, model: str, request_id: int) -> Generation:
+    ws.send(
+        {
+            "type": "chat.send",
+            "request_id": request_id,
+            "model": model,
+            "content": "What is the capital of France?",
+            "params": {"max_tokens": 16, "seed": 3, "temperature": 0.0},
+        }
+    )
+    accepted, _ = ws.recv_until(lambda f: f["type"] in {"chat.accepted", "error"})
+    assert accepted["type"] == "chat.accepted", accepted
+    final, _ = ws.recv_until(
+        lambda f: f["type"] == "generation.final" and f["generation"] == accepted["generation"],
+        timeout=120,
+    )
+    assert final["state"] == "done", final["reason"]
+    return Generation.objects.select_related("metrics").get(pk=accepted["generation"])
+
+
+def test_it_answers_through_the_chat_as_the_single_file_does(
+    split_worker, split_model, cast, default_model, ws_factory
+):
+    ws = ws_factory(cast.alice)
+    split = ask(ws, MODEL, 1)
+    single = ask(ws, default_model.name, 2)
+    assert split.worker.endswith(f":{split_worker['pid']}")
+    assert split.metrics.completion_tokens >= 1
+    # The same weights, greedy: the same words as the embedded model in one file.
+    assert split.text and split.text == single.text
+
+
+def test_the_workers_page_shows_the_whole_model(split_worker, split_model, cast, client, shards):
+    client.force_login(cast.alice)
+    page = client.get("/workers/").content.decode()
+    total = sum(p.stat().st_size for p in shards)
+    assert f"{total / 1e6:.1f} MB in 3 files" in page
