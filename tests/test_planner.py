@@ -795,3 +795,27 @@ def test_the_page_plans_a_split_registered_model_as_a_whole(
     _, _, weights = read_model_file(single)
     size = f"{weights.file_bytes / 1e6:.1f} MB"
     assert f"all the model&#x27;s tensors {size}, in {len(shards)} files" in html
+
+
+@pytest.mark.django_db
+def test_a_registered_model_named_like_a_catalog_model_is_planned_from_its_files(
+    client, django_user_model
+):
+    """The default model is registered as smollm2-135m, a catalog name too."""
+    from inference.models import LanguageModel
+
+    LanguageModel.objects.create(name="smollm2-135m", path=str(embedded_gguf()), n_ctx=2048)
+    data = json.loads(run_plan("--gpu", "l4", "--model", "smollm2-135m", "--json"))
+    assert (data["source"], data["plan"]["n_ctx"]) == ("registered", 2048)
+    assert data["plan"]["weights"]["file_bytes"] == 96_576_768
+    data = json.loads(run_plan("--gpu", "l4", "--model", "smollm2-135m", "--quant", "Q8_0",
+                               "--json"))  # fmt: skip
+    assert (data["source"], data["quant"]) == ("catalog", "Q8_0")
+
+    client.force_login(django_user_model.objects.create_user("bob", password="bob-pass-123"))
+    html = client.get("/planner/", {"gpu": "l4", "model": "smollm2-135m", "quant": "",
+                                    "ctx": ""}).content.decode()  # fmt: skip
+    assert "at 2,048 tokens" in html and "Estimate vs. measured" in html
+    html = client.get("/planner/", {"gpu": "l4", "model": "smollm2-135m", "quant": "Q8_0",
+                                    "ctx": ""}).content.decode()  # fmt: skip
+    assert "SmolLM2-135M Q8_0" in html and "at 8,192 tokens" in html

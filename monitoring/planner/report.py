@@ -222,11 +222,15 @@ def make_report(
     if not model:
         raise PlanError(f"name a model: {_model_choices()}")
 
-    registered = None
     path: str | None = None
     files: list[str] = []
     arch: Architecture
-    if model.lower() in catalog.MODELS:
+    # A registered model may share a catalog model's name (smollm2-135m, the default
+    # model; mixtral-8x22b): a quantization asks for the catalog entry, none for the
+    # registered model's own files.
+    in_catalog = model.lower() in catalog.MODELS
+    registered = None if in_catalog and quant else _registered(model)
+    if in_catalog and registered is None:
         entry = catalog.MODELS[model.lower()]
         quant_type = resolve_quant(quant)
         arch, weights = entry.arch, _catalog_weights(entry, quant_type)
@@ -244,7 +248,6 @@ def make_report(
             )
         claim = catalog.CLAIMS.get((entry.name, quant_type.name, device.name))
     else:
-        registered = _registered(model)
         if registered is not None:
             path = registered.path
         elif model.endswith(".gguf") or os.sep in model or Path(model).is_file():

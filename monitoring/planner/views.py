@@ -29,9 +29,12 @@ FLASH_ATTN_CHOICES = {"auto": None, "on": True, "off": False}
 
 
 def _form_values(query) -> dict:
-    values = {key: (query.get(key) or default).strip() for key, default in DEFAULTS.items()}
-    if values["model"] not in catalog.MODELS:
-        values["quant"] = ""  # a registered model is planned from its file's own tensors
+    """The form as submitted; what it leaves out, as DEFAULTS has it. A quantization
+    goes with a catalog model only: none plans a registered model from its own files
+    (a registered model may share a catalog model's name)."""
+    values = {key: query.get(key, default).strip() for key, default in DEFAULTS.items()}
+    if values["model"] not in catalog.MODELS or ("model" in query and "quant" not in query):
+        values["quant"] = ""
     return values
 
 
