@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 KIB = 1024
 MIB = 1024**2
@@ -647,7 +647,3 @@ def _assumptions(device, weights, efficiency, prompt_eff, host) -> list[str]:
             f"{DEFAULT_DECODE_EFFICIENCY['cpu']:.2f})."
         )
     return lines
-
-
-def with_memory(device: Device, memory_bytes: int) -> Device:
-    return replace(device, memory_bytes=memory_bytes)

@@ -49,13 +49,6 @@ class Comparison:
     # GPU runs only: prompt speed / (FP16 throughput / FLOPs per prompt token).
     calibrated_prompt: Efficiency | None = None
 
-    @property
-    def decode_error_fraction(self) -> float:
-        """(predicted - measured) / measured, with the default efficiency."""
-        return (
-            self.predicted_decode_tokens_per_s - self.measured_decode_tokens_per_s
-        ) / self.measured_decode_tokens_per_s
-
 
 def _runs(language_model):
     from monitoring.models import RequestMetrics
