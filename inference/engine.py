@@ -29,7 +29,7 @@ import os
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -311,11 +311,7 @@ class Engine:
         self.n_parallel = max(1, options.n_parallel)
         # Background passes use at most this many sequences at once.
         self.job_sequences = self.n_parallel if job_sequences is None else job_sequences
-        llama_log = logging.getLogger("llama-cpp-python")
-        if llama_log.level == logging.NOTSET:
-            # llama.cpp's own log (through llama-cpp-python) prints every tensor at
-            # load; its warnings and errors are what a worker's log needs.
-            llama_log.setLevel(logging.WARNING)
+        capture_llama_log()
         try:
             extra_buffers = use_extra_buffers()
         except ValueError as exc:
@@ -747,6 +743,40 @@ class Engine:
             "kv_reserved": self._cells_reserved(),
             "n_ctx": self.n_ctx,
         }
+
+
+# ggml_log_level (ggml.h: 1 debug, 2 info, 3 warn, 4 error, 5 continuation) as
+# Python's levels: llama.cpp's INFO lines (every tensor of a load) are DEBUG here.
+# (llama-cpp-python's own callback maps an older numbering, in which info is a
+# warning, and prints the whole load log whatever its verbosity.)
+_LLAMA_LOG_LEVELS = {
+    1: logging.DEBUG,
+    2: logging.DEBUG,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}
+llama_log = logging.getLogger("llama.cpp")
+# The last lines llama.cpp logged, whatever their level: what a load reported
+# (layers offloaded, buffer sizes), for the device check and load errors.
+LLAMA_LOG_TAIL: deque[str] = deque(maxlen=400)
+_log_level = logging.DEBUG
+
+
+@llama_cpp.llama_log_callback
+def _llama_log(level: int, text: bytes, _user_data) -> None:
+    global _log_level
+    if level != 5:  # 5: the continuation of the previous line
+        _log_level = _LLAMA_LOG_LEVELS.get(level, logging.DEBUG)
+    line = text.decode("utf-8", "replace").rstrip("\n")
+    if line:
+        LLAMA_LOG_TAIL.append(line)
+        if llama_log.isEnabledFor(_log_level):
+            llama_log.log(_log_level, "%s", line)
+
+
+def capture_llama_log() -> None:
+    """Route llama.cpp's log into Python's logging (logger "llama.cpp")."""
+    llama_cpp.llama_log_set(_llama_log, None)
 
 
 def _stop_reason(request: Request, now: float) -> str:

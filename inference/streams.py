@@ -228,6 +228,10 @@ def is_alive(generation) -> bool:
     )
 
 
+def forget_alive(generation) -> None:
+    redis_pool.client().delete(namespace.alive_key(generation.pk, generation.queued_at))
+
+
 def forget_live_text(generation) -> None:
     redis_pool.client().delete(namespace.live_text_key(generation.pk, generation.queued_at))
 

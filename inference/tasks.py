@@ -16,7 +16,7 @@ from celery import shared_task
 from celery.exceptions import Reject
 from celery.signals import task_prerun, worker_init, worker_shutdown
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections
 from django.utils import timezone
 from redis.exceptions import RedisError
 
@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 2
 # A job pass that finds its model's job sequences taken asks again after this long.
 JOB_DEFER_S = 3
+# A task that finds the database down asks again after this long, then twice as long
+# after each failure, up to CLAIM_RETRY_MAX_S.
+CLAIM_RETRY_S = 1.0
+CLAIM_RETRY_MAX_S = 30.0
 
 
 @worker_init.connect
@@ -98,7 +102,10 @@ def generate(self, generation_id: int, deployment: str | None = None) -> None:
         )
         time.sleep(1)
         raise Reject(requeue=True)
-    gen = Generation.objects.select_related("model").filter(pk=generation_id).first()
+    try:
+        gen = Generation.objects.select_related("model").filter(pk=generation_id).first()
+    except (OperationalError, InterfaceError) as exc:
+        raise _retry_later(self, generation_id, exc) from exc
     if gen is None:
         log.error("generation %s is not in this deployment's database: dropped", generation_id)
         return
@@ -119,9 +126,30 @@ def generate(self, generation_id: int, deployment: str | None = None) -> None:
         raise self.retry(countdown=JOB_DEFER_S)
     try:
         Run(gen, server).run()
+    except DatabaseDown as exc:
+        # Nothing was claimed: the generation is still queued in the database.
+        raise _retry_later(self, generation_id, exc.__cause__) from exc
     finally:
         if job:
             server.engine.release_job()
+
+
+class DatabaseDown(Exception):
+    """The database did not answer before the generation was claimed."""
+
+
+def _retry_later(task, generation_id: int, exc: Exception):
+    """A retry of the task after a wait that doubles up to CLAIM_RETRY_MAX_S, for as
+    long as the database is down (max_retries=None)."""
+    delay = min(CLAIM_RETRY_MAX_S, CLAIM_RETRY_S * 2 ** min(task.request.retries, 10))
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    log.warning(
+        "generation %s: the database is not answering (%s); trying again in %.0f s",
+        generation_id,
+        first_line,
+        delay,
+    )
+    return task.retry(countdown=delay)
 
 
 def _fail_unstarted(gen: Generation, reason: str) -> None:
@@ -149,6 +177,8 @@ class Run:
         gen = self.gen
         prefix = ""
         if gen.state == Generation.RUNNING:
+            if streams.is_alive(gen):
+                return  # a live worker holds it: this is a stale copy of its task
             # Redelivered: the worker that had it died. Continue what the user saw.
             if not gen.resume(worker_name(), streams.live_text(gen), MAX_ATTEMPTS):
                 if gen.is_final:
@@ -217,17 +247,31 @@ class Run:
                 self.text += value
                 stream.put(value)
                 if time.monotonic() >= next_flush:
-                    Generation.objects.filter(pk=gen.pk).update(
-                        text=self.text, heartbeat_at=timezone.now()
-                    )
                     next_flush = time.monotonic() + flush_every
+                    try:
+                        Generation.objects.filter(pk=gen.pk).update(
+                            text=self.text, heartbeat_at=timezone.now()
+                        )
+                    except (OperationalError, InterfaceError):
+                        log.warning("generation %s: text not flushed (database down)", gen.pk)
             elif kind == "end":
                 return value
+
+    @staticmethod
+    def _drain(request: Request) -> None:
+        while request.events.get()[0] != "end":
+            pass
 
     def _admitted(self, request: Request, stream: streams.GenerationStream) -> None:
         gen = self.gen
         if not self.started:
-            if not gen.claim(worker_name()):
+            try:
+                claimed = gen.claim(worker_name())
+            except (OperationalError, InterfaceError) as exc:
+                self.engine.cancel(request)
+                self._drain(request)
+                raise DatabaseDown() from exc
+            if not claimed:
                 # Stopped while it waited, or another worker has it: let it go.
                 self.engine.cancel(request)
                 return
@@ -257,7 +301,7 @@ class Run:
             reason = f"Stopped by the time limit ({settings.GENERATION_TIME_LIMIT_S} s)."
         gen.text = self.text
         gen.first_token_at = _wall(stats.first_token)
-        gen.finish(state, reason, stats=stats)
+        _while_the_database_is_down(lambda: gen.finish(state, reason, stats=stats), gen.pk)
         # What it cost is recorded before the final event, which carries it; the
         # other listeners (usage rollups, jobs) run after it.
         generation_ended.send(
@@ -276,6 +320,23 @@ class Run:
             _fail_unstarted(self.gen, reason)
 
 
+def _while_the_database_is_down(save, generation_id: int, give_up_s: float = 300) -> None:
+    """Save an answer's end, waiting for a database that is down (for a while): the
+    text is only in this process until it is written."""
+    deadline = time.monotonic() + give_up_s
+    delay = CLAIM_RETRY_S
+    while True:
+        try:
+            save()
+            return
+        except (OperationalError, InterfaceError):
+            if time.monotonic() > deadline:
+                raise
+            log.warning("generation %s: its end not saved yet (database down)", generation_id)
+            time.sleep(delay)
+            delay = min(CLAIM_RETRY_MAX_S, delay * 2)
+
+
 def _wall(monotonic_at: float | None):
     """Convert a monotonic instant of this process into wall-clock time."""
     if monotonic_at is None:
@@ -284,33 +345,54 @@ def _wall(monotonic_at: float | None):
 
 
 @shared_task(name="inference.tasks.reap_stale_generations")
-def reap_stale_generations() -> int:
-    """Fail running generations whose worker has not been heard from in a while.
+def reap_stale_generations() -> dict:
+    """Running generations whose worker is gone continue elsewhere, or fail with why.
 
-    The broker redelivers a lost task after its visibility timeout; this catches the
-    rest (say, a worker host that never came back) so nothing stays running forever.
-    """
+    A worker is gone when its heartbeat has expired (a killed process, a host that
+    never came back), or when it has not touched the generation for
+    GENERATION_STALE_AFTER_S and holds it no more. The broker would redeliver its
+    tasks only after the visibility timeout; instead the generation is sent again
+    at once to continue from the text the user saw, if another worker serves its
+    model and it has not been tried MAX_ATTEMPTS times; else it fails, keeping that
+    text, so nothing stays running forever."""
     cutoff = timezone.now() - timedelta(seconds=settings.GENERATION_STALE_AFTER_S)
-    stale = Generation.objects.filter(state=Generation.RUNNING, heartbeat_at__lt=cutoff)
-    count = 0
-    for gen in stale:
+    try:
+        workers = live_workers()
+    except RedisError:
+        return {"continued": 0, "failed": 0}  # nothing can be told without Redis
+    alive_workers = {f"{w['host']}:{w['pid']}" for w in workers}
+    serving = {w["model"] for w in workers if w["state"] in ("ready", "busy")}
+    continued = failed = 0
+    running = Generation.objects.filter(state=Generation.RUNNING).select_related("model")
+    for gen in running:
         try:
-            if streams.is_alive(gen):
+            holder_alive = gen.worker in alive_workers
+            if holder_alive and (gen.heartbeat_at is None or gen.heartbeat_at >= cutoff):
+                continue
+            if holder_alive and streams.is_alive(gen):
                 continue  # a long prompt evaluation: its worker still holds it
             seen = streams.live_text(gen)
         except RedisError:
-            return count  # nothing can be told without Redis: next time
+            break
+        if gen.attempts < MAX_ATTEMPTS and gen.model.name in serving and not holder_alive:
+            streams.forget_alive(gen)  # its holder's key, until it expires
+            enqueue(gen)  # Run.run resumes it from the text the user saw
+            continued += 1
+            continue
         # Keep what the user saw, or the final event would take words back.
         if seen is not None and len(seen) > len(gen.text):
             gen.text = seen
-        gen.finish(
-            Generation.FAILED,
-            f"The worker ({gen.worker}) stopped responding; the answer so far is kept.",
+        reason = (
+            f"The worker stopped during this answer {gen.attempts} times; "
+            "it was not tried again; the answer so far is kept."
+            if gen.attempts >= MAX_ATTEMPTS
+            else f"The worker ({gen.worker}) stopped responding; the answer so far is kept."
         )
+        gen.finish(Generation.FAILED, reason)
         announce_final(gen)
         generation_finished.send(sender=Generation, generation=gen)
-        count += 1
-    return count
+        failed += 1
+    return {"continued": continued, "failed": failed}
 
 
 # Re-sent at most this many times by the reaper before it fails with the reason.

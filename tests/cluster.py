@@ -119,6 +119,7 @@ class Cluster:
         }
         self.webs: list[Stack] = []
         self.workers: list[Stack] = []
+        self.ops: Stack | None = None
 
     def start_web(self) -> Stack:
         web = Stack(free_port(), self.env)
@@ -143,6 +144,36 @@ class Cluster:
         self.workers.append(worker)
         return worker
 
+    def start_ops(self) -> Stack:
+        """The ops worker: the reapers and the other maintenance tasks."""
+        ops = Stack(0, self.env)
+        ops.start(
+            f"{self.name}-ops",
+            [
+                str(Path(sys.executable).parent / "celery"),
+                "-A",
+                "mixtralweb",
+                "worker",
+                "--queues",
+                namespace.ops_queue(),
+                "--pool",
+                "solo",
+                "--hostname",
+                f"{self.name}-ops@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+        )
+        self.ops = ops
+        return ops
+
+    def run_task(self, name: str) -> None:
+        """Send a maintenance task to this cluster's ops worker (as beat does)."""
+        from mixtralweb.celery import app
+
+        with app.connection_for_write(self.redis.url) as connection:
+            app.send_task(name, queue=namespace.ops_queue(), connection=connection)
+
     def worker_pid(self, worker: Stack) -> int:
         """The Celery main process of a worker (modelworker execs into it)."""
         (process,) = worker.processes.values()
@@ -159,7 +190,7 @@ class Cluster:
         return wait_for(ready, timeout_s, 0.2, f"{count} ready worker(s) for {model}")
 
     def stop(self) -> None:
-        for stack in self.webs + self.workers:
+        for stack in self.webs + self.workers + ([self.ops] if self.ops else []):
             stack.stop_all()
 
 
