@@ -89,7 +89,6 @@ def register_smollm2(n_ctx: int | None = None):
         defaults={
             "path": str(default_model_path()),
             "n_ctx": n_ctx or settings.DEFAULT_MODEL_N_CTX,
-            "n_threads": settings.LLAMA_N_THREADS,
             "has_chat_template": True,
             "architecture": "llama",
         },

@@ -6,7 +6,7 @@ in a transaction that is rolled back, so nothing reaches the broker."""
 import pytest
 from django.db import transaction
 
-from inference.consumers import ChatConsumer
+from inference import selectors
 from inference.models import Generation, Message
 from inference.services import ChatError, chat_send, conversation_input
 from inference.tokens import count_chat_tokens
@@ -133,7 +133,7 @@ def test_an_overflowing_follow_up_is_refused_or_drops_the_oldest_turns_visibly(
     prompt_tokens = count_chat_tokens(default_model, gen3.input_messages)
     assert prompt_tokens + gen3.params["max_tokens"] <= default_model.n_ctx
     # The conversation shows which turns were dropped.
-    snapshot = ChatConsumer._conversation_snapshot(conversation)
+    snapshot = selectors.conversation_snapshot(conversation)
     shown = {m["id"]: m["dropped_from_context"] for m in snapshot["messages"]}
     assert shown[first.pk] and shown[gen1.message.pk]
     assert not shown[second.pk] and not shown[gen3.message.pk]
