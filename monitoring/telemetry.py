@@ -36,7 +36,9 @@ from monitoring.models import GpuSample
 
 log = logging.getLogger(__name__)
 
-GPUS_KEY = "monitoring:gpus"  # hash: "host/index" -> latest reading
+def gpus_key() -> str:
+    """Hash: "host/index" -> the latest reading of that GPU."""
+    return namespace.key("telemetry", "gpus")
 
 
 def hosts_key() -> str:
@@ -99,7 +101,7 @@ def sample_once(host: str | None = None) -> list[GpuSample]:
         json.dumps({"host": host, "gpus": len(readings), "seen_at": now.isoformat()}),
     )
     for data in latest:
-        pipe.hset(GPUS_KEY, f"{host}/{data['index']}", json.dumps(data))
+        pipe.hset(gpus_key(), f"{host}/{data['index']}", json.dumps(data))
     pipe.execute()
     return rows
 
@@ -117,7 +119,7 @@ def current_hosts() -> list[dict]:
 
 def current_gpus() -> list[dict]:
     """The latest reading of every GPU heard from recently, as dicts."""
-    values = [json.loads(v) for v in redis_pool.client().hvals(GPUS_KEY)]
+    values = [json.loads(v) for v in redis_pool.client().hvals(gpus_key())]
     return sorted(_fresh(values, "sampled_at"), key=lambda g: (g["host"], g["index"]))
 
 

@@ -20,7 +20,7 @@ def staff(transactional_db):
 
 
 def test_the_gpu_page_draws_history_and_live_charts(browser, stack, staff, fake_gpus, redis_client):
-    redis_client.delete(telemetry.HOSTS_KEY, telemetry.GPUS_KEY)
+    redis_client.delete(telemetry.hosts_key(), telemetry.gpus_key())
     telemetry.sample_once("browser-host")  # history, and the "now" table
     page = log_in(browser, stack, "gpu-watcher", "watch-pass-123")
     sampler = telemetry.HostTelemetry(interval_s=0.3, host="browser-host").start()
@@ -36,7 +36,7 @@ def test_the_gpu_page_draws_history_and_live_charts(browser, stack, staff, fake_
         )
     finally:
         sampler.stop()
-        redis_client.delete(telemetry.HOSTS_KEY, telemetry.GPUS_KEY)
+        redis_client.delete(telemetry.hosts_key(), telemetry.gpus_key())
     assert "browser-host" in page.inner_text("#gpu-now")
 
 

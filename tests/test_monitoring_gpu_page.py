@@ -17,9 +17,9 @@ from tests.fake_nvml import GIB, reading
 
 @pytest.fixture
 def clean_redis(redis_client):
-    redis_client.delete(telemetry.HOSTS_KEY, telemetry.GPUS_KEY)
+    redis_client.delete(telemetry.hosts_key(), telemetry.gpus_key())
     yield
-    redis_client.delete(telemetry.HOSTS_KEY, telemetry.GPUS_KEY)
+    redis_client.delete(telemetry.hosts_key(), telemetry.gpus_key())
 
 
 @pytest.fixture

@@ -106,11 +106,11 @@ def test_gpu_gauges_come_from_the_telemetry_of_every_host(
     client, db, settings, fake_gpus, redis_client
 ):
     settings.METRICS_TOKEN = "t"
-    redis_client.delete(telemetry.HOSTS_KEY, telemetry.GPUS_KEY)
+    redis_client.delete(telemetry.hosts_key(), telemetry.gpus_key())
     telemetry.sample_once("host-a")
     telemetry.sample_once("host-b")
     values = scrape(client, HTTP_AUTHORIZATION="Bearer t")
-    redis_client.delete(telemetry.HOSTS_KEY, telemetry.GPUS_KEY)
+    redis_client.delete(telemetry.hosts_key(), telemetry.gpus_key())
     key = repr([("gpu", "1"), ("host", "host-b"), ("uuid", "GPU-fake-0001")])
     assert values["workbench:gpu_memory_used_bytes" + key] == 20 * 2**30
     assert values["workbench:gpu_utilization_ratio" + key] == 0.5
@@ -122,7 +122,7 @@ def test_without_a_gpu_there_are_no_gpu_series_not_zeros(
     client, db, settings, no_gpu, redis_client
 ):
     settings.METRICS_TOKEN = "t"
-    redis_client.delete(telemetry.HOSTS_KEY, telemetry.GPUS_KEY)
+    redis_client.delete(telemetry.hosts_key(), telemetry.gpus_key())
     telemetry.sample_once("cpu-host")
     values = scrape(client, HTTP_AUTHORIZATION="Bearer t")
     assert not [k for k in values if k.startswith("workbench:gpu_")]

@@ -13,9 +13,9 @@ from tests.fake_nvml import GIB, reading
 
 @pytest.fixture
 def clean_redis(redis_client):
-    redis_client.delete(telemetry.HOSTS_KEY, telemetry.GPUS_KEY)
+    redis_client.delete(telemetry.hosts_key(), telemetry.gpus_key())
     yield redis_client
-    redis_client.delete(telemetry.HOSTS_KEY, telemetry.GPUS_KEY)
+    redis_client.delete(telemetry.hosts_key(), telemetry.gpus_key())
 
 
 def test_a_round_stores_every_gpu_of_the_host(db, fake_gpus, clean_redis):
@@ -114,4 +114,8 @@ def test_the_beat_schedule_runs_downsampling_on_the_ops_queue():
     schedule = app.conf.beat_schedule
     assert schedule["downsample-gpu-samples"]["task"] == "monitoring.tasks.downsample_gpu_samples"
     assert "monitoring.tasks.downsample_gpu_samples" in app.tasks
-    assert app.conf.task_default_queue == "default"
+    from mixtralweb import namespace
+
+    # Celery's own router decides where beat's message goes: this deployment's ops queue.
+    route = app.amqp.router.route({}, "monitoring.tasks.downsample_gpu_samples")
+    assert route["queue"].name == namespace.ops_queue()
