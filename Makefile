@@ -8,7 +8,7 @@ LLAMA_CPP_VERSION := 0.3.36
 # CUDA build: make install CMAKE_ARGS="-DGGML_CUDA=on" (see docs/deployment.md)
 export CMAKE_ARGS
 
-.PHONY: run test lint install install-cuda bench loadtest gpu-check clean vendor chromium
+.PHONY: run test lint install install-cuda bench loadtest gpu-check clean vendor chromium llama-server screenshots
 
 run: $(STAMP)
 	$(PY) manage.py runstack
@@ -67,6 +67,26 @@ bench: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mixtralweb_bench} \
 	REDIS_URL=$${BENCH_REDIS_URL:-redis://127.0.0.1:6379/3} \
 	  $(PY) -m tests.bench.run
+
+# The peer for `make bench ONLY=concurrency LLAMA_SERVER=var/peer/bin/llama-server`:
+# llama.cpp's own server, built on the CPU from the llama.cpp source inside the
+# llama-cpp-python sdist of the version we pin (so both run the same llama.cpp).
+PEER := var/peer
+llama-server: $(PEER)/bin/llama-server
+$(PEER)/bin/llama-server:
+	mkdir -p $(PEER)
+	$(PIP) download -q --no-binary :all: --no-deps -d $(PEER) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	tar -xzf $(PEER)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(PEER)
+	cmake -S $(PEER)/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp -B $(PEER)/build \
+	  -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF
+	cmake --build $(PEER)/build --target llama-server -j
+	mkdir -p $(PEER)/bin && cp $(PEER)/build/bin/llama-server $(PEER)/bin/
+
+# The browser tests, saving their screenshots into docs/screenshots/ for the docs.
+screenshots: $(STAMP) chromium
+	SCREENSHOT_DIR=$(CURDIR)/docs/screenshots \
+	DATABASE_URL=$${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mixtralweb} \
+	  $(VENV)/bin/pytest -m "browser and not gpu"
 
 # 100 simulated chat users against the real stack, then an audit (docs/loadtest.md).
 # Not part of `make test`. LOAD_USERS, LOAD_MESSAGES, LOAD_MAX_TOKENS, LOAD_WORKERS.

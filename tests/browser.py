@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,13 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+
+
+def screenshot_dir() -> Path:
+    """Where browser tests save their screenshots: var/screenshots/, so that a test run
+    leaves the repository clean; `make screenshots` points it at docs/screenshots/."""
+    root = Path(__file__).resolve().parents[1]
+    return Path(os.environ.get("SCREENSHOT_DIR") or root / "var" / "screenshots")
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,16 @@
 """The chat page in a real browser (Debian's Chromium) against the live stack, with
-the real worker and model. Screenshots land in docs/screenshots/."""
+the real worker and model. Screenshots: var/screenshots/ (`make screenshots`: docs/)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from inference.models import Conversation, Generation, Message
-from tests.browser import log_in
+from tests.browser import log_in, screenshot_dir
 
 pytestmark = pytest.mark.browser
 
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SHOTS = screenshot_dir()
 LONG = "Write a very long story about a dragon who learns to bake bread, with many chapters."
 
 

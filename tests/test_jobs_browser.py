@@ -1,22 +1,20 @@
 """The job pages in a real browser (Debian's Chromium), with the real worker and
 model: the toast and badge when a job finishes elsewhere in the app, then the job
 page with its result as markdown, progress, downloads and metrics. Screenshots land
-in docs/screenshots/."""
+in var/screenshots/ (`make screenshots`: docs/screenshots/)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from inference.jobs import services
 from inference.jobs.models import Job
-from tests.browser import log_in
+from tests.browser import log_in, screenshot_dir
 from tests.jobs_documents import register_smollm2
 
 pytestmark = pytest.mark.browser
 
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SHOTS = screenshot_dir()
 
 
 @pytest.fixture

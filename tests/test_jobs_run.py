@@ -150,16 +150,20 @@ def test_a_6000_token_document_is_answered_in_one_pass(stack, cast, smollm2, wat
     assert job.seen_at is not None
 
 
-@pytest.mark.timeout(3600)  # minutes when the machine is quiet; far more when shared
-def test_a_30000_token_document_runs_by_map_reduce(stack, cast, smollm2, watchers):
-    job = submit(cast.alice, paragraphs=410, max_tokens=12)
-    assert 28_000 < job.document_tokens < 32_000 and not job.fits
+@pytest.mark.timeout(900)
+def test_a_long_document_runs_by_map_reduce(stack, cast, transactional_db, watchers):
+    # A small context makes several chunks of a document the tests can afford; the
+    # steps are those of a 30,000-token document on the 8192-token default
+    # (docs/jobs.md).
+    register_smollm2(n_ctx=1024)
+    job = submit(cast.alice, paragraphs=48, max_tokens=12)
+    assert job.n_ctx == 1024 and job.document_tokens > 3 * 1024 and not job.fits
     watcher = JobWatcher(stack, cast.alice, job.pk)
     watchers.append(watcher)
     watcher.until(lambda f: f["type"] == "job.snapshot", 10)
     services.job_submit(user=cast.alice, job_id=job.pk, strategy=Job.MAP_REDUCE)
 
-    final = watcher.until_final(3300)
+    final = watcher.until_final(800)
 
     job.refresh_from_db()
     assert job.state == Job.DONE, job.reason
@@ -245,17 +249,22 @@ def test_a_job_resumes_from_its_finished_chunks_after_the_worker_is_killed(
     wait_for(lambda: running(second), 120, "chunk 2 did not start")
     worker = psutil.Process(stack.processes["worker"].pid)
     pool = worker.children(recursive=True)
+    # The new worker loads the model as the rest of the suite knows it; the job keeps
+    # the n_ctx it was planned with.
+    type(job.model).objects.filter(pk=job.model_id).update(n_ctx=settings.DEFAULT_MODEL_N_CTX)
     stack.stop("worker", sig=9)
     for process in pool:
         process.kill()
     stack.start_worker()
     stack.wait_worker()
 
-    # The reaper (beat, every 30 s) fails the pass once its worker's alive key has
-    # expired; the job then retries that pass, and only that pass.
+    # The reaper (beat, every 30 s) finds the pass whose worker's heartbeat expired
+    # and sends it again: the new worker continues it from the text so far.
     settings.GENERATION_STALE_AFTER_S = 0
-    deadline = time.monotonic() + 60
-    while not reap_stale_generations() and time.monotonic() < deadline:
+    killed = second.generation
+    deadline = time.monotonic() + 90
+    while not reap_stale_generations()["continued"]:
+        assert time.monotonic() < deadline, "the reaper never continued the killed pass"
         time.sleep(1)
     final = watcher.until_final(600)
 
@@ -263,9 +272,10 @@ def test_a_job_resumes_from_its_finished_chunks_after_the_worker_is_killed(
     assert job.state == Job.DONE and final["state"] == "done", job.reason
     first.refresh_from_db()
     second.refresh_from_db()
+    # Only the killed pass ran again, and as the same generation, not a new one.
     assert first.attempts == 1 and first.generations.count() == 1
-    assert second.attempts == 2
-    killed = second.generations.order_by("queued_at").first()
-    assert killed.state == Generation.FAILED and "stopped responding" in killed.reason
-    assert second.generation.state == Generation.DONE
+    assert second.attempts == 1 and second.generations.count() == 1
+    killed.refresh_from_db()
+    assert killed.pk == second.generation.pk
+    assert killed.state == Generation.DONE and killed.attempts == 2
     assert job.result == job.chunks.get(level=1).answer
