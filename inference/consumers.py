@@ -76,6 +76,14 @@ class FrameConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         if not await self._count_socket():
+            # Accepted only to say why: a refused handshake tells a browser nothing.
+            await self.accept()
+            await self.send_error(
+                "too_many_sockets",
+                f"You have {settings.WS_SOCKETS_PER_USER} connections open, the most "
+                "allowed at once. Close a tab or window of this site; this page will "
+                "try again.",
+            )
             await self.close(code=CLOSE_TOO_MANY)
             return
         await self.accept()

@@ -36,6 +36,7 @@ from monitoring.models import GpuSample
 
 log = logging.getLogger(__name__)
 
+
 def gpus_key() -> str:
     """Hash: "host/index" -> the latest reading of that GPU."""
     return namespace.key("telemetry", "gpus")

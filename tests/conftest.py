@@ -241,12 +241,12 @@ def session_cookie(user) -> str:
 class WSClient:
     """A real websocket client (the `websockets` library) speaking our protocol."""
 
-    def __init__(self, stack: Stack, user=None, origin: str | None = None):
+    def __init__(self, stack: Stack, user=None, origin: str | None = None, cookie=None):
         from websockets.sync.client import connect
 
         headers = {"Origin": origin or stack.http_url}
-        if user is not None:
-            headers["Cookie"] = session_cookie(user)
+        if cookie or user is not None:
+            headers["Cookie"] = cookie or session_cookie(user)
         self._connection = connect(stack.ws_url, additional_headers=headers, open_timeout=10)
         self.conn = self._connection.__enter__()
 

@@ -38,10 +38,11 @@
     };
     socket.onmessage = function (event) { handle(JSON.parse(event.data)); };
     socket.onclose = function (event) {
-      if (event.code === 4401) { location.href = "/login/?next=" + encodeURIComponent(location.pathname); return; }
-      status.textContent = "reconnecting…";
+      // 4401: not logged in; 4403: logged out or deactivated elsewhere.
+      if (event.code === 4401 || event.code === 4403) { location.href = "/login/?next=" + encodeURIComponent(location.pathname); return; }
+      status.textContent = event.code === 4429 ? "too many tabs open: retrying in 30 s" : "reconnecting…";
       status.className = "status warn";
-      setTimeout(connect, backoffMs);
+      setTimeout(connect, event.code === 4429 ? 30000 : backoffMs);
       backoffMs = Math.min(backoffMs * 2, 10000);
     };
   }
@@ -75,6 +76,8 @@
       case "generation.final": return onFinal(frame);
       case "conversation.changed": return send({ type: "conversation.open", conversation: frame.conversation });
       case "error": return onError(frame);
+      case "access.lost": return onAccessLost(frame);
+      case "access.revoked": return showError(frame.message);
     }
   }
 
@@ -87,6 +90,14 @@
     gens.clear();
     frame.messages.forEach(addMessage);
     updateControls();
+  }
+
+  // The conversation open here is no longer ours to see (unshared, deleted, or we
+  // left its team): say so and stop showing it.
+  function onAccessLost(frame) {
+    if (frame.conversation !== conversationId) return;
+    showError("This conversation is no longer shared with you.");
+    location.href = "/";
   }
 
   function onError(frame) {

@@ -66,8 +66,8 @@
       listeners.forEach(function (fn) { fn(frame); });
     };
     socket.onclose = function (event) {
-      if (event.code === 4401) return;
-      setTimeout(connect, backoffMs);
+      if (event.code === 4401 || event.code === 4403) return;
+      setTimeout(connect, event.code === 4429 ? 30000 : backoffMs);
       backoffMs = Math.min(backoffMs * 2, 30000);
     };
   }
