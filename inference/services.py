@@ -425,7 +425,10 @@ def conversation_rename(*, user, conversation_id, title: str) -> Conversation:
 
 
 def conversation_delete(*, user, conversation_id) -> None:
-    """Delete the conversation; its generations and their metrics stay as history."""
+    """Delete the conversation and all its text: the messages, and the prompts and
+    answers of its generations. The generations stay, blank, with their token counts
+    and metrics: usage history. An answer still running is stopped, and its worker
+    writes no text for it (Generation.finish)."""
     conversation = _owned_conversation(user, conversation_id)
     with transaction.atomic():
         running = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
@@ -433,7 +436,9 @@ def conversation_delete(*, user, conversation_id) -> None:
             generation_stop(user=user, generation_id=gen.pk)
         # Everyone watching it loses it now (their sockets re-check after the commit).
         access_changed_for_conversation(conversation.pk)
+        generations = list(conversation.generations.values_list("pk", flat=True))
         conversation.delete()
+        Generation.objects.filter(pk__in=generations).forget_text()
 
 
 def conversation_share(*, user, conversation_id, team_id) -> Conversation:
