@@ -286,13 +286,13 @@ def _start_conversation(
         system_prompt=system_prompt or "",
         params=clean_params(params),
     )
-    _check_quota(user, conversation)
     known_input = [{"role": Message.USER, "content": content}]
     if conversation.system_prompt:
         known_input.insert(0, {"role": "system", "content": conversation.system_prompt})
     input_messages = _fit_context(conversation, overflow, known_input)
     generation = _new_generation(user, conversation, input_messages)
     with transaction.atomic():
+        _check_quota(user, conversation)  # in the transaction that inserts: quotas.py
         conversation.save()
         generation.conversation = conversation
         generation.save()
