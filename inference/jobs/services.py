@@ -224,7 +224,22 @@ def _pass_messages(job: Job, chunk: JobChunk, level_answers: list[str] | None) -
     return planning.combine_messages(job.instruction, level_answers[chunk.start : chunk.end])
 
 
-def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = None) -> None:
+def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = None) -> bool:
+    """Create the pass's generation, unless the owner's quota says not now: then the
+    job waits, saying why, and the redrive (jobs_redrive, every minute) tries again.
+    Every pass counts against the quotas like any other generation; its tokens are
+    its Generation's. True if the pass was started."""
+    try:
+        check_quota(user=job.user, team=job.team, source="job")
+    except QuotaExceeded as exc:
+        reason = f"Waiting for the quota: {exc} The job goes on by itself then."
+        if job.reason != reason:
+            job.reason = reason
+            job.save(update_fields=["reason"])
+        return False
+    if job.reason:
+        job.reason = ""
+        job.save(update_fields=["reason"])
     gen = Generation.objects.create(
         user=job.user,
         team=job.team,
@@ -243,6 +258,7 @@ def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = Non
     # Enqueued by announce(), after the watchers hear of the pass: their sockets
     # then join its group before the worker can start streaming it.
     job.passes_to_enqueue = [*getattr(job, "passes_to_enqueue", []), gen]
+    return True
 
 
 def _finish_job(job: Job, state: str, reason: str = "", result: str = "") -> None:
@@ -280,7 +296,7 @@ def _advance_locked(job: Job) -> None:
             gen = chunk.generation
             if gen is None:
                 _start_pass(job, chunk, answers_by_level.get(chunk.level - 1))
-                waiting = True
+                waiting = True  # for the pass, or for the quota
                 break
             if not gen.is_final:
                 waiting = True
