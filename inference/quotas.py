@@ -188,5 +188,7 @@ def _check_locked(user, team) -> None:
 
 
 def _lock(rows) -> None:
-    """Lock the rows, in id order (a fixed order: two checks never wait in a cycle)."""
-    list(rows.select_for_update().order_by("pk").values_list("pk", flat=True))
+    """Lock the rows, in id order (a fixed order: two checks never wait in a cycle).
+    NO KEY UPDATE: checks wait for one another, but not the key locks that rows
+    referring to a user or team take."""
+    list(rows.select_for_update(no_key=True).order_by("pk").values_list("pk", flat=True))

@@ -81,3 +81,26 @@ def test_concurrent_chats_of_a_team_get_exactly_its_per_minute_limit_through(cas
     assert len(refused) == CALLERS - 3, results
     assert all(r.code == "quota" and "Team Red's limit" in str(r) for r in refused)
     assert Generation.objects.filter(user__in=[cast.alice, cast.bob]).count() == 3
+
+
+def test_concurrent_follow_ups_in_several_conversations_get_exactly_the_limit_through(cast, ready):
+    """Each follow-up writes its message before it checks the quota: the lock must
+    not deadlock with the key locks those writes take."""
+    from inference.models import Conversation
+
+    Quota.objects.create(user=cast.alice, concurrent_generations=2)
+    conversations = [
+        Conversation.objects.create(owner=cast.alice, model=ready, title=f"Chat {n}")
+        for n in range(CALLERS)
+    ]
+
+    def follow_up(conversation):
+        return lambda: services.chat_send(
+            user=cast.alice, conversation_id=conversation.pk, content="And then?"
+        )
+
+    results = at_once([follow_up(c) for c in conversations])
+    refused = [r for r in results if isinstance(r, Exception)]
+    assert len(refused) == CALLERS - 2, results
+    assert all(isinstance(r, services.ChatError) and r.code == "quota" for r in refused), refused
+    assert Generation.objects.filter(user=cast.alice).count() == 2
