@@ -154,3 +154,14 @@ def test_a_body_that_declares_too_much_is_refused_before_it_is_read(settings):
 def test_the_job_form_takes_a_body_as_large_as_a_document(settings):
     status, _ = request_to("/jobs/new/", [MB] * 10, declared=10_000_000)
     assert status != 413  # Django answers it (here: log in first)
+
+
+def test_the_job_form_still_checks_the_csrf_token(db, django_user_model):
+    """Its upload handler is installed before the token is read, by the pattern
+    Django documents (csrf_exempt outside, csrf_protect inside)."""
+    register_smollm2()
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(django_user_model.objects.create_user("alice"))
+    response = client.post("/jobs/new/", {"instruction": INSTRUCTION, "text": "Some text."})
+    assert response.status_code == 403
+    assert Job.objects.count() == 0
