@@ -160,6 +160,16 @@ class Conversation(models.Model):
         return self.title or f"Conversation {self.pk}"
 
 
+class GenerationQuerySet(models.QuerySet):
+    def of_deleted_conversations(self):
+        """Chat answers whose conversation is gone (every chat answer has one)."""
+        return self.filter(source=Generation.SOURCE_CHAT, conversation__isnull=True)
+
+    def forget_text(self) -> int:
+        """Blank what was asked and answered; the counts and metrics stay for usage."""
+        return self.update(input_messages=[], prompt_text="", text="")
+
+
 class Generation(models.Model):
     """One run of the model, from queued to a final state."""
 
@@ -233,6 +243,8 @@ class Generation(models.Model):
     # moving, and the reaper fails it.
     heartbeat_at = models.DateTimeField(null=True, blank=True)
 
+    objects = GenerationQuerySet.as_manager()
+
     class Meta:
         ordering = ["-queued_at"]
         indexes = [models.Index(fields=["user", "-queued_at"])]
@@ -302,6 +314,8 @@ class Generation(models.Model):
             self.completion_tokens = stats.completion_tokens
             fields += ["finish_reason", "prompt_tokens", "completion_tokens", "first_token_at"]
         Generation.objects.filter(pk=self.pk).update(**{f: getattr(self, f) for f in fields})
+        # Its conversation may have been deleted while it ran: its text goes too.
+        Generation.objects.filter(pk=self.pk).of_deleted_conversations().forget_text()
 
     def request_stop(self, by=None) -> bool:
         """Ask its worker to stop it; a generation still queued is cancelled at once

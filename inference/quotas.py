@@ -9,6 +9,14 @@ generations started per minute, and generations queued or running at once. An
 admin sets them per user or team (Quota rows in the admin); a user or team with no
 Quota row, or a blank field in it, gets the default from settings. 0: no limit.
 The database is the count, so every web process and worker agrees on it.
+
+Counting and then inserting would let concurrent requests all count the same rows
+and all pass. So check_quota locks the rows of the user and of the teams it checks
+(select_for_update, in that order: no two checks wait on each other in a cycle)
+before it counts, and the caller inserts the Generation in the same transaction:
+the next check for that user or team waits for the commit and counts the new row.
+On SQLite select_for_update does nothing, but every transaction begins IMMEDIATE
+(settings), which serialises writers just as well.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.db.models import F, Q, Sum, prefetch_related_objects
 from django.utils import timezone
 
-from mixtralweb.accounts.models import Quota
+from mixtralweb.accounts.models import Quota, Team
 
 from .models import Generation
 
@@ -145,22 +155,40 @@ def check_quota(*, user, team=None, source: str = "chat") -> None:
     generation now. `source` (chat, job, api) is accepted for callers' clarity; the
     limits are the same for all.
 
+    Call it inside the transaction that then creates the Generation: the rows it
+    locks stay locked until that commits, so concurrent checks count one another.
+
     It runs before every message is queued, so the Quota rows of the user and of
     all their teams come in one query; the teams themselves are read only when one
     has a quota or the settings give teams a default limit (by default they do not)."""
-    now = timezone.now()
+    with transaction.atomic():
+        _check_locked(user, team)
+
+
+def _check_locked(user, team) -> None:
+    # Locked before counting, so the count includes every generation whose check
+    # went before ours: the user's row, then the row of each team with a limit.
+    _lock(get_user_model().objects.filter(pk=user.pk))
     quotas = _quotas_of(user, team)
     user_quota = next((q for q in quotas if q.user_id == user.pk), None)
     team_quotas = {q.team_id: q for q in quotas if q.team_id is not None}
-    if team_quotas:
-        prefetch_related_objects(list(team_quotas.values()), "team")
-    _check(_user_generations(user), _limits(user_quota, "QUOTA_USER"), now, "Your")
     if _team_defaults_limit():
         teams = {t.pk: t for t in user.teams.all()}
         if team is not None:
             teams.setdefault(team.pk, team)
     else:
+        prefetch_related_objects(list(team_quotas.values()), "team")
         teams = {pk: q.team for pk, q in team_quotas.items()}
+    _lock(Team.objects.filter(pk__in=teams))
+    now = timezone.now()
+    _check(_user_generations(user), _limits(user_quota, "QUOTA_USER"), now, "Your")
     for pk, each in teams.items():
         limits = _limits(team_quotas.get(pk), "QUOTA_TEAM")
         _check(_team_generations(each), limits, now, f"Team {each.name}'s")
+
+
+def _lock(rows) -> None:
+    """Lock the rows, in id order (a fixed order: two checks never wait in a cycle).
+    NO KEY UPDATE: checks wait for one another, but not the key locks that rows
+    referring to a user or team take."""
+    list(rows.select_for_update(no_key=True).order_by("pk").values_list("pk", flat=True))

@@ -168,13 +168,18 @@ OVERFLOW_DROP_OLDEST = "drop_oldest"
 
 
 def _fit_context(
-    conversation: Conversation, overflow: str, messages: list[dict] | None = None
+    conversation: Conversation,
+    overflow: str,
+    messages: list[dict] | None = None,
+    *,
+    may_drop: bool = True,
 ) -> list[dict]:
     """The input for the next answer, checked against the model's context.
 
     A prompt that does not fit is refused with both numbers, or, when the user chose
     "drop_oldest", the oldest turns are marked dropped until it fits. Never silent.
     messages: the conversation's input when the caller already knows it.
+    may_drop: whether this user may drop turns (the owner; access).
     """
     from .tokens import chat_tokens_bound, count_chat_tokens
 
@@ -194,6 +199,12 @@ def _fit_context(
             and conversation.pk is not None  # a new conversation has nothing to drop
             and len(conversation.messages.in_context().filter(role=Message.USER)) > 1
         )
+        if droppable and not may_drop:
+            raise ChatError(
+                f"The conversation is {prompt_tokens:,} tokens and the model's context is "
+                f"{model.n_ctx:,}. Only the conversation's owner can drop its oldest turns.",
+                code="forbidden",
+            )
         if not droppable:
             raise ChatError(
                 f"The conversation is {prompt_tokens:,} tokens and the model's context is "
@@ -223,7 +234,8 @@ def _queue_answer(
     # The model may have been disabled, or its worker gone, since the conversation began.
     _check_usable(conversation.model, conversation.model.name, live_workers)
     _check_quota(user, conversation)
-    input_messages = _fit_context(conversation, overflow)
+    may_drop = access.may_manage_conversation(user, conversation)
+    input_messages = _fit_context(conversation, overflow, may_drop=may_drop)
     conversation.updated_at = timezone.now()
     conversation.save()
     generation = _new_generation(user, conversation, input_messages)
@@ -274,13 +286,13 @@ def _start_conversation(
         system_prompt=system_prompt or "",
         params=clean_params(params),
     )
-    _check_quota(user, conversation)
     known_input = [{"role": Message.USER, "content": content}]
     if conversation.system_prompt:
         known_input.insert(0, {"role": "system", "content": conversation.system_prompt})
     input_messages = _fit_context(conversation, overflow, known_input)
     generation = _new_generation(user, conversation, input_messages)
     with transaction.atomic():
+        _check_quota(user, conversation)  # in the transaction that inserts: quotas.py
         conversation.save()
         generation.conversation = conversation
         generation.save()
@@ -328,14 +340,20 @@ def chat_send(
         )
     with transaction.atomic():
         conversation = get_conversation_for_user(user, conversation_id)
+        owner = access.may_manage_conversation(user, conversation)
         if params is not None:
             params = clean_params(params)
             if params != conversation.params:
-                if not access.may_manage_conversation(user, conversation):
+                if not owner:
                     raise ChatError(
                         "Only the conversation's owner can change its settings.", "forbidden"
                     )
                 conversation.params = params
+        # A team-mate who asks for another system prompt or model is told, not ignored.
+        changes_prompt = system_prompt and system_prompt != conversation.system_prompt
+        changes_model = model_name and model_name != conversation.model.name
+        if not owner and (changes_prompt or changes_model):
+            raise ChatError("Only the conversation's owner can change its settings.", "forbidden")
         message = Message.objects.create(
             conversation=conversation, role=Message.USER, author=user, content=content
         )
@@ -354,6 +372,14 @@ def chat_regenerate(*, user, conversation_id, overflow: str | None = None):
         raise ChatError("There is no answer to regenerate.", code="invalid")
     if last.generation and not last.generation.is_final:
         raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
+    question = (
+        conversation.messages.current().filter(role=Message.USER, pk__lt=last.pk).order_by("-pk")
+    ).first()
+    if not access.may_replace_turns(user, conversation, [question.author_id if question else None]):
+        raise ChatError(
+            "Only the conversation's owner can regenerate an answer to someone else's message.",
+            "forbidden",
+        )
     last.superseded_at = timezone.now()
     last.save(update_fields=["superseded_at"])
     _, generation = _queue_answer(
@@ -384,13 +410,18 @@ def chat_edit(*, user, message_id, content, overflow: str | None = None):
     if original is None:
         raise ChatError("Message not found.", code="not_found")
     conversation = Conversation.objects.select_related("model").get(pk=original.conversation_id)
-    if original.author_id != user.pk and not access.may_manage_conversation(user, conversation):
-        raise ChatError("Only its author or the conversation's owner can edit it.", "forbidden")
-    if conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING]).exists():
-        raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
     now = timezone.now()
     # Ids grow with time: the original and every turn after it.
     replaced = conversation.messages.current().filter(pk__gte=original.pk)
+    authors = replaced.filter(role=Message.USER).values_list("author_id", flat=True)
+    if not access.may_replace_turns(user, conversation, list(authors)):
+        raise ChatError(
+            "Only the conversation's owner can edit someone else's message, or one that "
+            "someone else's messages follow.",
+            "forbidden",
+        )
+    if conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING]).exists():
+        raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
     replaced_count = replaced.update(superseded_at=now)
     message = Message.objects.create(
         conversation=conversation,
@@ -425,7 +456,10 @@ def conversation_rename(*, user, conversation_id, title: str) -> Conversation:
 
 
 def conversation_delete(*, user, conversation_id) -> None:
-    """Delete the conversation; its generations and their metrics stay as history."""
+    """Delete the conversation and all its text: the messages, and the prompts and
+    answers of its generations. The generations stay, blank, with their token counts
+    and metrics: usage history. An answer still running is stopped, and its worker
+    writes no text for it (Generation.finish)."""
     conversation = _owned_conversation(user, conversation_id)
     with transaction.atomic():
         running = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
@@ -433,7 +467,9 @@ def conversation_delete(*, user, conversation_id) -> None:
             generation_stop(user=user, generation_id=gen.pk)
         # Everyone watching it loses it now (their sockets re-check after the commit).
         access_changed_for_conversation(conversation.pk)
+        generations = list(conversation.generations.values_list("pk", flat=True))
         conversation.delete()
+        Generation.objects.filter(pk__in=generations).forget_text()
 
 
 def conversation_share(*, user, conversation_id, team_id) -> Conversation:

@@ -249,9 +249,10 @@ class Run:
                 if time.monotonic() >= next_flush:
                     next_flush = time.monotonic() + flush_every
                     try:
-                        Generation.objects.filter(pk=gen.pk).update(
-                            text=self.text, heartbeat_at=timezone.now()
-                        )
+                        # Not the answer of a conversation deleted meanwhile.
+                        Generation.objects.filter(pk=gen.pk).exclude(
+                            pk__in=Generation.objects.of_deleted_conversations()
+                        ).update(text=self.text, heartbeat_at=timezone.now())
                     except (OperationalError, InterfaceError):
                         log.warning("generation %s: text not flushed (database down)", gen.pk)
             elif kind == "end":

@@ -308,9 +308,19 @@ WS_RATE_LIMIT_WINDOW_S = env_int("WS_RATE_LIMIT_WINDOW_S", 10)
 # Sockets open at once per user (tabs, devices), and generations one socket follows.
 WS_SOCKETS_PER_USER = env_int("WS_SOCKETS_PER_USER", 20)
 WS_FOLLOW_MAX = env_int("WS_FOLLOW_MAX", 50)
-# A long-context job's document, uploaded or pasted (docs/jobs.md).
+# A long-context job's document, uploaded or pasted (docs/jobs.md). An upload is
+# not kept past this while it is read (inference/jobs/uploads.py).
 JOB_UPLOAD_MAX_BYTES = env_int("JOB_UPLOAD_MAX_BYTES", 20 * 1000 * 1000)
-# Pasted documents arrive as form fields: let them be as large as an upload.
+# A PDF's text is read from at most this many pages, in at most this many seconds.
+JOB_PDF_MAX_PAGES = env_int("JOB_PDF_MAX_PAGES", 2000)
+JOB_PDF_READ_BUDGET_S = env_float("JOB_PDF_READ_BUDGET_S", 30.0)
+# Request bodies, counted as they arrive (mixtralweb/body_limits.py): Django's
+# default size everywhere; on the job form room for a document pasted and one
+# uploaded (the form then says "not both") and the other fields.
+REQUEST_BODY_MAX_BYTES = env_int("REQUEST_BODY_MAX_BYTES", 2_621_440)
+JOB_FORM_BODY_MAX_BYTES = 2 * JOB_UPLOAD_MAX_BYTES + REQUEST_BODY_MAX_BYTES
+# Pasted documents arrive as form fields: Django must read them as large as an
+# upload. Only the job form's requests can be that large (the limits above).
 DATA_UPLOAD_MAX_MEMORY_SIZE = JOB_UPLOAD_MAX_BYTES + 1_000_000
 
 # --- Quotas (mixtralweb/quotas.py): defaults for users and teams without a Quota row

@@ -97,3 +97,18 @@ def register_smollm2(n_ctx: int | None = None):
         model.n_ctx = n_ctx
         model.save(update_fields=["n_ctx"])
     return model
+
+
+def pdf_of_pages(pages: int, lines: list[str]) -> bytes:
+    """A PDF of `pages` copies of a page of text, written by pypdf."""
+    import io
+
+    import pypdf
+
+    page = pypdf.PdfReader(io.BytesIO(pdf_with_text(lines))).pages[0]
+    writer = pypdf.PdfWriter()
+    for _ in range(pages):
+        writer.add_page(page)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from pathlib import PurePath
 
 import pypdf
@@ -34,6 +35,10 @@ class DocumentError(ValueError):
 
 def upload_limit_bytes() -> int:
     return settings.JOB_UPLOAD_MAX_BYTES
+
+
+def _seconds(n: float) -> str:
+    return f"{n:g} s"
 
 
 def _megabytes(n: int) -> str:
@@ -103,6 +108,16 @@ def _read_text(display: str, data: bytes) -> str:
     return text.replace("\r\n", "\n")
 
 
+def _check_page_count(display: str, pages: int) -> None:
+    limit = settings.JOB_PDF_MAX_PAGES
+    if pages > limit:
+        raise DocumentError(
+            f"{display} has {pages:,} pages; the limit is {limit:,}. Upload fewer pages, "
+            "or paste the text.",
+            code="too_many_pages",
+        )
+
+
 def _read_pdf(display: str, data: bytes) -> str:
     if not data.lstrip()[:5] == b"%PDF-":
         raise DocumentError(f"{display} is not a PDF file.", code="unsupported_type")
@@ -127,7 +142,18 @@ def _read_pdf(display: str, data: bytes) -> str:
                     f"{display} is password-protected; upload an unprotected copy.",
                     code="encrypted",
                 )
-            for page in reader.pages:
+            _check_page_count(display, len(reader.pages))
+            # Checked between pages: a PDF can be made to take minutes to read.
+            deadline = time.monotonic() + settings.JOB_PDF_READ_BUDGET_S
+            for number, page in enumerate(reader.pages):
+                if time.monotonic() > deadline:
+                    raise DocumentError(
+                        f"Reading the text of {display} took longer than "
+                        f"{_seconds(settings.JOB_PDF_READ_BUDGET_S)}, the limit ({number:,} of "
+                        f"{len(reader.pages):,} pages were read). Upload fewer pages, or paste "
+                        "the text.",
+                        code="too_slow",
+                    )
                 page_text = page.extract_text() or ""
                 size += len(page_text.encode("utf-8"))
                 if size > text_limit:

@@ -159,58 +159,72 @@ def job_discard(*, user, job_id) -> None:
         job.delete()
 
 
-@transaction.atomic
 def job_submit(*, user, job_id, strategy: str) -> Job:
     """Queue a draft: in one pass if it fits the context, else by map-reduce when the
-    user chose it. Never truncates."""
-    job = _own_job_locked(user, job_id)
-    if job.state != Job.DRAFT:
-        raise JobError("This job was already submitted.", code="state")
-    if strategy not in {Job.SINGLE, Job.MAP_REDUCE}:
-        raise JobError("Choose one pass or map-reduce.", field="strategy")
-    if job.fits:
-        strategy = Job.SINGLE
-    elif strategy == Job.SINGLE:
-        raise JobError(
-            f"The prompt is {job.prompt_tokens:,} tokens and {job.max_tokens:,} new tokens are "
-            f"asked for: more than the {job.n_ctx:,}-token context. Choose map-reduce or "
-            "discard the job.",
-            code="too_long",
-        )
-    try:
-        check_quota(user=user, team=job.team, source="job")
-    except QuotaExceeded as exc:
-        raise JobError(str(exc), code="quota") from None
+    user chose it. Never truncates.
 
-    if strategy == Job.SINGLE:
-        JobChunk.objects.create(
-            job=job,
-            level=0,
-            index=0,
-            start=0,
-            end=len(job.document),
-            prompt_tokens=job.prompt_tokens,
-        )
-    else:
+    A big document takes seconds to split and count. That happens before the
+    transaction: on SQLite a transaction holds the one write lock of the whole
+    database, and every chat message waits for it. The rows go in afterwards, in one
+    short transaction that checks again that the draft is still a draft."""
+    job = get_job_for_user(user, job_id)
+    if not access.may_manage_job(user, job):
+        raise JobError("Only the owner of a job may change it.", code="forbidden")
+    _check_draft(job)
+    strategy = _clean_strategy(job, strategy)
+    chunks = _plan_chunks(Job.objects.select_related("model").get(pk=job.pk), strategy)
+    with transaction.atomic():
+        job = _own_job_locked(user, job_id)
+        _check_draft(job)
         try:
-            chunks = planning.split_document(
-                job.model, job.instruction, job.document, job.max_tokens, job.n_ctx
-            )
-        except planning.PlanError as exc:
-            raise JobError(str(exc), code="cannot_split") from None
+            check_quota(user=user, team=job.team, source="job")
+        except QuotaExceeded as exc:
+            raise JobError(str(exc), code="quota") from None
         JobChunk.objects.bulk_create(
             JobChunk(
                 job=job, level=0, index=i, start=c.start, end=c.end, prompt_tokens=c.prompt_tokens
             )
             for i, c in enumerate(chunks)
         )
-    job.strategy = strategy
-    job.state = Job.QUEUED
-    job.queued_at = timezone.now()
-    job.save()
-    _advance_locked(job)
-    announce(job)
+        job.strategy = strategy
+        job.state = Job.QUEUED
+        job.queued_at = timezone.now()
+        job.save()
+        _advance_locked(job)
+        announce(job)
     return job
+
+
+def _check_draft(job: Job) -> None:
+    if job.state != Job.DRAFT:
+        raise JobError("This job was already submitted.", code="state")
+
+
+def _clean_strategy(job: Job, strategy: str) -> str:
+    if strategy not in {Job.SINGLE, Job.MAP_REDUCE}:
+        raise JobError("Choose one pass or map-reduce.", field="strategy")
+    if job.fits:
+        return Job.SINGLE
+    if strategy == Job.SINGLE:
+        raise JobError(
+            f"The prompt is {job.prompt_tokens:,} tokens and {job.max_tokens:,} new tokens are "
+            f"asked for: more than the {job.n_ctx:,}-token context. Choose map-reduce or "
+            "discard the job.",
+            code="too_long",
+        )
+    return strategy
+
+
+def _plan_chunks(job: Job, strategy: str) -> list[planning.Chunk]:
+    """The level-0 chunks: the whole document, or its map-reduce split (tokenized)."""
+    if strategy == Job.SINGLE:
+        return [planning.Chunk(0, len(job.document), job.prompt_tokens)]
+    try:
+        return planning.split_document(
+            job.model, job.instruction, job.document, job.max_tokens, job.n_ctx
+        )
+    except planning.PlanError as exc:
+        raise JobError(str(exc), code="cannot_split") from None
 
 
 # --- running -------------------------------------------------------------------------
@@ -224,7 +238,22 @@ def _pass_messages(job: Job, chunk: JobChunk, level_answers: list[str] | None) -
     return planning.combine_messages(job.instruction, level_answers[chunk.start : chunk.end])
 
 
-def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = None) -> None:
+def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = None) -> bool:
+    """Create the pass's generation, unless the owner's quota says not now: then the
+    job waits, saying why, and the redrive (jobs_redrive, every minute) tries again.
+    Every pass counts against the quotas like any other generation; its tokens are
+    its Generation's. True if the pass was started."""
+    try:
+        check_quota(user=job.user, team=job.team, source="job")
+    except QuotaExceeded as exc:
+        reason = f"Waiting for the quota: {exc} The job goes on by itself then."
+        if job.reason != reason:
+            job.reason = reason
+            job.save(update_fields=["reason"])
+        return False
+    if job.reason:
+        job.reason = ""
+        job.save(update_fields=["reason"])
     gen = Generation.objects.create(
         user=job.user,
         team=job.team,
@@ -243,6 +272,7 @@ def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = Non
     # Enqueued by announce(), after the watchers hear of the pass: their sockets
     # then join its group before the worker can start streaming it.
     job.passes_to_enqueue = [*getattr(job, "passes_to_enqueue", []), gen]
+    return True
 
 
 def _finish_job(job: Job, state: str, reason: str = "", result: str = "") -> None:
@@ -280,7 +310,7 @@ def _advance_locked(job: Job) -> None:
             gen = chunk.generation
             if gen is None:
                 _start_pass(job, chunk, answers_by_level.get(chunk.level - 1))
-                waiting = True
+                waiting = True  # for the pass, or for the quota
                 break
             if not gen.is_final:
                 waiting = True

@@ -10,6 +10,7 @@ from django.core.paginator import Paginator
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.text import slugify
+from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_POST
 
 from inference.models import LanguageModel
@@ -19,6 +20,7 @@ from . import planning, services
 from .forms import JobForm
 from .models import Job
 from .selectors import job_snapshot
+from .uploads import DocumentUploadHandler
 
 STATE_FILTERS = {
     "active": [Job.QUEUED, Job.RUNNING],
@@ -72,7 +74,15 @@ def job_list(request):
 
 
 @login_required
+@csrf_exempt  # only to install the upload handler first; _job_new checks the token
 def job_new(request):
+    uploads = DocumentUploadHandler(request)
+    request.upload_handlers.insert(0, uploads)
+    return _job_new(request, uploads)
+
+
+@csrf_protect
+def _job_new(request, uploads: DocumentUploadHandler):
     if request.method != "POST":
         form = JobForm(user=request.user)
         return render(request, "inference/jobs/new.html", {"form": form})
@@ -88,8 +98,8 @@ def job_new(request):
                 model_name=data["model"],
                 text=data["text"],
                 file_name=upload.name if upload else "",
-                file_data=_read_upload(upload) if upload else None,
-                file_size=upload.size if upload else None,
+                file_data=upload.read() if upload else None,
+                file_size=uploads.size_of("file", upload) if upload else None,
                 team=data["team"],
                 title=data["title"],
             )
@@ -101,16 +111,6 @@ def job_new(request):
     if request.FILES.get("file"):
         form.add_error("file", "Choose the file again: browsers do not keep it.")
     return render(request, "inference/jobs/new.html", {"form": form}, status=400)
-
-
-def _read_upload(upload) -> bytes:
-    """The file's bytes, or one byte past the limit: enough to say it is too large
-    without holding all of a huge upload in memory."""
-    from .documents import upload_limit_bytes
-
-    if upload.size > upload_limit_bytes():
-        return upload.read(upload_limit_bytes() + 1)
-    return upload.read()
 
 
 @login_required

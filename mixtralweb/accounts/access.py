@@ -46,13 +46,23 @@ def may_see_conversation(user, conversation) -> bool:
 
 
 def may_post(user, conversation) -> bool:
-    """Send the next message (or regenerate the last answer): owner and team."""
+    """Send the next message: owner and team."""
     return may_see_conversation(user, conversation)
 
 
 def may_manage_conversation(user, conversation) -> bool:
-    """Rename, share, delete, edit its messages, change its settings: the owner."""
+    """Rename, share, delete, change its settings (parameters, system prompt, model,
+    dropping its oldest turns), edit anyone's messages: the owner."""
     return _signed_in(user) and conversation.owner_id == user.pk
+
+
+def may_replace_turns(user, conversation, authors) -> bool:
+    """Edit a message or regenerate an answer, which replaces the turns from that
+    question on. `authors`: the user ids of the questions replaced. The owner may;
+    a team member only when every one of those questions is theirs."""
+    if may_manage_conversation(user, conversation):
+        return True
+    return may_post(user, conversation) and all(a == user.pk for a in authors)
 
 
 # --- generations (chat answers, API calls, job passes) ---------------------------------

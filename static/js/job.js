@@ -44,6 +44,7 @@
       case "failed": return "Failed: " + (snap.reason || "no reason given");
       case "cancelled": return "Cancelled" + (snap.reason ? ": " + snap.reason : "");
     }
+    if (snap.reason) return snap.reason;  // an active job waiting for the quota
     if (cur && live.generation === cur.generation) {
       if (live.tokens > 0) return label + "generating (" + live.tokens + " of at most " + snap.max_tokens + " tokens)";
       if (live.evalTotal) return label + "evaluating the prompt, " + live.evaluated.toLocaleString() + " of " + live.evalTotal.toLocaleString() + " tokens";
