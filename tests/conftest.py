@@ -27,6 +27,7 @@ from django.conf import settings
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
 
 from mixtralweb import namespace
+from mixtralweb.web_server import daphne_argv
 from tests.browser import browser  # noqa: F401 - the Chromium fixture, for browser tests
 from tests.fake_nvml import fake_gpus, no_gpu  # noqa: F401 - fixtures: a substituted NVML
 
@@ -183,18 +184,7 @@ def stack(_deployment_namespace, django_db_setup, django_db_blocker):
     port = free_port()
     env = {**os.environ, "DATABASE_URL": database_url(), "PYTHONUNBUFFERED": "1"}
     running = Stack(port, env)
-    bin_dir = Path(sys.executable).parent
-    running.start(
-        "web",
-        [
-            str(bin_dir / "daphne"),
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "mixtralweb.asgi:application",
-        ],
-    )
+    running.start("web", daphne_argv(host="127.0.0.1", port=port))
     running.start_worker()
     try:
         running.wait_http()

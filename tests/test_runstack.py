@@ -70,7 +70,9 @@ def test_make_run_starts_everything_on_sqlite_and_a_local_redis_and_ctrl_c_stops
 
         def ready_workers():
             try:
-                states = [json.loads(raw) for raw in local_redis.mget(local_redis.keys("worker:*"))]
+                states = [
+                    json.loads(raw) for raw in local_redis.mget(local_redis.keys("*:worker:*"))
+                ]
             except (redis.RedisError, redis.DataError):
                 return []
             return [s for s in states if s and s["state"] == "ready"]

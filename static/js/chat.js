@@ -39,6 +39,8 @@
     socket.onmessage = function (event) { handle(JSON.parse(event.data)); };
     socket.onclose = function (event) {
       if (event.code === 4401) { location.href = "/login/?next=" + encodeURIComponent(location.pathname); return; }
+      // 1009: the server refused a frame over its size limit (WS_FRAME_MAX_BYTES).
+      if (event.code === 1009) showError("That was too large to send; nothing was saved.");
       status.textContent = "reconnecting…";
       status.className = "status warn";
       setTimeout(connect, backoffMs);

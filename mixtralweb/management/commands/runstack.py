@@ -24,6 +24,7 @@ from honcho.manager import Manager
 
 from inference.registry import apply_default_model_settings, ensure_default_model
 from mixtralweb import namespace
+from mixtralweb.web_server import daphne_argv
 
 
 def redis_answers(url: str) -> bool:
@@ -70,11 +71,7 @@ class Command(BaseCommand):
 
         python = sys.executable
         bin_dir = os.path.dirname(python)
-        manager.add_process(
-            "web",
-            f"{bin_dir}/daphne -b {host} -p {port} mixtralweb.asgi:application",
-            env=env,
-        )
+        manager.add_process("web", shlex.join(daphne_argv(host=host, port=port)), env=env)
         manager.add_process("worker", f"{python} manage.py modelworker {model.name}", env=env)
         # Maintenance tasks (the reaper) get their own small worker, so that they
         # run even while the model worker is busy or gone.
