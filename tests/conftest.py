@@ -68,6 +68,20 @@ def _quick_password_hashes():
     override.disable()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_login_throttling_in_this_process():
+    """django-axes needs the request in every authenticate(), and the test client's
+    login() gives none: throttling is off in this process, so that tests may log in
+    so. tests/test_login.py turns it on for its tests; the servers a test starts
+    (daphne, `make run`) always throttle."""
+    from django.test.utils import override_settings
+
+    override = override_settings(AXES_ENABLED=False)
+    override.enable()
+    yield
+    override.disable()
+
+
 class QuickPBKDF2PasswordHasher(PBKDF2PasswordHasher):
     iterations = 1
 
