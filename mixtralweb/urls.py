@@ -19,6 +19,11 @@ urlpatterns = [
     ),
     path("account/", include("inference.openai_api.key_urls")),
     path("account/invitations/", invitations.invitations, name="invitations"),
+    path(
+        "account/invitations/<int:invitation_id>/revoke/",
+        invitations.invitation_revoke,
+        name="invitation_revoke",
+    ),
     path("invite/<str:token>/", invitations.invitation_accept, name="invitation_accept"),
     path("v1/", include("inference.openai_api.urls")),
     path("admin/", admin.site.urls),

@@ -184,6 +184,7 @@ def team_usage(request, team_id: int):
         "chart": usage.series(usage.by(days, "day"), filters.start, filters.end),
         "by_member": usage.by(days, "user_id", "user__username"),
         "by_model": usage.by(days, "model__name"),
+        "open_invitations": team.invitations.open().select_related("created_by"),
     }
     return render(request, "monitoring/team_usage.html", context, status=_status(form))
 

@@ -20,6 +20,7 @@ import redis
 from django.conf import settings
 
 from mixtralweb import namespace
+from mixtralweb.web_server import daphne_argv
 from tests.conftest import LOG_DIR, Stack, database_url, free_port
 
 
@@ -123,17 +124,7 @@ class Cluster:
 
     def start_web(self) -> Stack:
         web = Stack(free_port(), self.env)
-        web.start(
-            f"{self.name}-web{len(self.webs)}",
-            [
-                str(Path(sys.executable).parent / "daphne"),
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(web.port),
-                "mixtralweb.asgi:application",
-            ],
-        )
+        web.start(f"{self.name}-web{len(self.webs)}", daphne_argv(host="127.0.0.1", port=web.port))
         web.wait_http()
         self.webs.append(web)
         return web

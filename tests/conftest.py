@@ -27,6 +27,7 @@ from django.conf import settings
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
 
 from mixtralweb import namespace
+from mixtralweb.web_server import daphne_argv
 from tests.browser import browser  # noqa: F401 - the Chromium fixture, for browser tests
 from tests.fake_nvml import fake_gpus, no_gpu  # noqa: F401 - fixtures: a substituted NVML
 
@@ -62,6 +63,20 @@ def _quick_password_hashes():
     override = override_settings(
         PASSWORD_HASHERS=["tests.conftest.QuickPBKDF2PasswordHasher", *settings.PASSWORD_HASHERS]
     )
+    override.enable()
+    yield
+    override.disable()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_login_throttling_in_this_process():
+    """django-axes needs the request in every authenticate(), and the test client's
+    login() gives none: throttling is off in this process, so that tests may log in
+    so. tests/test_login.py turns it on for its tests; the servers a test starts
+    (daphne, `make run`) always throttle."""
+    from django.test.utils import override_settings
+
+    override = override_settings(AXES_ENABLED=False)
     override.enable()
     yield
     override.disable()
@@ -183,18 +198,7 @@ def stack(_deployment_namespace, django_db_setup, django_db_blocker):
     port = free_port()
     env = {**os.environ, "DATABASE_URL": database_url(), "PYTHONUNBUFFERED": "1"}
     running = Stack(port, env)
-    bin_dir = Path(sys.executable).parent
-    running.start(
-        "web",
-        [
-            str(bin_dir / "daphne"),
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "mixtralweb.asgi:application",
-        ],
-    )
+    running.start("web", daphne_argv(host="127.0.0.1", port=port))
     running.start_worker()
     try:
         running.wait_http()

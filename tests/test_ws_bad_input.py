@@ -1,7 +1,10 @@
 """Bad input over the socket gets an error frame, and the socket stays usable."""
 
+import struct
+
 import pytest
-from websockets.exceptions import InvalidStatus
+from django.conf import settings
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from inference.models import Generation
 from inference.services import chat_send
@@ -53,9 +56,31 @@ def test_it_rejects_an_oversized_message_and_queues_nothing(
     assert not Generation.objects.exists()
 
 
-def test_it_rejects_an_oversized_frame(stack, cast, ws_factory):
-    error = error_for(ws_factory(cast.alice), "x" * (512 * 1024 + 1))
-    assert error["code"] == "too_large"
+def test_a_frame_at_the_size_limit_reaches_the_consumer(stack, cast, ws_factory):
+    error = error_for(ws_factory(cast.alice), "x" * settings.WS_FRAME_MAX_BYTES)
+    assert error["code"] == "bad_json"  # read and parsed, not refused for its size
+
+
+def test_a_frame_over_the_limit_closes_the_socket_with_1009_before_it_is_read(
+    stack, cast, ws_factory
+):
+    ws = ws_factory(cast.alice)
+    # Only the header of a 2 MiB text frame and its first KiB: the server refuses
+    # it from the length in the header, without waiting for (or holding) the rest.
+    header = bytes([0x81, 0x80 | 127]) + struct.pack(">Q", 2 * 1024 * 1024) + b"mask"
+    ws.conn.socket.sendall(header + b"x" * 1024)
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.conn.recv(timeout=10)
+    assert closed.value.rcvd is not None, "dropped without a close frame"
+    assert closed.value.rcvd.code == 1009  # message too big
+
+
+def test_a_client_sending_2_mib_gets_1009(stack, cast, ws_factory):
+    ws = ws_factory(cast.alice)
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.send("x" * (2 * 1024 * 1024))
+        ws.conn.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
 
 
 def test_it_rejects_bad_sampling_parameters(stack, cast, default_model, ws_factory):

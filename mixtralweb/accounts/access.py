@@ -122,6 +122,30 @@ def may_administer_team(user, team) -> bool:
     return teams_administered(user).filter(pk=team.pk).exists()
 
 
+# --- invitations -------------------------------------------------------------------------
+def may_invite_to(user, team) -> bool:
+    """Create an invitation (to `team`, or to no team when None): staff anywhere, team
+    admins to their teams. Asked again when the link is used: an inviter who has lost
+    the right since then invites nobody."""
+    if team is None:
+        return is_staff(user)
+    return may_administer_team(user, team)
+
+
+def invitations(user, queryset: QuerySet) -> QuerySet:
+    """Invitations the user sees and may revoke: all for staff; else those they made
+    and those to the teams they administer."""
+    if not _signed_in(user):
+        return queryset.none()
+    if user.is_staff:
+        return queryset
+    return queryset.filter(Q(created_by=user) | Q(team__in=teams_administered(user)))
+
+
+def may_revoke_invitation(user, invitation) -> bool:
+    return invitations(user, type(invitation).objects.filter(pk=invitation.pk)).exists()
+
+
 # --- usage and metrics -------------------------------------------------------------------
 def usage_of(user, queryset: QuerySet, user_field: str = "user") -> QuerySet:
     """Usage rows (metrics, not text) the user may see: their own; their teams'

@@ -174,10 +174,25 @@ class Quota(models.Model):
         return f"Quota of {self.user or self.team}"
 
 
-class Invitation(models.Model):
-    """A one-time sign-up link an admin sends to a new user, optionally into a team."""
+class InvitationQuerySet(models.QuerySet):
+    def open(self):
+        """Neither used, revoked nor expired."""
+        return self.filter(
+            accepted_at__isnull=True, revoked_at__isnull=True, expires_at__gt=timezone.now()
+        )
 
-    token = models.CharField(max_length=64, unique=True)
+
+class Invitation(models.Model):
+    """A one-time sign-up link a staff member or a team admin sends to a new user,
+    optionally into a team.
+
+    Like an API key, only a SHA-256 hash of the link's token is stored: the raw token
+    is in the link, shown once to whoever created it. A link works while it is unused,
+    unrevoked and unexpired, and while its inviter may still invite to its team
+    (mixtralweb/accounts/invitations.py checks that at acceptance).
+    """
+
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
     email = models.EmailField(blank=True)
     team = models.ForeignKey(
         Team, on_delete=models.CASCADE, null=True, blank=True, related_name="invitations"
@@ -194,6 +209,9 @@ class Invitation(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
     )
     accepted_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = InvitationQuerySet.as_manager()
 
     class Meta:
         db_table = "mixtralweb_invitation"
@@ -202,8 +220,27 @@ class Invitation(models.Model):
     def __str__(self) -> str:
         return f"Invitation for {self.email or 'anyone'} ({self.team or 'no team'})"
 
+    @staticmethod
+    def hash_token(token: str) -> str:
+        # 32 random bytes: a fast hash is enough, there is no dictionary to try.
+        return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+    @property
+    def state(self) -> str:
+        """accepted, revoked, expired or open."""
+        if self.accepted_at is not None:
+            return "accepted"
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at <= timezone.now():
+            return "expired"
+        return "open"
+
     @property
     def is_usable(self) -> bool:
-        from django.utils import timezone
+        return self.state == "open"
 
-        return self.accepted_at is None and self.expires_at > timezone.now()
+    def revoke(self) -> None:
+        if self.is_usable:
+            self.revoked_at = timezone.now()
+            self.save(update_fields=["revoked_at"])

@@ -40,6 +40,8 @@
     socket.onclose = function (event) {
       // 4401: not logged in; 4403: logged out or deactivated elsewhere.
       if (event.code === 4401 || event.code === 4403) { location.href = "/login/?next=" + encodeURIComponent(location.pathname); return; }
+      // 1009: the server refused a frame over its size limit (WS_FRAME_MAX_BYTES).
+      if (event.code === 1009) showError("That was too large to send; nothing was saved.");
       status.textContent = event.code === 4429 ? "too many tabs open: retrying in 30 s" : "reconnecting…";
       status.className = "status warn";
       setTimeout(connect, event.code === 4429 ? 30000 : backoffMs);

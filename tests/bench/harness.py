@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from django.conf import settings
 from django.core.management import call_command
 
+from mixtralweb.web_server import daphne_argv
 from tests.conftest import Stack, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,18 +45,7 @@ def start_stack() -> Stack:
     port = free_port()
     env = {**os.environ, "DATABASE_URL": database_url(), "PYTHONUNBUFFERED": "1"}
     stack = Stack(port, env)
-    bin_dir = Path(sys.executable).parent
-    stack.start(
-        "bench-web",
-        [
-            str(bin_dir / "daphne"),
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "mixtralweb.asgi:application",
-        ],
-    )
+    stack.start("bench-web", daphne_argv(host="127.0.0.1", port=port))
     stack.start_worker("bench-worker")
     stack.wait_http()
     stack.wait_worker()

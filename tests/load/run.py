@@ -379,6 +379,7 @@ def main() -> int:
 
     from inference.models import Generation
     from inference.registry import ensure_default_model
+    from mixtralweb.web_server import daphne_argv
     from tests.bench.harness import prepare_database
     from tests.conftest import Stack, free_port
 
@@ -396,17 +397,7 @@ def main() -> int:
         env.setdefault("LLAMA_N_THREADS", "1")
     web = Stack(free_port(), env)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    web.start(
-        "load-web",
-        [
-            str(Path(sys.executable).parent / "daphne"),
-            "-b",
-            "127.0.0.1",
-            "-p",
-            str(web.port),
-            "mixtralweb.asgi:application",
-        ],
-    )
+    web.start("load-web", daphne_argv(host="127.0.0.1", port=web.port))
     workers = [Stack(0, env) for _ in range(WORKERS)]
     try:
         for i, worker in enumerate(workers):

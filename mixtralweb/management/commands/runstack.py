@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from honcho.manager import Manager
 
 from inference.registry import apply_default_model_settings, ensure_default_model
 from mixtralweb import namespace
+from mixtralweb.web_server import daphne_argv
 
 
 def redis_answers(url: str) -> bool:
@@ -30,6 +32,17 @@ def redis_answers(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
     except redis.RedisError:
         return False
+
+
+def local_redis_argv(binary: str, port: int, data_dir) -> list[str]:
+    """The local redis-server of `make run`. Its data survives a restart, even a crash
+    or a kill (an append-only file in var/redis/, synced every second): queued
+    answers' tasks, live workers' and sessions' keys."""
+    return [
+        binary,
+        *("--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)),
+        *("--save", "60 1", "--appendonly", "yes", "--appendfsync", "everysec"),
+    ]
 
 
 class Command(BaseCommand):
@@ -58,11 +71,7 @@ class Command(BaseCommand):
 
         python = sys.executable
         bin_dir = os.path.dirname(python)
-        manager.add_process(
-            "web",
-            f"{bin_dir}/daphne -b {host} -p {port} mixtralweb.asgi:application",
-            env=env,
-        )
+        manager.add_process("web", shlex.join(daphne_argv(host=host, port=port)), env=env)
         manager.add_process("worker", f"{python} manage.py modelworker {model.name}", env=env)
         # Maintenance tasks (the reaper) get their own small worker, so that they
         # run even while the model worker is busy or gone.
@@ -115,12 +124,7 @@ class Command(BaseCommand):
         data_dir = settings.VAR_DIR / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
         self.stdout.write(f"Redis does not answer at {url}: starting redis-server on port {port}.")
-        manager.add_process(
-            "redis",
-            # Its data survives a restart (append-only file): queued answers' tasks too.
-            f"{binary} --bind 127.0.0.1 --port {port} --dir {data_dir} "
-            "--save 60 1 --appendonly yes",
-        )
+        manager.add_process("redis", shlex.join(local_redis_argv(binary, port, data_dir)))
         local_url = f"redis://127.0.0.1:{port}/{(parsed.path or '/0').lstrip('/') or 0}"
         # The others start beside it and retry until it answers.
         return local_url
