@@ -9,7 +9,8 @@ The peer, when LLAMA_SERVER names a llama-server binary (built from the llama.cp
 source that llama-cpp-python vendors: `make llama-server`), is llama.cpp's own
 server on its defaults, given the same model file, the same prompts and the same
 max_tokens over its OpenAI-compatible streaming API. The two alternate round by
-round, so a change in the host's speed weighs on both alike.
+round, so a change in the host's speed weighs on both alike. LLAMA_SERVER_ARGS
+adds arguments to the peer's command line.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import urllib.request
 from tests.bench.harness import bench_user, prepare_database, start_stack
 from tests.conftest import WSClient, free_port
 
+# Extra llama-server arguments, only where its defaults cannot run at all (a VM that
+# advertises AMX without allowing it crashes the default weight repacking: "-nr").
+PEER_ARGS = os.environ.get("LLAMA_SERVER_ARGS", "").split()
 ROUNDS = int(os.environ.get("CONCURRENCY_BENCH_ROUNDS", 3))
 USERS = [int(n) for n in os.environ.get("CONCURRENCY_BENCH_USERS", "1,4,8").split(",")]
 MAX_TOKENS = 128
@@ -131,7 +135,7 @@ def summary(rows: list[dict]) -> dict:
 def start_peer(binary: str, model_path: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
-        [binary, "-m", model_path, "--host", "127.0.0.1", "--port", str(port)],
+        [binary, "-m", model_path, "--host", "127.0.0.1", "--port", str(port), *PEER_ARGS],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -161,10 +165,7 @@ def main() -> None:
     )
     stack = start_stack()
     peer = url = None
-    if peer_binary:
-        peer, url = start_peer(peer_binary, str(embedded_model_path()))
-    most = max([*USERS, 4])
-    sockets = [WSClient(stack, bench_user(f"bench-{i}")) for i in range(most)]
+    sockets: list[WSClient] = []
     results: dict[tuple[str, str], list[dict]] = {}
 
     def record(side: str, scenario: str, rows: list[dict]) -> None:
@@ -186,6 +187,9 @@ def main() -> None:
         return call
 
     try:
+        if peer_binary:
+            peer, url = start_peer(peer_binary, str(embedded_model_path()))
+        sockets += [WSClient(stack, bench_user(f"bench-{i}")) for i in range(max([*USERS, 4]))]
         at_once([user("ours", 0, "Hello.", 8)])  # warm-up
         for round_ in range(ROUNDS):
             for side in ["ours", "peer"] if round_ % 2 == 0 else ["peer", "ours"]:
