@@ -176,17 +176,20 @@ def _fit_context(
     "drop_oldest", the oldest turns are marked dropped until it fits. Never silent.
     messages: the conversation's input when the caller already knows it.
     """
-    from .tokens import chat_tokens_bound, count_chat_tokens
+    from .tokens import ChatTemplateError, chat_tokens_bound, count_chat_tokens
 
     model = conversation.model
     max_tokens = int((conversation.params or {}).get("max_tokens", DEFAULT_PARAMS["max_tokens"]))
     while True:
         if messages is None:
             messages = conversation_input(conversation)
-        bound = chat_tokens_bound(model, messages)
-        if bound is not None and bound + max_tokens <= model.n_ctx:
-            return messages  # fits for certain: not worth tokenizing
-        prompt_tokens = count_chat_tokens(model, messages)
+        try:
+            bound = chat_tokens_bound(model, messages)
+            if bound is not None and bound + max_tokens <= model.n_ctx:
+                return messages  # fits for certain: not worth tokenizing
+            prompt_tokens = count_chat_tokens(model, messages)
+        except ChatTemplateError as exc:
+            raise ChatError(str(exc), code="template") from None
         if prompt_tokens + max_tokens <= model.n_ctx:
             return messages
         droppable = (

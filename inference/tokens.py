@@ -24,12 +24,21 @@ import threading
 from collections.abc import Sequence
 from functools import lru_cache
 
+import jinja2
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 # What llama.cpp parses as a token in text only when asked to parse special tokens
 # (user-defined tokens it parses either way, so they need no care here).
 CONTROL_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+
+# How a chat template refuses messages: raise_exception() raises ValueError, and a
+# template can fail on what it did not expect (a missing key, a wrong type).
+TEMPLATE_ERRORS = (ValueError, TypeError, jinja2.TemplateError)
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template refuses these messages; the message says why."""
 
 
 class ChatTokenizer:
@@ -60,7 +69,34 @@ class ChatTokenizer:
 
     def render(self, messages: Sequence[dict], assistant_prefix: str = "") -> str:
         """The prompt text; assistant_prefix continues an answer cut short (a retry)."""
-        return self.formatter(messages=list(messages)).prompt + assistant_prefix
+        return self._format(self.template_messages(messages)) + assistant_prefix
+
+    def template_messages(self, messages: Sequence[dict]) -> list[dict]:
+        """The messages as the template takes them. Consecutive turns of one role
+        become one (an answer stopped before its first word leaves two user turns
+        in a row), and where the template refuses a system turn (Mistral's,
+        Mixtral's), the system prompt opens the first user turn: a conversation can
+        always continue. ChatTemplateError if the template still refuses."""
+        merged = _merged(messages)
+        candidates = [merged]
+        if any(message.get("role") == "system" for message in merged):
+            candidates.append(_system_folded(merged))
+        for candidate in candidates:
+            try:
+                self.formatter(messages=candidate)
+            except TEMPLATE_ERRORS as exc:
+                error = exc
+                continue
+            return candidate
+        raise ChatTemplateError(f"The model's chat template refuses this conversation: {error}")
+
+    def _format(self, messages: list[dict]) -> str:
+        try:
+            return self.formatter(messages=messages).prompt
+        except TEMPLATE_ERRORS as exc:
+            raise ChatTemplateError(
+                f"The model's chat template refuses this conversation: {exc}"
+            ) from None
 
     def tokenize(self, text: str) -> list[int]:
         """A raw prompt's tokens (the completions API): its author writes the whole
@@ -88,6 +124,7 @@ class ChatTokenizer:
 
     def _fragments(self, messages: Sequence[dict], assistant_prefix: str) -> list[int | str]:
         """The prompt as control token ids and the plain text between them."""
+        messages = self.template_messages(messages)
         marker = f"\ue000{secrets.token_hex(8)}\ue001"
         marked = [
             {**message, "content": f"{marker}{message['content']}{marker}"}
@@ -95,11 +132,11 @@ class ChatTokenizer:
             else message
             for message in messages
         ]
-        parts = self.formatter(messages=marked).prompt.split(marker)
+        parts = self._format(marked).split(marker)
         if len(parts) % 2 == 0:
-            raise ValueError("The model's chat template cuts a message's text apart.")
+            raise ChatTemplateError("The model's chat template cuts a message's text apart.")
         contents = parts[1::2]
-        plain = self.render(messages)
+        plain = self._format(messages)
         if (
             "".join(parts) != plain
             and "".join(part.strip() if index % 2 else part for index, part in enumerate(parts))
@@ -142,6 +179,35 @@ class ChatTokenizer:
                         cut.append(token_id)
             fragments = cut
         return fragments
+
+
+def _merged(messages: Sequence[dict]) -> list[dict]:
+    """Consecutive turns of one role as one turn, their texts a blank line apart."""
+    merged: list[dict] = []
+    for message in messages:
+        previous = merged[-1] if merged else None
+        if (
+            previous is not None
+            and previous.get("role") == message.get("role")
+            and isinstance(previous.get("content"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            merged[-1] = {**previous, "content": f"{previous['content']}\n\n{message['content']}"}
+        else:
+            merged.append(dict(message))
+    return merged
+
+
+def _system_folded(messages: list[dict]) -> list[dict]:
+    """The system turns' text at the start of the first user turn (a user turn of
+    its own if there is none)."""
+    system = "\n\n".join(m["content"] for m in messages if m.get("role") == "system")
+    rest = [m for m in messages if m.get("role") != "system"]
+    for index, message in enumerate(rest):
+        if message.get("role") == "user":
+            rest[index] = {**message, "content": f"{system}\n\n{message['content']}"}
+            return rest
+    return [{"role": "user", "content": system}, *rest]
 
 
 def _control_tokens(vocab) -> list[tuple[int, str, bool, bool]]:
