@@ -265,7 +265,7 @@ class ChatConsumer(GenerationEventsMixin, FrameConsumer):
             conversation_id=frame.get("conversation"),
             model_name=frame.get("model"),
             params=frame.get("params"),
-            system_prompt=frame.get("system_prompt") or "",
+            system_prompt=frame.get("system_prompt"),
             overflow=frame.get("overflow"),
         )
         await self._accepted(frame, conversation, message, generation)

@@ -7,6 +7,7 @@ that can be shown to the user as it is.
 from __future__ import annotations
 
 import logging
+import math
 
 from django.conf import settings
 from django.db import transaction
@@ -42,6 +43,20 @@ class ChatError(ValueError):
         self.code = code
 
 
+# The largest id a database row can have (PostgreSQL bigint).
+ID_MAX = 2**63 - 1
+
+
+def clean_id(value) -> int | None:
+    """The row id a client sent (a whole number, or its digits as text), or None for
+    anything else: a fraction, a boolean, a list, a number beyond any id."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 < value <= ID_MAX else None
+
+
 def clean_params(raw: dict | None) -> dict:
     """Validated sampling parameters, defaults filled in."""
     if raw is None:
@@ -59,12 +74,28 @@ def clean_params(raw: dict | None) -> dict:
         kind = float if name in {"temperature", "top_p"} else int
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ChatError(f"{name} must be a number")
+        if not math.isfinite(value):
+            raise ChatError(f"{name} must be a finite number")
         if kind is int and value != int(value):
             raise ChatError(f"{name} must be a whole number")
         if not low <= value <= high:
             raise ChatError(f"{name} must be between {low} and {high}")
         params[name] = kind(value)
     return params
+
+
+def clean_system_prompt(system_prompt) -> str:
+    if system_prompt is None:
+        return ""
+    if not isinstance(system_prompt, str):
+        raise ChatError("system_prompt must be text.")
+    if len(system_prompt) > settings.CHAT_MESSAGE_MAX_CHARS:
+        raise ChatError(
+            f"The system prompt is {len(system_prompt):,} characters; the limit is "
+            f"{settings.CHAT_MESSAGE_MAX_CHARS:,}.",
+            code="too_large",
+        )
+    return system_prompt
 
 
 def clean_content(content) -> str:
@@ -112,10 +143,9 @@ def serving_models():
 def get_conversation_for_user(user, conversation_id) -> Conversation:
     """The conversation if the user may see it; ChatError('not_found') otherwise,
     whether it does not exist or belongs to someone else."""
-    try:
-        conversation_id = int(conversation_id)
-    except (TypeError, ValueError):
-        raise ChatError("Conversation not found.", code="not_found") from None
+    conversation_id = clean_id(conversation_id)
+    if conversation_id is None:
+        raise ChatError("Conversation not found.", code="not_found")
     visible = access.conversations(user, Conversation.objects.select_related("model"))
     conversation = visible.filter(pk=conversation_id).first()
     if conversation is None:
@@ -124,10 +154,9 @@ def get_conversation_for_user(user, conversation_id) -> Conversation:
 
 
 def get_generation_for_user(user, generation_id) -> Generation:
-    try:
-        generation_id = int(generation_id)
-    except (TypeError, ValueError):
-        raise ChatError("Generation not found.", code="not_found") from None
+    generation_id = clean_id(generation_id)
+    if generation_id is None:
+        raise ChatError("Generation not found.", code="not_found")
     visible = access.generations(user, Generation.objects.select_related("model"))
     gen = visible.filter(pk=generation_id).first()
     if gen is None:
@@ -181,17 +210,20 @@ def _fit_context(
     messages: the conversation's input when the caller already knows it.
     may_drop: whether this user may drop turns (the owner; access).
     """
-    from .tokens import chat_tokens_bound, count_chat_tokens
+    from .tokens import ChatTemplateError, chat_tokens_bound, count_chat_tokens
 
     model = conversation.model
     max_tokens = int((conversation.params or {}).get("max_tokens", DEFAULT_PARAMS["max_tokens"]))
     while True:
         if messages is None:
             messages = conversation_input(conversation)
-        bound = chat_tokens_bound(model, messages)
-        if bound is not None and bound + max_tokens <= model.n_ctx:
-            return messages  # fits for certain: not worth tokenizing
-        prompt_tokens = count_chat_tokens(model, messages)
+        try:
+            bound = chat_tokens_bound(model, messages)
+            if bound is not None and bound + max_tokens <= model.n_ctx:
+                return messages  # fits for certain: not worth tokenizing
+            prompt_tokens = count_chat_tokens(model, messages)
+        except ChatTemplateError as exc:
+            raise ChatError(str(exc), code="template") from None
         if prompt_tokens + max_tokens <= model.n_ctx:
             return messages
         droppable = (
@@ -320,7 +352,7 @@ def chat_send(
     conversation_id=None,
     model_name: str | None = None,
     params: dict | None = None,
-    system_prompt: str = "",
+    system_prompt: str | None = "",
     overflow: str | None = None,
     live_workers: list[dict] | None = None,
 ) -> tuple[Conversation, Message, Generation]:
@@ -328,6 +360,7 @@ def chat_send(
     caller read them (the chat socket reads them with its rate limit), or None."""
     content = clean_content(content)
     overflow = _clean_overflow(overflow)
+    system_prompt = clean_system_prompt(system_prompt)
     if conversation_id is None:
         return _start_conversation(
             user=user,
@@ -393,10 +426,9 @@ def chat_edit(*, user, message_id, content, overflow: str | None = None):
     """Replace an earlier user message: it and every later turn are superseded, the
     new text is posted in its place, and a new answer is queued."""
     content = clean_content(content)
-    try:
-        message_id = int(message_id)
-    except (TypeError, ValueError):
-        raise ChatError("Message not found.", code="not_found") from None
+    message_id = clean_id(message_id)
+    if message_id is None:
+        raise ChatError("Message not found.", code="not_found")
     original = (
         Message.objects.filter(
             pk=message_id,

@@ -5,17 +5,40 @@ with its own vocabulary (ChatTokenizer over the loaded model). The web process d
 the same with a vocabulary-only llama.cpp handle, which reads the tokenizer from the
 file but no weights (milliseconds, a few MB even for Mixtral), so a prompt that does
 not fit the context is refused with its size before it is queued.
+
+Only the template writes control tokens. A message's text is plain text: a user who
+types `<|im_end|>` or `</s>`, or a document that contains one, gets those characters
+read as characters, never a turn forged. The template is rendered with a marker
+around each message's text; control tokens are looked for in the template's parts
+only, as llama.cpp would look for them in the whole prompt, and the text between
+them (template and messages together, so that tokens merge across the seams as
+before) is tokenized as plain text. A prompt without control-token text in its
+messages therefore has exactly the tokens it had when the whole prompt was parsed.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
 
+import jinja2
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+# What llama.cpp parses as a token in text only when asked to parse special tokens
+# (user-defined tokens it parses either way, so they need no care here).
+CONTROL_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+
+# How a chat template refuses messages: raise_exception() raises ValueError, and a
+# template can fail on what it did not expect (a missing key, a wrong type).
+TEMPLATE_ERRORS = (ValueError, TypeError, jinja2.TemplateError)
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template refuses these messages; the message says why."""
 
 
 class ChatTokenizer:
@@ -42,18 +65,166 @@ class ChatTokenizer:
             llama_cpp.LLAMA_VOCAB_TYPE_BPE,
             llama_cpp.LLAMA_VOCAB_TYPE_SPM,
         )
+        self.control_tokens = _control_tokens(model.vocab)
 
     def render(self, messages: Sequence[dict], assistant_prefix: str = "") -> str:
         """The prompt text; assistant_prefix continues an answer cut short (a retry)."""
-        return self.formatter(messages=list(messages)).prompt + assistant_prefix
+        return self._format(self.template_messages(messages)) + assistant_prefix
+
+    def template_messages(self, messages: Sequence[dict]) -> list[dict]:
+        """The messages as the template takes them. Consecutive turns of one role
+        become one (an answer stopped before its first word leaves two user turns
+        in a row), and where the template refuses a system turn (Mistral's,
+        Mixtral's), the system prompt opens the first user turn: a conversation can
+        always continue. ChatTemplateError if the template still refuses."""
+        merged = _merged(messages)
+        candidates = [merged]
+        if any(message.get("role") == "system" for message in merged):
+            candidates.append(_system_folded(merged))
+        for candidate in candidates:
+            try:
+                self.formatter(messages=candidate)
+            except TEMPLATE_ERRORS as exc:
+                error = exc
+                continue
+            return candidate
+        raise ChatTemplateError(f"The model's chat template refuses this conversation: {error}")
+
+    def _format(self, messages: list[dict]) -> str:
+        try:
+            return self.formatter(messages=messages).prompt
+        except TEMPLATE_ERRORS as exc:
+            raise ChatTemplateError(
+                f"The model's chat template refuses this conversation: {exc}"
+            ) from None
 
     def tokenize(self, text: str) -> list[int]:
+        """A raw prompt's tokens (the completions API): its author writes the whole
+        prompt, control tokens included, as with llama.cpp's server."""
         # The chat template writes the BOS token itself where the model wants one.
         with self._lock:
             return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
+    def tokenize_plain(self, text: str) -> list[int]:
+        """Tokens of text that is read as text only: no control token comes out."""
+        if not text:
+            return []
+        with self._lock:
+            return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
     def chat_tokens(self, messages: Sequence[dict], assistant_prefix: str = "") -> list[int]:
-        return self.tokenize(self.render(messages, assistant_prefix))
+        """The prompt's tokens: control tokens from the template only."""
+        tokens = []
+        for fragment in self._fragments(messages, assistant_prefix):
+            if isinstance(fragment, int):
+                tokens.append(fragment)
+            else:
+                tokens += self.tokenize_plain(fragment)
+        return tokens
+
+    def _fragments(self, messages: Sequence[dict], assistant_prefix: str) -> list[int | str]:
+        """The prompt as control token ids and the plain text between them."""
+        messages = self.template_messages(messages)
+        marker = f"\ue000{secrets.token_hex(8)}\ue001"
+        marked = [
+            {**message, "content": f"{marker}{message['content']}{marker}"}
+            if isinstance(message.get("content"), str)
+            else message
+            for message in messages
+        ]
+        parts = self._format(marked).split(marker)
+        if len(parts) % 2 == 0:
+            raise ChatTemplateError("The model's chat template cuts a message's text apart.")
+        contents = parts[1::2]
+        plain = self._format(messages)
+        if (
+            "".join(parts) != plain
+            and "".join(part.strip() if index % 2 else part for index, part in enumerate(parts))
+            == plain
+        ):
+            contents = [content.strip() for content in contents]  # the template trims
+        fragments: list[int | str] = []
+        for template_part, content in zip(parts[::2], [*contents, assistant_prefix], strict=True):
+            fragments += self._partition(template_part)
+            fragments.append(content)
+        # Neighbouring texts are one text, as they were in the whole prompt.
+        merged: list[int | str] = []
+        for fragment in fragments:
+            if isinstance(fragment, str) and merged and isinstance(merged[-1], str):
+                merged[-1] += fragment
+            elif fragment != "":
+                merged.append(fragment)
+        return merged
+
+    def _partition(self, text: str) -> list[int | str]:
+        """Template text cut at the control tokens it writes, as llama.cpp cuts a
+        prompt (longest token text first; a token marked lstrip or rstrip takes the
+        whitespace beside it)."""
+        fragments: list[int | str] = [text]
+        for token_id, token_text, lstrip, rstrip in self.control_tokens:
+            cut: list[int | str] = []
+            for fragment in fragments:
+                if isinstance(fragment, int) or token_text not in fragment:
+                    cut.append(fragment)
+                    continue
+                pieces = fragment.split(token_text)
+                for index, piece in enumerate(pieces):
+                    if index > 0 and rstrip:
+                        piece = piece.lstrip()
+                    if index < len(pieces) - 1 and lstrip:
+                        piece = piece.rstrip()
+                    if piece:
+                        cut.append(piece)
+                    if index < len(pieces) - 1:
+                        cut.append(token_id)
+            fragments = cut
+        return fragments
+
+
+def _merged(messages: Sequence[dict]) -> list[dict]:
+    """Consecutive turns of one role as one turn, their texts a blank line apart."""
+    merged: list[dict] = []
+    for message in messages:
+        previous = merged[-1] if merged else None
+        if (
+            previous is not None
+            and previous.get("role") == message.get("role")
+            and isinstance(previous.get("content"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            merged[-1] = {**previous, "content": f"{previous['content']}\n\n{message['content']}"}
+        else:
+            merged.append(dict(message))
+    return merged
+
+
+def _system_folded(messages: list[dict]) -> list[dict]:
+    """The system turns' text at the start of the first user turn (a user turn of
+    its own if there is none)."""
+    system = "\n\n".join(m["content"] for m in messages if m.get("role") == "system")
+    rest = [m for m in messages if m.get("role") != "system"]
+    for index, message in enumerate(rest):
+        if message.get("role") == "user":
+            rest[index] = {**message, "content": f"{system}\n\n{message['content']}"}
+            return rest
+    return [{"role": "user", "content": system}, *rest]
+
+
+def _control_tokens(vocab) -> list[tuple[int, str, bool, bool]]:
+    """(id, text, lstrip, rstrip) of the vocabulary's control tokens, longest text
+    first, as llama.cpp looks for them."""
+    found = []
+    for token_id in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token_id)
+        if not attr & CONTROL_ATTRS:
+            continue
+        text = llama_cpp.llama_vocab_get_text(vocab, token_id).decode("utf-8", "replace")
+        if text:
+            lstrip = bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP)
+            rstrip = bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP)
+            found.append((token_id, text, lstrip, rstrip))
+    found.sort(key=lambda token: -len(token[1].encode("utf-8")))
+    return found
 
 
 @lru_cache(maxsize=8)
@@ -95,3 +266,8 @@ def count_chat_tokens(model, messages: Sequence[dict]) -> int:
 def count_text_tokens(model, text: str) -> int:
     """The tokens of a raw prompt (no chat template), as the worker counts them."""
     return len(tokenizer_for(model.path).tokenize(text))
+
+
+def count_plain_tokens(model, text: str) -> int:
+    """The tokens of text inside a message (a document's part), read as text only."""
+    return len(tokenizer_for(model.path).tokenize_plain(text))

@@ -53,8 +53,19 @@ if not SECRET_KEY:
     if not _key_file.exists():
         from django.core.management.utils import get_random_secret_key
 
-        _key_file.write_text(get_random_secret_key())
-        _key_file.chmod(0o600)
+        # Born 0600 (never readable by others, not even until a chmod) and complete
+        # before it has its name: a process starting at the same moment reads
+        # either no file or the whole key, and only one key wins (link refuses).
+        _new_key = VAR_DIR / f"secret_key.{os.getpid()}.new"
+        _fd = os.open(_new_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(_fd, "w") as _out:
+                _out.write(get_random_secret_key())
+            os.link(_new_key, _key_file)
+        except FileExistsError:
+            pass
+        finally:
+            _new_key.unlink(missing_ok=True)
     SECRET_KEY = _key_file.read_text().strip()
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")

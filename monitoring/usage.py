@@ -263,13 +263,29 @@ class _Echo:
         return value
 
 
+# A spreadsheet runs a cell that begins with one of these as a formula (tab and
+# carriage return can hide one behind them).
+FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value):
+    """The value as a CSV cell a spreadsheet shows as text: a string that would be
+    read as a formula (a username, a team or key name, a reason) gets a leading
+    single quote, OWASP's CSV injection advice; empty for None."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_LEADS):
+        return "'" + value
+    return value
+
+
 def csv_rows(generations: QuerySet):
     """CSV lines of every generation and its metrics, streamed."""
     writer = csv.writer(_Echo())
     columns = GENERATION_COLUMNS + [f"metrics__{c}" for c in METRIC_COLUMNS]
     yield writer.writerow([c.replace("__", ".") for c in columns])
     for row in generations.order_by("-queued_at").values_list(*columns).iterator(chunk_size=2000):
-        yield writer.writerow(["" if v is None else v for v in row])
+        yield writer.writerow([_cell(v) for v in row])
 
 
 def csv_daily_rows(rows: QuerySet):
@@ -277,4 +293,4 @@ def csv_daily_rows(rows: QuerySet):
     columns = ["day", "user__username", "team__name", "model__name", "source", *SUM_FIELDS]
     yield writer.writerow([c.replace("__", ".") for c in columns])
     for row in rows.order_by("day").values_list(*columns).iterator(chunk_size=2000):
-        yield writer.writerow(["" if v is None else v for v in row])
+        yield writer.writerow([_cell(v) for v in row])

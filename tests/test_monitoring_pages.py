@@ -243,3 +243,34 @@ def test_staff_see_any_request(client, staff, usage):
 def test_usage_pages_need_a_login(client, usage):
     assert client.get("/usage/").status_code == 302
     assert client.get(f"/usage/requests/{usage.bob.pk}/").status_code == 302
+
+
+FORMULAS = ['=HYPERLINK("http://x.example")', "+1+1", "-2+3", "@SUM(A1)", "\t=1", "\r=1"]
+
+
+def test_csv_exports_show_formulas_as_text(client, staff, cast, default_model):
+    """Names and reasons that users choose reach admins' spreadsheets as text, never
+    as formulas (each begins with a single quote)."""
+    User = get_user_model()
+    from mixtralweb.accounts.models import Team
+
+    for index, formula in enumerate(FORMULAS):
+        user = User.objects.create_user(f"u{index}")
+        User.objects.filter(pk=user.pk).update(username=formula)
+        user.refresh_from_db()
+        team = Team.objects.create(name=formula + " team")
+        gen = make_generation(user, default_model, source="api", team=team)
+        Generation.objects.filter(pk=gen.pk).update(api_key_name=formula, reason=formula)
+    client.force_login(staff)
+    requests = client.get("/usage/admin/", {"format": "requests-csv"})
+    rows = list(csv.DictReader(io.StringIO(b"".join(requests.streaming_content).decode())))
+    assert len(rows) == len(FORMULAS)
+    for column in ("user.username", "team.name", "api_key_name", "reason"):
+        cells = sorted(r[column] for r in rows)
+        expected = sorted("'" + f + (" team" if column == "team.name" else "") for f in FORMULAS)
+        assert cells == expected, column
+    assert {r["metrics.prompt_tokens"] for r in rows} == {"100"}
+    daily = client.get("/usage/admin/", {"format": "csv"})
+    rows = list(csv.DictReader(io.StringIO(b"".join(daily.streaming_content).decode())))
+    assert sorted(r["user.username"] for r in rows) == sorted("'" + f for f in FORMULAS)
+    assert sorted(r["team.name"] for r in rows) == sorted("'" + f + " team" for f in FORMULAS)

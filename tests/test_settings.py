@@ -99,3 +99,42 @@ with connection.cursor() as c:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "11"
+
+
+# Runs settings with no SECRET_KEY and a umask that hides nothing; an audit hook
+# looks at the key file at every audited step (every open, every chmod...), so a
+# moment where the key exists with a wider mode is seen.
+KEY_FILE_WATCH = """
+import os, sys, json, stat
+os.umask(0)
+key = os.path.join(os.environ["VAR_DIR"], "secret_key")
+modes = []
+def watch(event, args):
+    try:
+        modes.append(stat.S_IMODE(os.stat(key).st_mode))
+    except OSError:
+        pass
+sys.addaudithook(watch)
+import mixtralweb.settings as s
+print(json.dumps([sorted(set(modes)), len(s.SECRET_KEY), os.listdir(os.environ["VAR_DIR"])]))
+"""
+
+
+def test_the_generated_secret_key_file_is_never_readable_by_others(tmp_path):
+    clean = {k: v for k, v in os.environ.items() if k != "SECRET_KEY"}
+    run = subprocess.run(
+        [sys.executable, "-c", KEY_FILE_WATCH],
+        cwd=ROOT,
+        env={**clean, "VAR_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    modes, key_length, names = json.loads(run.stdout)
+    assert modes == [0o600]
+    assert key_length >= 50
+    assert not [name for name in names if name.startswith("secret_key.")]
+    assert (tmp_path / "secret_key").stat().st_mode & 0o777 == 0o600
+    # A second start reads the same key.
+    again = effective("s.SECRET_KEY", VAR_DIR=str(tmp_path), SECRET_KEY="")
+    assert again == [(tmp_path / "secret_key").read_text().strip()]

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from inference.tokens import count_chat_tokens, count_text_tokens
+from inference.tokens import ChatTemplateError, count_chat_tokens, count_plain_tokens
 
 # Room left free in every chunk for what counting piece by piece cannot see
 # (tokens that merge across the seams, the part numbers in the prompt).
@@ -27,13 +27,17 @@ class PlanError(ValueError):
 
 
 def count_text(model, text: str) -> int:
-    """Tokens of `text` alone, as the worker tokenizes a prompt."""
-    return count_text_tokens(model, text) if text else 0
+    """Tokens of `text` alone, as the worker tokenizes a message's text (plain text:
+    a document's `</s>` is characters, not a control token)."""
+    return count_plain_tokens(model, text) if text else 0
 
 
 def count_chat(model, messages: Sequence[dict]) -> int:
     """Tokens of the whole prompt the worker will evaluate for these messages."""
-    return count_chat_tokens(model, messages)
+    try:
+        return count_chat_tokens(model, messages)
+    except ChatTemplateError as exc:
+        raise PlanError(str(exc)) from None
 
 
 # --- prompts ---------------------------------------------------------------------

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from inference.models import Generation, LanguageModel
 from inference.quotas import QuotaExceeded, check_quota
-from inference.services import generation_enqueue, generation_stop
+from inference.services import clean_id, generation_enqueue, generation_stop
 from inference.streams import announce as send_to_group
 from mixtralweb import namespace
 from mixtralweb.accounts import access
@@ -49,10 +49,9 @@ class JobError(ValueError):
 # --- reads used by the writes ---------------------------------------------------------
 def get_job_for_user(user, job_id) -> Job:
     """The job if the user may see it (owner or team-mate); JobError otherwise."""
-    try:
-        job_id = int(job_id)
-    except (TypeError, ValueError):
-        raise JobError("Job not found.", code="not_found") from None
+    job_id = clean_id(job_id)
+    if job_id is None:
+        raise JobError("Job not found.", code="not_found")
     jobs = access.jobs(user, Job.objects.select_related("model", "team").defer("document"))
     job = jobs.filter(pk=job_id).first()
     if job is None:

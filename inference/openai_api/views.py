@@ -21,7 +21,7 @@ from mixtralweb.accounts.models import ApiKey
 
 from .. import services
 from ..models import Generation, LanguageModel
-from ..tokens import count_chat_tokens, count_text_tokens
+from ..tokens import ChatTemplateError, count_chat_tokens, count_text_tokens
 from . import parsing
 from .errors import ApiError, bad_request, model_error, rate_limited, unauthorized
 from .follow import Text, follow
@@ -156,6 +156,8 @@ def _count_prompt_tokens(model, parsed: parsing.ApiRequest) -> int | None:
         return count_chat_tokens(model, parsed.messages)
     except OSError:
         return None
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), param="messages", code="invalid_messages") from None
 
 
 def _check_context(model, prompt_tokens: int, params: dict, parsed) -> None:
