@@ -9,6 +9,8 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from mixtralweb.accounts.access import staff_required
+
 from . import services
 from .models import LanguageModel, WorkerHeartbeat
 from .workers import live_workers, serving_problem
@@ -91,7 +93,7 @@ def conversation_share(request, conversation_id: int):
     return redirect("conversation", conversation_id=conversation_id)
 
 
-@login_required
+@staff_required
 def workers_page(request):
     """/workers/: every model, whether a worker serves it, and each worker's state."""
     live = live_workers()

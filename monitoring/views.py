@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 from datetime import timedelta
-from functools import wraps
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
@@ -19,25 +18,12 @@ from django.shortcuts import get_object_or_404, render
 from django.utils import timezone
 
 from inference.models import Generation
+from mixtralweb.accounts.access import staff_required
 from mixtralweb.accounts.models import Membership, Team
 from monitoring import history, prometheus, telemetry, usage
 from monitoring.alerts import gpu_alerts
 from monitoring.models import UsageDaily, UsageDailyTotal, UsageDailyUser
 from monitoring.nvml import NO_GPU_MESSAGE
-
-
-def staff_required(view):
-    """Staff only: anonymous users are sent to log in, other users get 403."""
-
-    @login_required
-    @wraps(view)
-    def wrapper(request, *args, **kwargs):
-        if not request.user.is_staff:
-            raise PermissionDenied("Staff only.")
-        return view(request, *args, **kwargs)
-
-    return wrapper
-
 
 # RequestMetrics fields that only NVML can fill: without a GPU they read "no NVIDIA GPU".
 GPU_FIELDS = {

@@ -218,7 +218,8 @@ def default_model(transactional_db):
 
 @pytest.fixture
 def cast(transactional_db):
-    """Alice and Bob in team Red (Alice its admin); Charlie on his own."""
+    """Alice and Bob in team Red (Alice its admin); Charlie on his own; Sam is staff
+    (the deployment's administrator), in no team."""
     from django.contrib.auth import get_user_model
 
     from mixtralweb.accounts.models import Membership, Team
@@ -227,10 +228,13 @@ def cast(transactional_db):
     alice = User.objects.create_user("alice", "alice@example.com", "alice-pass-123")
     bob = User.objects.create_user("bob", "bob@example.com", "bob-pass-123")
     charlie = User.objects.create_user("charlie", "charlie@example.com", "charlie-pass-123")
+    sam = User.objects.create_user("sam", "sam@example.com", "sam-pass-123", is_staff=True)
     red = Team.objects.create(name="Red")
     Membership.objects.create(team=red, user=alice, role=Membership.ADMIN)
     Membership.objects.create(team=red, user=bob)
-    return type("Cast", (), {"alice": alice, "bob": bob, "charlie": charlie, "red": red})
+    return type(
+        "Cast", (), {"alice": alice, "bob": bob, "charlie": charlie, "sam": sam, "red": red}
+    )
 
 
 def session_cookie(user) -> str:

@@ -326,7 +326,7 @@ def test_a_worker_whose_model_file_is_missing_reports_it_and_chat_says_it_is_una
         ws.close()
         assert reply["type"] == "error" and reply["code"] == "no_worker"
         assert "not available" in reply["message"] and "gone.gguf" in reply["message"]
-        page = get_page(serving.webs[0], "/workers/", cast.alice)
+        page = get_page(serving.webs[0], "/workers/", cast.sam)
         assert "is not available: its worker failed to load it" in page
         # The worker process stays up (no crash loop) and says why, until fixed.
         assert next(iter(worker.processes.values())).poll() is None

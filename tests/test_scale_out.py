@@ -132,7 +132,7 @@ def test_the_workers_page_and_the_admin_list_both_workers(cluster, cast, default
     )
     root = get_user_model().objects.create_superuser("root", "root@example.com", "root-pass-123")
     for web in cluster.webs:
-        page = get_page(web, "/workers/", cast.alice)
+        page = get_page(web, "/workers/", cast.sam)
         live = page.split('id="live-workers"')[1].split("</table>")[0]
         assert all(f"<td>{pid}</td>" in live for pid in pids)
         admin = get_page(web, "/admin/inference/workerheartbeat/", root)

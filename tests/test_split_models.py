@@ -103,7 +103,7 @@ def test_it_answers_through_the_chat_as_the_single_file_does(
 
 
 def test_the_workers_page_shows_the_whole_model(split_worker, split_model, cast, client, shards):
-    client.force_login(cast.alice)
+    client.force_login(cast.sam)
     page = client.get("/workers/").content.decode()
     total = sum(p.stat().st_size for p in shards)
     assert f"{total / 1e6:.1f} MB in 3 files" in page

@@ -52,7 +52,7 @@ def test_the_default_worker_reports_its_host_pid_device_and_state(stack, default
 
 
 def test_the_workers_page_lists_each_model_and_worker(stack, cast, default_model, client):
-    client.force_login(cast.alice)
+    client.force_login(cast.sam)
     page = client.get("/workers/").content.decode()
     assert default_model.name in page and "ready" in page
     assert str(live_workers(default_model.name)[0]["pid"]) in page

@@ -17,6 +17,10 @@ accounts app is the bottom layer (accounts <- inference <- monitoring).
 
 from __future__ import annotations
 
+from functools import wraps
+
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
 
 from .models import Membership, Team
@@ -161,3 +165,16 @@ def usage_of(user, queryset: QuerySet, user_field: str = "user") -> QuerySet:
 def is_staff(user) -> bool:
     """The deployment's administrators: usage of everyone, workers, GPUs."""
     return _signed_in(user) and user.is_staff
+
+
+def staff_required(view):
+    """A page for staff only: anonymous visitors are sent to log in, others get 403."""
+
+    @login_required
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        if not is_staff(request.user):
+            raise PermissionDenied("Staff only.")
+        return view(request, *args, **kwargs)
+
+    return wrapper
