@@ -157,7 +157,7 @@ def test_a_team_mate_watches_the_live_stream(stack, cast, default_model, browser
     assert bob.locator(".msg.user .meta").inner_text().startswith("alice")
     # Any member may post the next message, and it shows who wrote it.
     send(bob, "Thanks! One more line please.")
-    alice.wait_for_function("document.querySelectorAll('.msg.user').length === 2")
+    alice.wait_for_function("() => document.querySelectorAll('.msg.user').length === 2")
     wait_state(alice, "done")
     authors = alice.locator(".msg.user .meta").all_inner_texts()
     assert authors[0].startswith("alice") and authors[1].startswith("bob")

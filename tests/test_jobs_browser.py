@@ -25,7 +25,7 @@ def smollm2(transactional_db):
 def test_a_job_that_finishes_elsewhere_shows_a_toast_then_its_result(stack, cast, smollm2, browser):
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = log_in(browser, stack, "alice", "alice-pass-123")  # the chat page
-    page.wait_for_function("window.JobSocket && window.JobSocket.isOpen()")
+    page.wait_for_function("() => window.JobSocket && window.JobSocket.isOpen()")
     job = services.job_draft(
         user=cast.alice,
         instruction="Write a markdown list of the fruits in the document.",

@@ -30,7 +30,7 @@ def test_the_gpu_page_draws_history_and_live_charts(browser, stack, staff, fake_
         assert page.locator("#live-charts canvas").count() == 2
         # Live points arrive over the socket and are appended to the charts.
         page.wait_for_function(
-            "Object.values(Chart.instances).some(c => c.canvas.closest('#live-charts')"
+            "() => Object.values(Chart.instances).some(c => c.canvas.closest('#live-charts')"
             " && c.data.labels.length >= 3)",
             timeout=20_000,
         )
