@@ -619,9 +619,19 @@ class Engine:
                 _batch_add(batch, n, slot.next_token, len(slot.tokens), slot.seq_id, True)
                 slot.batch_index = n
                 n += 1
-        # Then prompt chunks, interactive first, up to n_batch tokens in all.
+        # Then prompt chunks, up to n_batch tokens in all: interactive first, and among
+        # them the least left to read first. So a short chat's prompt goes into the
+        # next step whole, beside a long prompt's chunk, instead of waiting for all of
+        # it (llama.cpp's server takes them in slot order: there, chats behind a long
+        # prompt wait for its whole evaluation). The long one still gets what is left.
         readers = [s for s in self.slots if s.state == PROMPT]
-        readers.sort(key=lambda s: (s.request.priority, s.request.arrival))
+        readers.sort(
+            key=lambda s: (
+                s.request.priority,
+                len(s.request.prompt) - len(s.tokens),
+                s.request.arrival,
+            )
+        )
         for slot in readers:
             room = self.n_batch - n
             if room <= 0:

@@ -186,6 +186,20 @@ def test_interactive_requests_go_before_job_passes_which_take_at_most_their_shar
         engine.close()
 
 
+def test_a_short_chat_is_read_beside_a_long_prompt_not_after_it(engine):
+    """Two chats: a long prompt (many chunks) and then a short one. The short one's
+    prompt goes into the next step whole, beside the long one's chunk, so its first
+    token comes while the long prompt is still being read."""
+    long = engine.submit(request(conversation("lighthouses", words=1200), tenant="user:long"))
+    assert len(long.prompt) > 8 * engine.n_batch
+    while long.events.get(timeout=60)[0] != "progress":
+        pass  # the long prompt is being read
+    short = engine.submit(request(conversation("ducks"), tenant="user:short"))
+    assert events_of(short)[-1] == ("end", None)
+    assert events_of(long)[-1] == ("end", None)
+    assert short.stats.first_token < long.stats.first_token
+
+
 # --- prefix reuse ------------------------------------------------------------------------
 def test_a_follow_up_reuses_the_conversations_prefix(engine):
     first = conversation("the sea")

@@ -126,3 +126,27 @@ def test_without_a_gpu_there_are_no_gpu_series_not_zeros(
     telemetry.sample_once("cpu-host")
     values = scrape(client, HTTP_AUTHORIZATION="Bearer t")
     assert not [k for k in values if k.startswith("workbench:gpu_")]
+
+
+def test_load_gauges_under_vllm_names_come_from_the_database_and_live_workers(
+    stack, transactional_db, client, settings
+):
+    """vllm:num_requests_running and _waiting per model from the rows; the KV-cache
+    usage from the heartbeat of the live worker that serves the model."""
+    from inference.registry import ensure_default_model
+
+    settings.METRICS_TOKEN = "t"
+    served = ensure_default_model()
+    idle = LanguageModel.objects.create(name=f"m-{uuid.uuid4().hex[:8]}", path="unused.gguf")
+    user = get_user_model().objects.create_user("vllm-names")
+    Generation.objects.create(user=user, model=idle, state=Generation.QUEUED)
+    Generation.objects.create(user=user, model=idle, state=Generation.RUNNING)
+    Generation.objects.create(user=user, model=idle, state=Generation.RUNNING)
+    values = scrape(client, HTTP_AUTHORIZATION="Bearer t")
+    label = repr([("model_name", idle.name)])
+    assert values["vllm:num_requests_waiting" + label] == 1
+    assert values["vllm:num_requests_running" + label] == 2
+    # No live worker serves that one: no KV figure, not a zero.
+    assert "vllm:kv_cache_usage_perc" + label not in values
+    usage = values["vllm:kv_cache_usage_perc" + repr([("model_name", served.name)])]
+    assert 0 <= usage <= 1
