@@ -106,7 +106,7 @@ def workers_page(request):
         if (row.host, row.pid) not in live_ids
     ]
     models = [
-        {"model": model, "problem": serving_problem(model.name)}
+        {"model": model, "problem": serving_problem(model.name, detail=True)}
         for model in LanguageModel.objects.filter(enabled=True)
     ]
     return render(

@@ -69,10 +69,13 @@ def _parse(values, model_name: str | None = None) -> list[dict]:
     return sorted(workers, key=lambda w: (w["model"], w["host"], w["pid"]))
 
 
-def serving_problem(model_name: str, workers: list[dict] | None = None) -> str | None:
+def serving_problem(
+    model_name: str, workers: list[dict] | None = None, *, detail: bool = False
+) -> str | None:
     """None when a live worker serves (or is loading) the model; otherwise why not,
     in words a user can act on. workers: the live workers, if the caller has read
-    them (any model's); otherwise they are read now."""
+    them (any model's); otherwise they are read now. detail: with the worker's own
+    reason (file paths, llama.cpp's words), for staff only (the Workers page)."""
     if workers is None:
         workers = live_workers(model_name)
     workers = [w for w in workers if w["model"] == model_name]
@@ -80,9 +83,14 @@ def serving_problem(model_name: str, workers: list[dict] | None = None) -> str |
         return None
     failed = [w for w in workers if w["state"] == WorkerHeartbeat.FAILED]
     if failed:
+        if detail:
+            return (
+                f"The model {model_name!r} is not available: its worker failed to load "
+                f"it ({failed[0]['reason']})."
+            )
         return (
-            f"The model {model_name!r} is not available: its worker failed to load it "
-            f"({failed[0]['reason']})."
+            f"The model {model_name!r} is not available: its worker failed to load it. "
+            "An administrator sees why on the Workers page."
         )
     return (
         f"No worker is serving the model {model_name!r} right now. "

@@ -74,8 +74,11 @@ def test_serving_problem_judges_the_workers_it_is_given():
     assert "No worker is serving the model 'smol'" in workers.serving_problem(
         "smol", [worker("mixtral", "ready")]
     )
+    # The worker's own reason (paths, llama.cpp's words) is for staff only.
+    for_users = workers.serving_problem("smol", [worker("smol", "failed")])
+    assert "failed to load it" in for_users and "no file" not in for_users
     assert "failed to load it (no file)" in workers.serving_problem(
-        "smol", [worker("smol", "failed")]
+        "smol", [worker("smol", "failed")], detail=True
     )
     assert "No worker" in workers.serving_problem("smol", [])
 
