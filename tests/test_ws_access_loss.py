@@ -151,3 +151,35 @@ def test_the_jobs_socket_meets_the_rate_limit(stack, cast):
     codes = [r["code"] for r in replies if r["type"] == "error"]
     assert "rate_limited" not in codes[:limit]
     assert codes[limit:] == ["rate_limited"] * 5
+
+
+def test_a_socket_follows_at_most_so_many_answers_the_oldest_giving_way(
+    stack, cast, default_model, ws_factory
+):
+    from inference.models import Conversation, Generation
+    from inference.streams import announce
+    from mixtralweb import namespace
+
+    limit = settings.WS_FOLLOW_MAX
+    conversation = Conversation.objects.create(owner=cast.alice, model=default_model)
+    answers = [
+        Generation.objects.create(
+            user=cast.alice, model=default_model, conversation=conversation, state="done"
+        ).pk
+        for _ in range(limit + 1)
+    ]
+    ws = ws_factory(cast.alice)
+    assert limit + 1 < settings.WS_RATE_LIMIT_FRAMES  # all within the frame rate limit
+    for gen_id in answers:
+        ws.send({"type": "generation.subscribe", "generation": gen_id})
+        ws.recv_until(
+            lambda f, g=gen_id: f["type"] == "generation.snapshot" and f["generation"] == g
+        )
+    for gen_id in (answers[0], answers[-1]):
+        announce(
+            namespace.generation_group(gen_id),
+            {"type": "generation.token", "generation": gen_id, "offset": 0, "text": "x"},
+        )
+    token, _ = ws.recv_until(lambda f: f["type"] == "generation.token", timeout=10)
+    assert token["generation"] == answers[-1]
+    assert not [f for f in frames_of(ws, 1) if f["type"] == "generation.token"]
