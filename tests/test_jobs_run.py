@@ -110,15 +110,17 @@ def submit(user, paragraphs: int, max_tokens: int) -> Job:
 
 
 @pytest.mark.timeout(900)
-def test_a_6000_token_document_is_answered_in_one_pass(stack, cast, smollm2, watchers):
+def test_a_document_that_fits_is_answered_in_one_pass(stack, cast, smollm2, watchers):
     client = Client()
     client.force_login(cast.alice)
     client.post(
         "/jobs/new/",
-        {"instruction": INSTRUCTION, "text": document(88), "model": smollm2.name, "max_tokens": 24},
+        {"instruction": INSTRUCTION, "text": document(40), "model": smollm2.name, "max_tokens": 24},
     )
     job = Job.objects.get()
-    assert 5500 < job.document_tokens < 6500 and job.fits
+    # About 2,700 tokens: several prompt chunks (tests/test_batching.py reads a
+    # 6,000-token one beside a chat).
+    assert 2000 < job.document_tokens < 3500 and job.fits
     watcher = JobWatcher(stack, cast.alice, job.pk)
     watchers.append(watcher)
     watcher.until(lambda f: f["type"] == "job.snapshot", 10)
