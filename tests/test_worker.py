@@ -92,10 +92,15 @@ def test_a_worker_whose_model_file_is_damaged_reports_failed_with_the_reason(bro
     assert "truncated" in broken_worker["reason"]
 
 
-def test_a_model_whose_worker_failed_is_refused_with_that_reason(broken_model, cast, ws_factory):
+def test_a_model_whose_worker_failed_is_refused_and_staff_see_why(
+    broken_model, cast, ws_factory, client
+):
     with pytest.raises(ChatError) as caught:
         get_model(BROKEN)
-    assert caught.value.code == "no_worker" and "truncated" in str(caught.value)
+    # Users learn that it is unavailable; the worker's own reason is for staff.
+    assert caught.value.code == "no_worker" and "truncated" not in str(caught.value)
+    client.force_login(cast.sam)
+    assert "truncated" in client.get("/workers/").content.decode()
     ws = ws_factory(cast.alice)
     reply = send(ws, model=BROKEN, content="Hello?")
     assert reply["type"] == "error" and reply["code"] == "no_worker"
