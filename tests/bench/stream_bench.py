@@ -18,8 +18,9 @@ import time
 
 import llama_cpp
 
-from inference.engine import Engine
-from inference.registry import embedded_model_path, load_options
+from inference.engine import resolve_threads, use_extra_buffers
+from inference.registry import embedded_model_path
+from inference.tokens import tokenizer_for
 from tests.bench.harness import bench_user, prepare_database, start_stack
 from tests.conftest import WSClient
 
@@ -49,12 +50,11 @@ def percentile(values, pct):
     return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))]
 
 
-def raw_run(engine: Engine, prompt: str) -> dict:
-    llm = engine.llm
+def raw_run(llm: llama_cpp.Llama, prompt: str) -> dict:
     # The clock starts before the chat template and the tokenizer, as it does end to
     # end (and in llama-cpp-python's create_chat_completion).
     started = time.perf_counter()
-    tokens = engine.chat_prompt_tokens([{"role": "user", "content": prompt}])
+    tokens = tokenizer_for(llm.model_path).chat_tokens([{"role": "user", "content": prompt}])
     prepared = time.perf_counter()
     times = []
     for _chunk in llm.create_completion(
@@ -135,9 +135,25 @@ def main() -> None:
 
     model = ensure_default_model()
     print(f"model: {embedded_model_path().name}, n_ctx {model.n_ctx}, {RUNS} runs + warm-up")
-    engine = Engine(load_options(model))
-    # Raw llama-cpp-python calls no abort callback; the Engine sets one for its stops.
-    llama_cpp.llama_set_abort_callback(engine.llm._ctx.ctx, llama_cpp.ggml_abort_callback(), None)
+    # Raw llama-cpp-python, with the worker's context size, thread counts and extra
+    # buffer choice: Llama() does not expose use_extra_bufts, and on CPUs with AMX
+    # llama.cpp's repacked weights crash it (inference.engine.use_extra_buffers).
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def model_params():
+        params = defaults()
+        params.use_extra_bufts = use_extra_buffers()
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = model_params
+    n_threads, n_threads_batch = resolve_threads(0, 0)
+    engine = llama_cpp.Llama(
+        model_path=str(embedded_model_path()),
+        n_ctx=model.n_ctx,
+        n_threads=n_threads,
+        n_threads_batch=n_threads_batch,
+        verbose=False,
+    )
     stack = start_stack()
     raw, e2e = [], []
     try:
