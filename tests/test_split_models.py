@@ -5,7 +5,7 @@ page. The embedded SmolLM2 is split into three files for it."""
 
 import pytest
 
-from inference.engine import Engine, LoadOptions
+from inference.engine import Engine, LoadOptions, Request, Sampling
 from inference.gguf import inspect_gguf
 from inference.models import Generation
 from inference.registry import (
@@ -90,16 +90,31 @@ def ask(ws, model: str, request_id: int) -> Generation:
     return Generation.objects.select_related("metrics").get(pk=accepted["generation"])
 
 
-def test_it_answers_through_the_chat_as_the_single_file_does(
-    split_worker, split_model, cast, default_model, ws_factory
-):
+def test_it_answers_through_the_chat(split_worker, split_model, cast, ws_factory):
     ws = ws_factory(cast.alice)
     split = ask(ws, MODEL, 1)
-    single = ask(ws, default_model.name, 2)
     assert split.worker.endswith(f":{split_worker['pid']}")
-    assert split.metrics.completion_tokens >= 1
-    # The same weights, greedy: the same words as the embedded model in one file.
-    assert split.text and split.text == single.text
+    assert split.text and split.metrics.completion_tokens >= 1
+
+
+def test_the_split_files_answer_word_for_word_as_the_single_file(shards):
+    """The same weights, greedy, from the same engine state (a fresh engine each, one
+    sequence): the same tokens. Through the chat the two workers' states differ (what
+    each has cached, its batch companions), and with them the last bits of the
+    logits (docs/models.md, "What a seed reproduces"), so the comparison is here."""
+    from tests.test_engine import events_of, prompt, text_of
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    texts = []
+    for path in (shards[0], embedded_model_path()):
+        engine = Engine(LoadOptions(path=str(path), n_ctx=512, n_batch=64, n_parallel=1)).start()
+        try:
+            greedy = Sampling(max_tokens=16, temperature=0.0, seed=3)
+            request = Request(prompt=prompt(messages), sampling=greedy, tenant="user:1")
+            texts.append(text_of(events_of(engine.submit(request))))
+        finally:
+            engine.close()
+    assert texts[0] and texts[0] == texts[1]
 
 
 def test_the_workers_page_shows_the_whole_model(split_worker, split_model, cast, client, shards):
