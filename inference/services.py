@@ -89,25 +89,23 @@ def clean_system_prompt(system_prompt) -> str:
         return ""
     if not isinstance(system_prompt, str):
         raise ChatError("system_prompt must be text.")
-    if len(system_prompt) > settings.CHAT_MESSAGE_MAX_CHARS:
-        raise ChatError(
-            f"The system prompt is {len(system_prompt):,} characters; the limit is "
-            f"{settings.CHAT_MESSAGE_MAX_CHARS:,}.",
-            code="too_large",
-        )
-    return system_prompt
+    return _within_limit(system_prompt, "The system prompt")
 
 
 def clean_content(content) -> str:
     if not isinstance(content, str) or not content.strip():
         raise ChatError("The message is empty.", code="empty")
-    if len(content) > settings.CHAT_MESSAGE_MAX_CHARS:
+    return _within_limit(content, "The message")
+
+
+def _within_limit(text: str, what: str) -> str:
+    if len(text) > settings.CHAT_MESSAGE_MAX_CHARS:
         raise ChatError(
-            f"The message is {len(content):,} characters; the limit is "
+            f"{what} is {len(text):,} characters; the limit is "
             f"{settings.CHAT_MESSAGE_MAX_CHARS:,}.",
             code="too_large",
         )
-    return content
+    return text
 
 
 def get_model(name: str | None, live_workers: list[dict] | None = None) -> LanguageModel:

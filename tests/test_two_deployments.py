@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 import redis
 from django.conf import settings
 
+from tests.cluster import wait_for
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,16 +111,6 @@ class Deployment:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise TimeoutError(what)
-
-
 @pytest.mark.timeout(420)
 def test_two_deployments_on_one_redis_answer_only_their_own(tmp_path):
     a, b = Deployment(tmp_path / "a"), Deployment(tmp_path / "b")
@@ -128,7 +118,7 @@ def test_two_deployments_on_one_redis_answer_only_their_own(tmp_path):
     before = set(shared.scan_iter(count=1000))
     try:
         for d in (a, b):
-            wait_for(lambda d=d: "password:" in "".join(d.lines), 120, "runstack never got ready")
+            wait_for(lambda d=d: "password:" in "".join(d.lines), 120, what="runstack ready")
         (ns_a, key_a), (ns_b, key_b) = (
             d.manage(CREATE_KEY).splitlines()[-1].split() for d in (a, b)
         )
@@ -141,7 +131,7 @@ def test_two_deployments_on_one_redis_answer_only_their_own(tmp_path):
                 if json.loads(shared.get(k) or "{}").get("state") == "ready"
             ]
 
-        wait_for(lambda: ready(ns_a) and ready(ns_b), 180, "a model worker never became ready")
+        wait_for(lambda: ready(ns_a) and ready(ns_b), 180, what="both model workers ready")
 
         # Four calls on each at once: the same generation ids, 1 to 4, on both sides.
         results: dict[tuple[str, int], tuple[int, dict]] = {}
