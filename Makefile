@@ -8,7 +8,7 @@ LLAMA_CPP_VERSION := 0.3.36
 # CUDA build: make install CMAKE_ARGS="-DGGML_CUDA=on" (see docs/deployment.md)
 export CMAKE_ARGS
 
-.PHONY: run test lint install install-cuda bench loadtest gpu-check clean vendor chromium llama-server screenshots
+.PHONY: run test lint install install-cuda bench loadtest gpu-check clean vendor chromium llama-server screenshots device-bundle device-check
 
 run: $(STAMP)
 	$(PY) manage.py runstack
@@ -105,6 +105,24 @@ gpu-check: $(STAMP)
 	    "llama-cpp-python==$(LLAMA_CPP_VERSION)" || exit 1; }
 	DATABASE_URL=$${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mixtralweb} \
 	  $(VENV)/bin/pytest -m gpu -p no:cacheprovider -s
+
+# The device check (docs/models.md, "The device check"). device-bundle builds the
+# folder that travels to a GPU machine (llama.cpp with CUDA for DEVICE_ARCHS, the
+# wheels for its Python 3.12, the SmolLM2 skeleton; LLAMA_CUDA_BUILD reuses a
+# configured CUDA build folder). device-check runs its one command here first, on the
+# CPU, in a fresh Python 3.12 venv with no index: GPU-only checks skip with reasons.
+DEVICE := var/device
+DEVICE_ARCHS ?= 80;90
+PYTHON312 ?= python3.12
+device-bundle: $(STAMP)
+	$(PY) -m tests.device.bundle --archs "$(DEVICE_ARCHS)" \
+	  $(if $(LLAMA_CUDA_BUILD),--build $(LLAMA_CUDA_BUILD))
+device-check: device-bundle
+	rm -rf $(DEVICE)/dryrun && $(PYTHON312) -m venv $(DEVICE)/dryrun
+	$(DEVICE)/dryrun/bin/pip install -q --no-index $(DEVICE)/work/image-wheels/*.whl
+	PYTHON=$(DEVICE)/dryrun/bin/python \
+	  EXTRA_LIB_PATH=$${EXTRA_LIB_PATH:-$$(ls -d $(CURDIR)/$(DEVICE)/work/cublas/nvidia/*/lib 2>/dev/null | head -1)} \
+	  bash tests/device/run.sh
 
 clean:
 	rm -rf $(VENV) var/*.sqlite3 var/staticfiles
