@@ -113,7 +113,8 @@ gpu-check: $(STAMP)
 # CPU, in a fresh Python 3.12 venv with no index: GPU-only checks skip with reasons.
 DEVICE := var/device
 DEVICE_ARCHS ?= 80;90
-PYTHON312 ?= python3.12
+# A Python 3.12 for the dry run: pyenv's, else python3.12 on the PATH.
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 device-bundle: $(STAMP)
 	$(PY) -m tests.device.bundle --archs "$(DEVICE_ARCHS)" \
 	  $(if $(LLAMA_CUDA_BUILD),--build $(LLAMA_CUDA_BUILD))

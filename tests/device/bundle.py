@@ -30,6 +30,7 @@ import sys
 import tarfile
 import time
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +70,11 @@ def requirements() -> list[str]:
         name = re.split(r"[\[=<>!~ ]", requirement, maxsplit=1)[0].lower()
         if name not in NOT_CARRIED:
             keep.append(requirement)
+    # llama-cpp-python's own needs, at the versions installed here.
+    for requirement in metadata.requires("llama-cpp-python") or []:
+        if "extra ==" not in requirement:
+            name = re.split(r"[\[=<>!~ ;]", requirement, maxsplit=1)[0]
+            keep.append(f"{name}=={metadata.version(name)}")
     return keep
 
 

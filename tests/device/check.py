@@ -397,6 +397,8 @@ def llama_server_aggregate(binary: Path, path: str, prompt: list[int], users: in
                 return json.loads(answer.read())
 
         ask(0)  # warm-up
+        alone = [ask(i)["timings"] for i in range(3)]
+        one = sorted(alone, key=lambda t: t["predicted_per_second"])[1]
         results: list[dict] = []
         began = time.monotonic()
         threads = [
@@ -409,6 +411,8 @@ def llama_server_aggregate(binary: Path, path: str, prompt: list[int], users: in
         elapsed = time.monotonic() - began
         tokens = sum(r["timings"]["predicted_n"] for r in results)
         return {
+            "llama_server_one_user_tokens_per_s": round(one["predicted_per_second"], 1),
+            "llama_server_one_user_prompt_ms": round(one["prompt_ms"], 1),
             "llama_server_aggregate_tokens_per_s": round(tokens / elapsed, 1),
             "llama_server_prompt_ms": [round(r["timings"]["prompt_ms"]) for r in results],
         }
@@ -419,8 +423,12 @@ def llama_server_aggregate(binary: Path, path: str, prompt: list[int], users: in
 
 def check_several_sequences(model: Loaded, bin_dir: Path | None, users: int = 4) -> dict:
     """`users` requests at once share the engine's batches; beside llama-server."""
-    single = run_request(model.engine, chat_prompt(model.path), max_tokens=128)
-    wait(single)
+    alone = []
+    for seed in range(3):
+        request = run_request(model.engine, chat_prompt(model.path), max_tokens=128, seed=seed)
+        wait(request)
+        alone.append(request.stats)
+    single = sorted(alone, key=lambda s: s.decode_tokens_per_s or 0)[1]
     began = time.monotonic()
     requests = [
         run_request(model.engine, chat_prompt(model.path), max_tokens=128, seed=i)
@@ -439,7 +447,8 @@ def check_several_sequences(model: Loaded, bin_dir: Path | None, users: int = 4)
     return peer | {
         "users": users,
         "aggregate_tokens_per_s": round(tokens / elapsed, 1),
-        "one_user_tokens_per_s": round(single.stats.decode_tokens_per_s or 0, 1),
+        "one_user_tokens_per_s": round(single.decode_tokens_per_s or 0, 1),
+        "one_user_first_token_ms": round((single.first_token - single.started) * 1000, 1),
         "batch_size_max": shared,
         "first_token_s": [
             round(r.stats.first_token - r.stats.started, 3) for r in requests if r.stats.first_token
@@ -457,6 +466,13 @@ def check_telemetry() -> dict:
         telemetry.sample_once("device-check")
     except Exception as exc:  # noqa: BLE001 - Redis is absent on the device
         print(f"       telemetry announce skipped: {type(exc).__name__}", flush=True)
+    from monitoring import nvml
+
+    for r in nvml.read_all():
+        assert r.uuid.startswith(("GPU-", "MIG-")) and r.name, f"GPU {r.index}: no UUID or name"
+        assert 0 < r.memory_used_bytes < r.memory_total_bytes, f"GPU {r.index}: memory"
+        assert (r.sm_clock_mhz or 0) > 0 and (r.mem_clock_mhz or 0) > 0, f"GPU {r.index}: clocks"
+        assert r.utilization_pct is None or 0 <= r.utilization_pct <= 100
     rows = list(GpuSample.objects.filter(host="device-check"))
     assert rows, "no GPU sample stored"
     for row in rows:
