@@ -288,6 +288,38 @@ def test_a_stop_during_prompt_evaluation_ends_it_within_one_chunk(single):
     assert len(progress) <= 2 and not text_of(events)
 
 
+def test_a_stop_during_a_prompt_chunk_ends_the_reading_at_the_next_step():
+    """No abort callback (the CUDA backend has none): a stop that arrives while a
+    chunk is evaluated lets that chunk finish, and no later chunk of its prompt is
+    read; the answer beside it goes on."""
+    engine = Engine(options(n_parallel=2, n_batch=64))
+    stopped = request(conversation("glaciers", 400), tenant="user:stop")
+    beside = request(conversation("owls"), Sampling(max_tokens=8, temperature=0.0), "user:o")
+    chunks = []  # the stopped prompt's tokens in each evaluated batch
+    decode = engine._decode
+
+    def decode_then_stop(n_tokens):
+        slot = next((s for s in engine.slots if s.request is stopped), None)
+        if slot is not None and slot.chunk:
+            chunks.append(slot.chunk)
+        decode(n_tokens)
+        if len(chunks) == 1:
+            stopped.cancel.set()  # as if it came during this batch
+
+    engine._decode = decode_then_stop
+    engine.start()
+    try:
+        engine.submit(stopped)
+        engine.submit(beside)
+        events = events_of(stopped)
+        assert len(chunks) == 1  # one chunk, of what the batch had room for
+        assert [v for k, v in events if k == "progress"] == [(chunks[0], len(stopped.prompt))]
+        assert stopped.stats.finish_reason == "cancelled" and stopped.stats.first_token is None
+        assert text_of(events_of(beside)) and beside.stats.finish_reason in ("stop", "length")
+    finally:
+        engine.close()
+
+
 def test_a_stop_ends_decoding_within_one_step(engine):
     req = engine.submit(
         request(conversation("rain"), Sampling(max_tokens=300, temperature=0.0), "user:rain")
