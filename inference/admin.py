@@ -9,6 +9,8 @@ from .registry import (
     PRESETS,
     LoadOptionsError,
     check_load_options,
+    format_tensor_split,
+    parse_tensor_split,
     preset_options,
 )
 from .registry import inspection_fields as fields_from_report
@@ -42,6 +44,9 @@ class LanguageModelForm(forms.ModelForm):
             cleaned.update(preset_options(cleaned.get("preset")))
             options = {f: cleaned.get(f) for f in LOAD_OPTION_FIELDS if f in cleaned}
             check_load_options(options, self.report)
+            cleaned["tensor_split"] = format_tensor_split(
+                parse_tensor_split(cleaned.get("tensor_split", ""))
+            )
         except LoadOptionsError as exc:
             for field, reason in exc.errors.items():
                 self.add_error(field if field in self.fields else None, reason)

@@ -47,6 +47,14 @@ FLASH_ATTN_TYPES = {
     "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
+# How a model spreads over several GPUs (llama.h: llama_split_mode).
+SPLIT_MODES = {
+    "none": llama_cpp.LLAMA_SPLIT_MODE_NONE,
+    "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+    "row": llama_cpp.LLAMA_SPLIT_MODE_ROW,
+}
+# The length of llama_model_params.tensor_split (llama_max_devices()).
+MAX_DEVICES = llama_cpp.LLAMA_MAX_DEVICES
 
 # Priorities: interactive work (chat, API) is admitted before background job passes.
 INTERACTIVE = 0
@@ -100,6 +108,9 @@ class LoadOptions:
     n_threads_batch: int = 0
     n_batch: int = 512
     n_parallel: int = 1
+    split_mode: str = "layer"
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] = ()  # empty: llama.cpp's default, by free memory
 
 
 @dataclass(frozen=True)
@@ -831,12 +842,69 @@ def _sampler_chain(vocab, sampling: Sampling):
     return chain
 
 
-def _load_model(options: LoadOptions, on_progress, extra_buffers: bool):
-    """llama_model_load_from_file, with llama.cpp's load progress (0..1) passed to
-    on_progress. A model in several files is given by its first file."""
+# ggml-backend.h: enum ggml_backend_dev_type
+GGML_DEVICE_GPU, GGML_DEVICE_IGPU = 1, 2
+
+
+def gpu_device_count() -> int:
+    """The GPUs llama.cpp can offload to in this process (0 in a CPU-only build, or
+    with CUDA_VISIBLE_DEVICES=""), counted as llama.cpp's default device choice
+    counts them: discrete GPUs, or else integrated ones."""
+    from llama_cpp._ggml import libggml
+
+    libggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    libggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    libggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    libggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    libggml.ggml_backend_dev_type.restype = ctypes.c_int
+    kinds = [
+        libggml.ggml_backend_dev_type(libggml.ggml_backend_dev_get(i))
+        for i in range(libggml.ggml_backend_dev_count())
+    ]
+    gpus, igpus = kinds.count(GGML_DEVICE_GPU), kinds.count(GGML_DEVICE_IGPU)
+    return gpus or igpus
+
+
+def check_gpu_split(options: LoadOptions, gpus: int) -> None:
+    """What llama.cpp would refuse in its log only, or silently ignore, given the
+    GPUs this worker sees: a main_gpu or more tensor_split shares than there are."""
+    if options.n_gpu_layers == 0 or gpus == 0:
+        return  # on the CPU the options do nothing
+    if options.split_mode == "none" and options.main_gpu >= gpus:
+        raise ModelLoadError(
+            f"{options.path}: main_gpu is {options.main_gpu}, but this worker sees "
+            f"{gpus} GPU{'s' if gpus != 1 else ''} (numbered from 0, after "
+            "CUDA_VISIBLE_DEVICES)"
+        )
+    if len(options.tensor_split) > gpus:
+        raise ModelLoadError(
+            f"{options.path}: tensor_split has {len(options.tensor_split)} shares, but this "
+            f"worker sees {gpus} GPU{'s' if gpus != 1 else ''}; llama.cpp would ignore the rest"
+        )
+
+
+def model_params(options: LoadOptions, extra_buffers: bool):
+    """llama_model_params for the options, and the objects they point to, which
+    must stay alive until the load returns (the tensor_split array)."""
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = options.n_gpu_layers
     params.use_extra_bufts = extra_buffers
+    params.split_mode = SPLIT_MODES[options.split_mode]
+    params.main_gpu = options.main_gpu
+    keep = []
+    if options.tensor_split:
+        shares = (ctypes.c_float * MAX_DEVICES)(*options.tensor_split)
+        params.tensor_split = ctypes.cast(shares, ctypes.POINTER(ctypes.c_float))
+        keep.append(shares)
+    return params, keep
+
+
+def _load_model(options: LoadOptions, on_progress, extra_buffers: bool):
+    """llama_model_load_from_file, with llama.cpp's load progress (0..1) passed to
+    on_progress. A model in several files is given by its first file."""
+    if options.n_gpu_layers != 0:
+        check_gpu_split(options, gpu_device_count())
+    params, keep = model_params(options, extra_buffers)
 
     def report(progress: float, _data) -> bool:
         if on_progress is not None:
@@ -851,6 +919,7 @@ def _load_model(options: LoadOptions, on_progress, extra_buffers: bool):
     if not os.path.exists(options.path):
         raise ModelLoadError(f"{options.path}: no such file")
     model = llama_cpp.llama_model_load_from_file(options.path.encode(), params)
+    del keep  # llama.cpp has copied tensor_split into the model
     if not model:
         raise ModelLoadError(
             f"{options.path}: llama.cpp could not load it (see the worker's log for its reason)"

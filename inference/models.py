@@ -19,6 +19,8 @@ from .gguf import files_summary
 
 KV_CACHE_TYPES = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0")]
 FLASH_ATTN_CHOICES = [("auto", "auto"), ("on", "on"), ("off", "off")]
+# llama.cpp's split modes (llama.h: LLAMA_SPLIT_MODE_*): how a model spreads over GPUs.
+SPLIT_MODE_CHOICES = [("none", "none"), ("layer", "layer"), ("row", "row")]
 
 
 class LanguageModel(models.Model):
@@ -56,6 +58,22 @@ class LanguageModel(models.Model):
     )
     job_sequences = models.PositiveSmallIntegerField(
         default=1, help_text="Of those, at most this many serve long-context job passes."
+    )
+    # Several GPUs (llama.cpp's --split-mode, --main-gpu, --tensor-split).
+    split_mode = models.CharField(
+        max_length=5,
+        choices=SPLIT_MODE_CHOICES,
+        default="layer",
+        help_text="layer: layers spread over GPUs; row: matrices split; none: main_gpu.",
+    )
+    main_gpu = models.PositiveSmallIntegerField(
+        default=0, help_text="With split_mode none: the visible GPU (CUDA's numbering) to use."
+    )
+    tensor_split = models.CharField(
+        max_length=200,
+        blank=True,
+        default="",
+        help_text='Share of each visible GPU, e.g. "3,1"; empty: by free memory.',
     )
 
     # Read from the GGUF file when the model is registered.

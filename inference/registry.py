@@ -8,6 +8,7 @@ told the admin (docs/models.md).
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
-from .engine import GGML_CACHE_TYPES, LoadOptions
+from .engine import GGML_CACHE_TYPES, MAX_DEVICES, SPLIT_MODES, LoadOptions
 from .gguf import GGUFError, GGUFReport, inspect_gguf
 from .models import LanguageModel
 
@@ -32,6 +33,9 @@ LOAD_OPTION_FIELDS = [
     "n_batch",
     "n_parallel",
     "job_sequences",
+    "split_mode",
+    "main_gpu",
+    "tensor_split",
 ]
 
 # Named sets of load options for known deployments; docs/models.md says why each
@@ -54,6 +58,55 @@ PRESETS: dict[str, dict] = {
 
 N_CTX_MIN = 256
 N_BATCH_MIN = 1
+
+# The K-V cache type pairs that llama.cpp's CUDA build compiles flash-attention
+# kernels for by default (ggml/CMakeLists.txt: GGML_CUDA_FA_QUANTS). Any other pair
+# is converted to f16 at every step (ggml-cuda/fattn.cu), slowly. A build made with
+# more sets LLAMA_CUDA_FA_QUANTS to the same value (docs/models.md).
+CUDA_FA_QUANTS_DEFAULT = "q4_0-q4_0,q8_0-q8_0,f16-f16,bf16-bf16"
+
+
+def cuda_fa_pairs(value: str | None = None) -> set[str] | None:
+    """The K-V pairs the CUDA build has flash-attention kernels for, as
+    LLAMA_CUDA_FA_QUANTS says (the build option's syntax); None for "all"."""
+    if value is None:
+        value = os.environ.get("LLAMA_CUDA_FA_QUANTS", "") or CUDA_FA_QUANTS_DEFAULT
+    value = value.strip().lower()
+    if value == "all":
+        return None
+    return {pair.strip() for pair in value.replace(";", ",").split(",") if pair.strip()}
+
+
+def parse_tensor_split(text: str) -> list[float]:
+    """ "3,1" -> [3.0, 1.0]; "" -> [] (llama.cpp's default: by free memory).
+    ValueError says what is wrong."""
+    text = (text or "").strip()
+    if not text:
+        return []
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        shares = [float(part) for part in parts]
+    except ValueError:
+        raise ValueError(
+            f'tensor_split is comma-separated numbers, one per GPU (e.g. "3,1"), not {text!r}.'
+        ) from None
+    if any(not math.isfinite(share) or share < 0 for share in shares):
+        raise ValueError(f"tensor_split shares are numbers of at least 0, not {text!r}.")
+    if not any(shares):
+        raise ValueError(
+            "tensor_split needs at least one share above 0; leave it empty for "
+            "llama.cpp's default (by free memory)."
+        )
+    if len(shares) > MAX_DEVICES:
+        raise ValueError(
+            f"tensor_split has {len(shares)} shares; llama.cpp takes at most {MAX_DEVICES} GPUs."
+        )
+    return shares
+
+
+def format_tensor_split(shares: list[float]) -> str:
+    """The stored form: "3,1" ([3.0, 1.0]), "0.6,0.4"."""
+    return ",".join(f"{share:g}" for share in shares)
 
 
 class LoadOptionsError(ValueError):
@@ -157,8 +210,63 @@ def check_load_options(options: dict, report: GGUFReport | dict | None = None) -
     n_threads_batch = options.get("n_threads_batch", 0)
     if not isinstance(n_threads_batch, int) or n_threads_batch < 0:
         errors["n_threads_batch"] = "n_threads_batch is a thread count, or 0 for n_threads."
+    on_gpu = isinstance(n_gpu_layers, int) and n_gpu_layers != 0
+    type_k, type_v = options.get("type_k", "f16"), options.get("type_v", "f16")
+    pairs = cuda_fa_pairs()
+    if (
+        on_gpu
+        and type_k != type_v
+        and flash_attn != "off"
+        and "type_k" not in errors
+        and "type_v" not in errors
+        and pairs is not None
+        and f"{type_k}-{type_v}" not in pairs
+    ):
+        # ggml-cuda/fattn.cu: no kernel for the pair; K and V are converted to f16 at
+        # every step, with a warning, many times slower.
+        errors["type_v"] = (
+            f"A {type_k} K cache with a {type_v} V cache has no CUDA flash-attention kernel "
+            "in llama.cpp's default build, which then converts the cache to f16 at every "
+            "step (slow). Use one type for both, or build llama-cpp-python with "
+            f'CMAKE_ARGS="-DGGML_CUDA=on -DGGML_CUDA_FA_QUANTS=all" (formerly '
+            "-DGGML_CUDA_FA_ALL_QUANTS=ON) and set LLAMA_CUDA_FA_QUANTS=all."
+        )
+    errors.update(_check_gpu_split(options, on_gpu))
     if errors:
         raise LoadOptionsError(errors)
+
+
+def _check_gpu_split(options: dict, on_gpu: bool) -> dict[str, str]:
+    """split_mode, main_gpu and tensor_split: valid, and not set where llama.cpp
+    would ignore them."""
+    errors: dict[str, str] = {}
+    split_mode = options.get("split_mode", "layer")
+    main_gpu = options.get("main_gpu", 0)
+    if split_mode not in SPLIT_MODES:
+        errors["split_mode"] = f"split_mode is one of {', '.join(SPLIT_MODES)}, not {split_mode!r}."
+    if not isinstance(main_gpu, int) or main_gpu < 0:
+        errors["main_gpu"] = "main_gpu is a GPU index (CUDA's numbering of the visible GPUs)."
+    elif main_gpu and split_mode != "none":
+        errors["main_gpu"] = (
+            f"main_gpu chooses the one GPU of split_mode none; with split_mode {split_mode} "
+            "llama.cpp spreads the model over every visible GPU and ignores it. Set "
+            "split_mode none, or choose the worker's GPUs with CUDA_VISIBLE_DEVICES."
+        )
+    elif main_gpu and not on_gpu:
+        errors["main_gpu"] = "main_gpu needs layers on a GPU; n_gpu_layers is 0."
+    try:
+        shares = parse_tensor_split(options.get("tensor_split", ""))
+    except ValueError as exc:
+        errors["tensor_split"] = str(exc)
+    else:
+        if shares and split_mode == "none":
+            errors["tensor_split"] = (
+                "tensor_split divides the model between GPUs; with split_mode none one GPU "
+                "(main_gpu) holds it all. Use split_mode layer or row, or leave it empty."
+            )
+        elif shares and not on_gpu:
+            errors["tensor_split"] = "tensor_split needs layers on a GPU; n_gpu_layers is 0."
+    return errors
 
 
 def embedded_model_path() -> Path:
@@ -209,6 +317,7 @@ def register_model(
     merged |= presets
     merged |= {k: v for k, v in options.items() if v is not None}
     check_load_options(merged, report)
+    merged["tensor_split"] = format_tensor_split(parse_tensor_split(merged.get("tensor_split")))
     with transaction.atomic():
         # Absolute, but not resolved: the Hub's cache links each file to a blob named
         # by its hash, and llama.cpp finds a split model's other files by the name of
@@ -267,4 +376,7 @@ def load_options(model: LanguageModel) -> LoadOptions:
         n_threads_batch=model.n_threads_batch,
         n_batch=model.n_batch,
         n_parallel=model.n_parallel,
+        split_mode=model.split_mode,
+        main_gpu=model.main_gpu,
+        tensor_split=tuple(parse_tensor_split(model.tensor_split)),
     )

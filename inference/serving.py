@@ -48,7 +48,9 @@ class ModelServer:
         self._lock = threading.Lock()
         self.held: set[int] = set()  # generations this process holds
         self.running: set[int] = set()  # of those, admitted to a sequence
-        self.heartbeat = Heartbeat(model.name, describe_device(model.n_gpu_layers))
+        self.heartbeat = Heartbeat(
+            model.name, describe_device(model.n_gpu_layers, model.split_mode, model.main_gpu)
+        )
         self.heartbeat.sample = self._sample
 
     @classmethod

@@ -99,14 +99,23 @@ def serving_problem(
     )
 
 
-def describe_device(n_gpu_layers: int) -> str:
-    """ "cpu", or "gpu:<index>" as CUDA numbers the first visible device."""
+def describe_device(n_gpu_layers: int, split_mode: str = "layer", main_gpu: int = 0) -> str:
+    """ "cpu", or "gpu:<index>[,<index>...]": the GPUs the model's layers go to, named
+    as CUDA_VISIBLE_DEVICES names them (CUDA's numbers when it is unset). split_mode
+    none uses main_gpu only; layer and row use every visible GPU."""
     import llama_cpp
+
+    from .engine import gpu_device_count
 
     if n_gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload():
         return "cpu"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    return f"gpu:{visible or 0}"
+    count = gpu_device_count()
+    listed = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    listed = [v for v in listed if v]
+    names = listed[:count] if len(listed) >= count else [str(i) for i in range(count)]
+    if split_mode == "none":
+        names = names[main_gpu : main_gpu + 1] or [str(main_gpu)]
+    return f"gpu:{','.join(names) or 0}"
 
 
 class Heartbeat:

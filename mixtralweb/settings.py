@@ -15,6 +15,11 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from mixtralweb.namespace import default_namespace
+from mixtralweb.web_server import hide_gpus_from_cuda
+
+# Web processes never touch a GPU; the settings load before any app imports llama.cpp
+# (docs/deployment.md).
+hide_gpus_from_cuda()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var"))

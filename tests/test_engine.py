@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import llama_cpp
 import pytest
 
 from inference.engine import (
@@ -287,6 +288,38 @@ def test_a_stop_during_prompt_evaluation_ends_it_within_one_chunk(single):
     assert len(progress) <= 2 and not text_of(events)
 
 
+def test_a_stop_during_a_prompt_chunk_ends_the_reading_at_the_next_step():
+    """No abort callback (the CUDA backend has none): a stop that arrives while a
+    chunk is evaluated lets that chunk finish, and no later chunk of its prompt is
+    read; the answer beside it goes on."""
+    engine = Engine(options(n_parallel=2, n_batch=64))
+    stopped = request(conversation("glaciers", 400), tenant="user:stop")
+    beside = request(conversation("owls"), Sampling(max_tokens=8, temperature=0.0), "user:o")
+    chunks = []  # the stopped prompt's tokens in each evaluated batch
+    decode = engine._decode
+
+    def decode_then_stop(n_tokens):
+        slot = next((s for s in engine.slots if s.request is stopped), None)
+        if slot is not None and slot.chunk:
+            chunks.append(slot.chunk)
+        decode(n_tokens)
+        if len(chunks) == 1:
+            stopped.cancel.set()  # as if it came during this batch
+
+    engine._decode = decode_then_stop
+    engine.start()
+    try:
+        engine.submit(stopped)
+        engine.submit(beside)
+        events = events_of(stopped)
+        assert len(chunks) == 1  # one chunk, of what the batch had room for
+        assert [v for k, v in events if k == "progress"] == [(chunks[0], len(stopped.prompt))]
+        assert stopped.stats.finish_reason == "cancelled" and stopped.stats.first_token is None
+        assert text_of(events_of(beside)) and beside.stats.finish_reason in ("stop", "length")
+    finally:
+        engine.close()
+
+
 def test_a_stop_ends_decoding_within_one_step(engine):
     req = engine.submit(
         request(conversation("rain"), Sampling(max_tokens=300, temperature=0.0), "user:rain")
@@ -416,3 +449,44 @@ def test_a_wrong_extra_buffers_setting_is_refused_before_loading(monkeypatch):
     monkeypatch.setenv("LLAMA_EXTRA_BUFFERS", "maybe")
     with pytest.raises(ModelLoadError, match="LLAMA_EXTRA_BUFFERS"):
         Engine(options())
+
+
+# --- several GPUs -------------------------------------------------------------------------
+def test_the_gpu_split_reaches_llama_cpps_model_params():
+    from inference.engine import MAX_DEVICES, model_params
+
+    params, keep = model_params(
+        options(n_gpu_layers=-1, split_mode="row", main_gpu=1, tensor_split=(3.0, 1.5)), False
+    )
+    assert (params.split_mode, params.main_gpu) == (llama_cpp.LLAMA_SPLIT_MODE_ROW, 1)
+    assert [params.tensor_split[i] for i in range(MAX_DEVICES)] == [3.0, 1.5] + [0.0] * (
+        MAX_DEVICES - 2
+    )
+    assert keep  # the array the pointer points into, alive until the load returns
+    params, keep = model_params(options(), False)
+    assert params.split_mode == llama_cpp.LLAMA_SPLIT_MODE_LAYER and params.main_gpu == 0
+    assert not params.tensor_split and not keep  # NULL: llama.cpp splits by free memory
+
+
+def test_a_worker_refuses_a_main_gpu_or_shares_beyond_the_gpus_it_sees():
+    from inference.engine import check_gpu_split
+
+    one = options(n_gpu_layers=-1, split_mode="none", main_gpu=1)
+    with pytest.raises(ModelLoadError, match="main_gpu is 1, but this worker sees 1 GPU "):
+        check_gpu_split(one, gpus=1)
+    check_gpu_split(one, gpus=2)
+    shares = options(n_gpu_layers=-1, tensor_split=(1.0, 1.0, 1.0))
+    with pytest.raises(ModelLoadError, match="tensor_split has 3 shares, but this worker sees 2"):
+        check_gpu_split(shares, gpus=2)
+    check_gpu_split(shares, gpus=0)  # a CPU build: the options do nothing
+
+
+def test_a_split_model_still_loads_where_there_is_no_gpu():
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this build offloads; tests/test_gpu.py covers the GPU")
+    engine = Engine(options(n_ctx=512, n_parallel=1, n_gpu_layers=-1, split_mode="row",
+                            tensor_split=(3.0, 1.0)))  # fmt: skip
+    try:
+        assert engine.n_ctx == 512
+    finally:
+        engine.close()

@@ -172,7 +172,32 @@ def test_it_says_64k_of_mixtral_8x22b_on_80_gb_wants_a_quantized_kv_cache_and_fl
     assert p.flash_attn is True
     assert p.max_context_tokens == 65536
     assert p.max_context_limited_by == "trained context"
-    assert "-fa on -ctk q8_0 -ctv q8_0" in p.settings.command_line()
+    assert "-fa auto -ctk q8_0 -ctv q8_0" in p.settings.command_line()
+
+
+@pytest.mark.parametrize("mode", ["on", "off", "auto"])
+def test_the_suggested_command_tells_llama_cpp_the_engines_flash_attention_mode(mode):
+    """-fa as LanguageModel.flash_attn (the engine's flash_attn_type): off said
+    explicitly, since llama-server's own default is auto."""
+    from inference.engine import FLASH_ATTN_TYPES
+    from monitoring.planner.report import FLASH_ATTN_MODES
+
+    assert set(FLASH_ATTN_MODES) == set(FLASH_ATTN_TYPES)
+    p = catalog_plan(
+        "mixtral-8x22b", "Q3_K_M", "a100-80gb", 8192, flash_attn=FLASH_ATTN_MODES[mode]
+    )
+    assert f" -fa {mode} " in p.settings.command_line()
+    assert p.settings.flash_attn_mode == mode
+    assert p.flash_attn is (mode != "off")  # auto: llama.cpp turns it on, on CUDA and CPU
+
+
+@pytest.mark.django_db
+def test_the_command_takes_flash_attention_on_off_or_auto():
+    for args, fa in (((), "auto"), (("--flash-attn", "off"), "off"), (("--no-flash-attn",), "off")):
+        data = json.loads(run_plan("--gpu", "cpu-ddr4-2ch", "--model", str(embedded_gguf()),
+                                   "--json", *args))  # fmt: skip
+        assert f" -fa {fa} " in data["plan"]["settings"]["command_line"]
+        assert data["plan"]["settings"]["flash_attn_mode"] == fa
 
 
 def test_it_sets_the_rule_of_thumb_beside_the_real_q3_k_m_file():

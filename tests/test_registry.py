@@ -5,6 +5,7 @@ in several files registered as a whole; the Mixtral preset's n_parallel."""
 import os
 from dataclasses import replace
 
+import llama_cpp
 import pytest
 from django.core.management import CommandError, call_command
 
@@ -189,6 +190,9 @@ def admin_form(path, **overrides):
         "n_batch": "512",
         "n_parallel": "4",
         "job_sequences": "1",
+        "split_mode": "layer",
+        "main_gpu": "0",
+        "tensor_split": "",
     }
     form.update(overrides)
     return form
@@ -218,6 +222,148 @@ def test_the_admin_page_shows_why_options_are_refused(admin_client_logged_in, ti
     assert response.status_code == 200
     assert "needs flash attention" in response.content.decode()
     assert not LanguageModel.objects.exists()
+
+
+def test_the_admin_page_takes_and_checks_the_gpu_split(admin_client_logged_in, tiny_path):
+    form = admin_form(tiny_path, n_gpu_layers="-1", split_mode="none", tensor_split="3,1")
+    response = admin_client_logged_in.post("/admin/inference/languagemodel/add/", form)
+    assert response.status_code == 200
+    assert "with split_mode none one GPU" in response.content.decode()
+    form = admin_form(tiny_path, n_gpu_layers="-1", split_mode="row", tensor_split="3, 1")
+    response = admin_client_logged_in.post("/admin/inference/languagemodel/add/", form)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    model = LanguageModel.objects.get(name="tiny-mixtral")
+    assert (model.split_mode, model.main_gpu, model.tensor_split) == ("row", 0, "3,1")
+
+
+# --- flash attention, KV cache types and several GPUs ---------------------------------
+
+
+def test_flash_attention_is_auto_unless_asked_everywhere(db, tiny_path):
+    """llama.cpp's default: the model field, the registry, addmodel and the engine."""
+    from inference.engine import FLASH_ATTN_TYPES, LoadOptions
+    from inference.registry import load_options
+
+    model = register_model(name="m", path=tiny_path, n_ctx=1024)
+    assert model.flash_attn == "auto" and load_options(model).flash_attn == "auto"
+    assert LoadOptions(path="x").flash_attn == "auto"
+    assert FLASH_ATTN_TYPES["auto"] == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    for choice in ("on", "off", "auto"):
+        call_command(
+            "addmodel", str(tiny_path), "--name", "m", "--n-ctx", "1024", "--flash-attn", choice
+        )
+        assert LanguageModel.objects.get(name="m").flash_attn == choice
+    with pytest.raises(LoadOptionsError, match='"auto", "on" or "off"'):
+        register_model(n_ctx=1024, name="m", path=tiny_path, flash_attn="maybe")
+
+
+@pytest.mark.parametrize("flash_attn", ["auto", "on"])
+def test_mixed_kv_cache_types_on_a_gpu_are_refused_naming_the_build_flag(db, tiny_path, flash_attn):
+    with pytest.raises(LoadOptionsError) as caught:
+        register_model(
+            n_ctx=1024, name="m", path=tiny_path, n_gpu_layers=-1, type_k="q8_0", type_v="q4_0",
+            flash_attn=flash_attn,
+        )  # fmt: skip
+    assert "GGML_CUDA_FA_QUANTS=all" in caught.value.errors["type_v"]
+    assert not LanguageModel.objects.exists()
+
+
+def test_mixed_kv_cache_types_are_accepted_where_no_cuda_kernel_is_needed(db, tiny_path):
+    # On the CPU; and on a GPU without flash attention (only K quantized then).
+    register_model(n_ctx=1024, name="cpu", path=tiny_path, type_k="q8_0", type_v="q4_0")
+    model = register_model(
+        n_ctx=1024, name="gpu", path=tiny_path, n_gpu_layers=-1, type_k="q8_0", flash_attn="off"
+    )
+    assert (model.type_k, model.type_v) == ("q8_0", "f16")
+    # The same types on a GPU have their kernel in the default build.
+    register_model(
+        n_ctx=1024, name="same", path=tiny_path, n_gpu_layers=-1, type_k="q8_0", type_v="q8_0"
+    )
+
+
+def test_a_build_with_every_kernel_accepts_mixed_types_on_a_gpu(db, tiny_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_CUDA_FA_QUANTS", "all")
+    register_model(
+        n_ctx=1024, name="m", path=tiny_path, n_gpu_layers=-1, type_k="q8_0", type_v="q4_0"
+    )
+    monkeypatch.setenv("LLAMA_CUDA_FA_QUANTS", "q8_0-q8_0;q8_0-f16")
+    register_model(
+        n_ctx=1024, name="m", path=tiny_path, n_gpu_layers=-1, type_k="q8_0", type_v="f16"
+    )
+    with pytest.raises(LoadOptionsError, match="q4_0 V cache"):
+        register_model(
+            n_ctx=1024, name="m", path=tiny_path, n_gpu_layers=-1, type_k="q8_0", type_v="q4_0"
+        )
+
+
+def test_the_gpu_split_defaults_are_llama_cpps(db, tiny_path):
+    from inference.registry import load_options
+
+    model = register_model(name="m", path=tiny_path, n_ctx=1024)
+    assert (model.split_mode, model.main_gpu, model.tensor_split) == ("layer", 0, "")
+    options = load_options(model)
+    assert (options.split_mode, options.main_gpu, options.tensor_split) == ("layer", 0, ())
+
+
+def test_a_gpu_split_is_registered_and_given_to_the_engine(db, tiny_path):
+    from inference.registry import load_options
+
+    model = register_model(
+        n_ctx=1024,
+        name="m",
+        path=tiny_path,
+        n_gpu_layers=-1,
+        split_mode="row",
+        tensor_split=" 3, 1.5 ",
+    )
+    assert model.tensor_split == "3,1.5"
+    options = load_options(model)
+    assert (options.split_mode, options.tensor_split) == ("row", (3.0, 1.5))
+    model = register_model(
+        n_ctx=1024, name="one", path=tiny_path, n_gpu_layers=-1, split_mode="none", main_gpu=1
+    )
+    assert (load_options(model).split_mode, load_options(model).main_gpu) == ("none", 1)
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "message"),
+    [
+        ({"split_mode": "tensor"}, "split_mode", "split_mode is one of none, layer, row"),
+        ({"main_gpu": -1}, "main_gpu", "main_gpu is a GPU index"),
+        ({"main_gpu": 1}, "main_gpu", "with split_mode layer llama.cpp spreads"),
+        ({"main_gpu": 1, "split_mode": "none", "n_gpu_layers": 0}, "main_gpu", "n_gpu_layers is 0"),
+        ({"tensor_split": "3;1"}, "tensor_split", "comma-separated numbers"),
+        ({"tensor_split": "3,-1"}, "tensor_split", "at least 0"),
+        ({"tensor_split": "0,0"}, "tensor_split", "at least one share above 0"),
+        ({"tensor_split": ",".join(["1"] * 17)}, "tensor_split", "at most 16 GPUs"),
+        ({"tensor_split": "3,1", "split_mode": "none"}, "tensor_split", "split_mode none"),
+        ({"tensor_split": "3,1", "n_gpu_layers": 0}, "tensor_split", "n_gpu_layers is 0"),
+    ],
+)  # fmt: skip
+def test_a_bad_gpu_split_is_refused_with_its_reason(db, tiny_path, options, field, message):
+    options = {"n_gpu_layers": -1} | options
+    with pytest.raises(LoadOptionsError) as caught:
+        register_model(n_ctx=1024, name="m", path=tiny_path, **options)
+    assert message in caught.value.errors[field]
+    assert not LanguageModel.objects.exists()
+
+
+def test_addmodel_takes_the_gpu_split(db, tiny_path, capsys):
+    call_command(
+        "addmodel", str(tiny_path), "--name", "m", "--n-ctx", "1024", "--n-gpu-layers", "-1",
+        "--split-mode", "none", "--main-gpu", "1",
+    )  # fmt: skip
+    assert "split_mode=none main_gpu=1 tensor_split=-" in capsys.readouterr().out
+    call_command(
+        "addmodel", str(tiny_path), "--name", "m", "--n-ctx", "1024",
+        "--split-mode", "layer", "--main-gpu", "0", "--tensor-split", "1,1",
+    )  # fmt: skip
+    model = LanguageModel.objects.get(name="m")
+    assert (model.split_mode, model.main_gpu, model.tensor_split) == ("layer", 0, "1,1")
+    with pytest.raises(CommandError, match="--tensor-split: tensor_split is comma-separated"):
+        call_command(
+            "addmodel", str(tiny_path), "--name", "m", "--n-ctx", "1024", "--tensor-split", "a,b"
+        )
 
 
 # --- a model in several files ---------------------------------------------------------

@@ -278,17 +278,20 @@ class LlamaSettings:
 
     n_ctx: int
     n_gpu_layers: int  # -1: every layer and the output head
-    flash_attn: bool
+    flash_attn: bool  # what the memory sums assume
     type_k: str
     type_v: str
     n_batch: int = 512
     n_ubatch: int = DEFAULT_N_UBATCH
+    # What llama.cpp is told, as the engine tells it (LanguageModel.flash_attn): "on",
+    # "off" or "auto" (on where the backend has the kernel: CUDA and the CPU do).
+    flash_attn_mode: str = "auto"
 
     def command_line(self, model_path: str = "MODEL.gguf") -> str:
         ngl = "99" if self.n_gpu_layers < 0 else str(self.n_gpu_layers)
         parts = [f"llama-server -m {model_path} -c {self.n_ctx} -ngl {ngl}"]
-        if self.flash_attn:
-            parts.append("-fa on")
+        # Always given: llama-server's own default is auto, so "off" must be said.
+        parts.append(f"-fa {self.flash_attn_mode}")
         if self.type_k != "f16" or self.type_v != "f16":
             parts.append(f"-ctk {self.type_k} -ctv {self.type_v}")
         parts.append(f"-b {self.n_batch} -ub {self.n_ubatch}")
@@ -474,16 +477,18 @@ def plan(
 ) -> Plan:
     """Plan one model on one device at one context length.
 
-    flash_attn None means "what we would recommend": on for a GPU, and always when
-    the V cache is quantized (llama.cpp refuses a quantized V cache without it).
+    flash_attn None means llama.cpp's "auto", the engine's default: planned on, as
+    llama.cpp turns it on wherever the backend has the kernel (CUDA and the CPU do),
+    and a quantized V cache needs it.
     `host` is the CPU side for layers that do not fit the GPU. Efficiencies default
     to stated assumptions; pass calibrated ones where runs were measured.
     """
     if n_ctx < 1:
         raise PlanError(f"the context must be at least 1 token, not {n_ctx}")
     kv_per_token = kv_bytes_per_token(arch, kv_type)
+    flash_attn_mode = "auto" if flash_attn is None else ("on" if flash_attn else "off")
     if flash_attn is None:
-        flash_attn = device.kind == "gpu" or kv_type != "f16"
+        flash_attn = True
     if kv_type != "f16" and not flash_attn:
         raise PlanError(
             f"llama.cpp needs flash attention for a {kv_type} V cache; "
@@ -600,6 +605,7 @@ def plan(
             flash_attn=flash_attn,
             type_k=kv_type,
             type_v=kv_type,
+            flash_attn_mode=flash_attn_mode,
         ),
         options=options,
         assumptions=_assumptions(device, weights, efficiency, prompt_eff, host),

@@ -144,7 +144,13 @@ def sections(report: Report) -> list[Section]:
     settings = [
         Row("n_ctx", str(s.n_ctx)),
         Row("n_gpu_layers", str(s.n_gpu_layers), "-1: every layer and the output head"),
-        Row("flash_attn", "on" if s.flash_attn else "off"),
+        Row(
+            "flash_attn",
+            s.flash_attn_mode,
+            "llama.cpp turns it on where the device has the kernel (planned on)"
+            if s.flash_attn_mode == "auto"
+            else "",
+        ),
         Row("type_k / type_v", f"{s.type_k} / {s.type_v}"),
         Row("n_batch / n_ubatch", f"{s.n_batch} / {s.n_ubatch}"),
     ]

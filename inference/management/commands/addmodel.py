@@ -50,12 +50,22 @@ class Command(BaseCommand):
         parser.add_argument("--n-batch", type=int)
         parser.add_argument("--n-parallel", type=int, help="sequences decoded together")
         parser.add_argument("--job-sequences", type=int, help="of those, at most this many jobs")
+        parser.add_argument(
+            "--split-mode",
+            choices=["none", "layer", "row"],
+            help="several GPUs: whole layers (default), rows of each matrix, or none (one GPU)",
+        )
+        parser.add_argument("--main-gpu", type=int, help="with --split-mode none: the GPU to use")
+        parser.add_argument(
+            "--tensor-split", metavar="N0,N1,...", help='share of each GPU, e.g. "3,1"'
+        )
 
     def handle(self, *args, path, name, description, preset, **options):
         load = {
             key: options[key]
             for key in ("n_ctx", "n_gpu_layers", "flash_attn", "type_k", "type_v")
             + ("n_threads", "n_threads_batch", "n_batch", "n_parallel", "job_sequences")
+            + ("split_mode", "main_gpu", "tensor_split")
             if options.get(key) is not None
         }
         try:
@@ -95,6 +105,7 @@ class Command(BaseCommand):
             f"flash_attn={model.flash_attn} type_k={model.type_k} type_v={model.type_v} "
             f"n_threads={model.n_threads} n_threads_batch={model.n_threads_batch} "
             f"n_batch={model.n_batch} n_parallel={model.n_parallel} "
-            f"job_sequences={model.job_sequences}"
+            f"job_sequences={model.job_sequences} split_mode={model.split_mode} "
+            f"main_gpu={model.main_gpu} tensor_split={model.tensor_split or '-'}"
             + f"\nStart its worker with: manage.py modelworker {model.name}"
         )

@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 from monitoring.planner import catalog
 from monitoring.planner.compute import KV_TYPES, PlanError
 from monitoring.planner.present import as_text
-from monitoring.planner.report import make_report
+from monitoring.planner.report import FLASH_ATTN_MODES, make_report
 
 
 class Command(BaseCommand):
@@ -37,10 +37,15 @@ class Command(BaseCommand):
         parser.add_argument("--kv", default="f16", help=f"KV cache type: {', '.join(KV_TYPES)}")
         parser.add_argument(
             "--flash-attn",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="default: on for a GPU or a quantized KV cache",
+            choices=["auto", "on", "off"],
+            default="auto",
+            help="as LanguageModel.flash_attn and llama.cpp's -fa; auto (the default) is "
+            "planned on, as llama.cpp turns it on where the device has the kernel",
         )
+        parser.add_argument(
+            "--no-flash-attn", dest="flash_attn", action="store_const", const="off",
+            help=argparse.SUPPRESS,
+        )  # fmt: skip
         parser.add_argument(
             "--host",
             default=catalog.DEFAULT_HOST,
@@ -62,7 +67,7 @@ class Command(BaseCommand):
                 quant=options["quant"],
                 n_ctx=options["ctx"],
                 kv=options["kv"],
-                flash_attn=options["flash_attn"],
+                flash_attn=FLASH_ATTN_MODES[options["flash_attn"]],
                 host=options["host"],
                 users=options["users"],
             )
