@@ -456,6 +456,49 @@ def check_several_sequences(model: Loaded, bin_dir: Path | None, users: int = 4)
     }
 
 
+PROCESS_HOLDING_A_TOKENIZER = """
+import os, sys, time
+sys.argv = [sys.argv[1]]  # what settings see: the program this process pretends to be
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mixtralweb.settings")
+import django
+django.setup()
+from inference.tokens import tokenizer_for
+tokenizer_for(os.environ["MODEL_PATH"]).tokenize("hello")
+print("ready", flush=True)
+time.sleep(4)
+"""
+
+
+def vram_of_a_process_holding_a_tokenizer(program: str, path: str) -> int:
+    """Device VRAM growth while a process started as `program` holds a tokenizer."""
+    from monitoring import nvml
+
+    before = nvml.read(0).memory_used_bytes
+    env = dict(os.environ, MODEL_PATH=path)
+    env.pop("WORKER_MODEL", None)
+    process = subprocess.Popen(
+        [sys.executable, "-c", PROCESS_HOLDING_A_TOKENIZER, program],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout.readline().strip() == "ready", f"the {program} process failed"
+        return nvml.read(0).memory_used_bytes - before
+    finally:
+        process.wait(30)
+
+
+def check_web_processes_leave_the_gpu_alone(path: str) -> dict:
+    """A web process's tokenizer creates no CUDA context; an ordinary process's does."""
+    require_gpu()
+    web = vram_of_a_process_holding_a_tokenizer("daphne", path)
+    plain = vram_of_a_process_holding_a_tokenizer("python", path)
+    values = {"web_process_vram_mib": round(web / 2**20), "other_vram_mib": round(plain / 2**20)}
+    assert web < 64 * 2**20, f"a web process took {web / 2**20:.0f} MiB of VRAM"
+    return values
+
+
 def check_telemetry() -> dict:
     """A telemetry round stores every GPU's reading (announcing it needs Redis)."""
     require_gpu()
@@ -524,6 +567,11 @@ def main(argv=None) -> int:
     print(json.dumps(report["machine"]), flush=True)
     models = prepare_models(folder, args.skeleton)
     bin_dir = Path(args.bin) if args.bin else None
+    checks.run(
+        "web processes leave the GPU alone",
+        check_web_processes_leave_the_gpu_alone,
+        models["tiny-mixtral"],
+    )
     for name, path in models.items():
         held: list[Loaded] = []
 
