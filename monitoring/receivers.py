@@ -7,6 +7,7 @@ finished generation is added to the usage rollups and the Prometheus counters.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
@@ -16,7 +17,7 @@ from inference.models import Generation
 from inference.signals import generation_ended, generation_finished, generation_started
 from monitoring import prometheus, rollup
 from monitoring.recording import record_metrics
-from monitoring.sampler import ResourceSampler
+from monitoring.sampler import ResourceSampler, cuda_devices_of
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,26 @@ _samplers: dict[int, ResourceSampler] = {}
 _lock = threading.Lock()
 
 
+@functools.cache
+def gpu_offload_supported() -> bool:
+    """Whether this process's llama.cpp was built with GPU offload (a CPU-only build
+    on a GPU host runs on the CPU whatever n_gpu_layers says)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def gpu_devices(model) -> list[int]:
+    """The CUDA devices to sample for a run of `model`: none unless it offloads."""
+    if not model.n_gpu_layers or not gpu_offload_supported():
+        return []
+    return cuda_devices_of(model)
+
+
 @receiver(generation_started, sender=Generation, dispatch_uid="monitoring.generation_started")
 def sample_resources(sender, generation: Generation, **kwargs) -> None:
     try:
-        sampler = ResourceSampler(gpu_index=0 if generation.model.n_gpu_layers else None)
+        sampler = ResourceSampler(gpu_devices(generation.model))
         sampler.__enter__()
     except Exception:  # noqa: BLE001 - sampling must never fail a generation
         log.exception("could not sample the resources of generation %s", generation.pk)

@@ -43,7 +43,8 @@ def gpus_key() -> str:
 
 
 def hosts_key() -> str:
-    """Hash: host -> {"host", "gpus", "seen_at"}, the latest reading of each host."""
+    """Hash: host -> {"host", "gpus", "seen_at"}, the latest reading of each host
+    ("gpus": how many GPUs NVML counts there, readable or not)."""
     return namespace.key("telemetry", "hosts")
 
 
@@ -69,7 +70,12 @@ def sample_once(host: str | None = None) -> list[GpuSample]:
     """Read every GPU of this host once, store and announce the readings."""
     host = host or socket.gethostname()
     now = timezone.now()
-    readings = nvml.read_all()
+    try:
+        gpus = nvml.device_count()
+        readings = nvml.read_all()  # a GPU that fails is logged and left out
+    except Exception:  # noqa: BLE001 - the heartbeat still goes out
+        log.exception("NVML could not list the GPUs of %s", host)
+        gpus, readings = 0, []
     rows = [
         GpuSample(
             host=host,
@@ -99,7 +105,7 @@ def sample_once(host: str | None = None) -> list[GpuSample]:
     pipe.hset(
         hosts_key(),
         host,
-        json.dumps({"host": host, "gpus": len(readings), "seen_at": now.isoformat()}),
+        json.dumps({"host": host, "gpus": gpus, "seen_at": now.isoformat()}),
     )
     for data in latest:
         pipe.hset(gpus_key(), f"{host}/{data['index']}", json.dumps(data))
@@ -216,5 +222,5 @@ def _stop_with_worker(**_kwargs) -> None:
 
 
 def _gpu_summary() -> str:
-    count = len(nvml.read_all())
+    count = nvml.device_count()
     return f"{count} GPU(s)" if count else nvml.NO_GPU_MESSAGE

@@ -30,6 +30,7 @@ from mixtralweb import namespace
 from mixtralweb.web_server import daphne_argv
 from tests.browser import browser  # noqa: F401 - the Chromium fixture, for browser tests
 from tests.fake_nvml import fake_gpus, no_gpu  # noqa: F401 - fixtures: a substituted NVML
+from tests.fake_pynvml import fake_pynvml  # noqa: F401 - fixture: a fake pynvml module
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / "var" / "test-logs"

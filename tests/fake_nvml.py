@@ -2,6 +2,7 @@
 
 It answers like NvmlBackend with readings the test sets, so the code above the
 NVML boundary (sampler, telemetry, pages, /metrics) runs as it would on a GPU host.
+NvmlBackend itself is tested through a fake pynvml module (tests/fake_pynvml.py).
 """
 
 from __future__ import annotations
@@ -50,9 +51,17 @@ class FakeBackend:
     def device_count(self) -> int:
         return len(self.readings)
 
-    def read(self, index: int) -> nvml.DeviceReading:
+    def read(self, device: int | str) -> nvml.DeviceReading:
         self.reads += 1
-        return replace(self.readings[index])
+        if isinstance(device, str):
+            device = next(r.index for r in self.readings if r.uuid == device)
+        return replace(self.readings[device])
+
+    def inventory(self) -> list[tuple[int, str, str]]:
+        return [(r.index, r.uuid, f"00000000:{r.index + 1:02X}:00.0") for r in self.readings]
+
+    def uuid_of(self, uuid: str) -> str | None:
+        return uuid if any(r.uuid == uuid for r in self.readings) else None
 
     def read_all(self) -> list[nvml.DeviceReading]:
         return [self.read(i) for i in range(self.device_count())]

@@ -5,6 +5,9 @@ Marked `gpu`: deselected by default (pyproject addopts `-m 'not gpu'`), run by
 llama-cpp-python with CUDA if the installed build cannot offload.
 """
 
+import os
+from pathlib import Path
+
 import pytest
 
 pytestmark = pytest.mark.gpu
@@ -21,21 +24,57 @@ def test_llama_cpp_can_offload_to_the_gpu():
     assert llama_cpp.llama_supports_gpu_offload(), REBUILD
 
 
+def _mig_enabled(index: int) -> bool:
+    import pynvml
+
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return pynvml.nvmlDeviceGetMigMode(handle)[0] == pynvml.NVML_DEVICE_MIG_ENABLE
+    except pynvml.NVMLError:  # a GPU without MIG
+        return False
+
+
+def _in_container() -> bool:
+    if Path("/.dockerenv").exists() or Path("/run/.containerenv").exists():
+        return True
+    try:
+        cgroup = Path("/proc/1/cgroup").read_text()
+    except OSError:
+        return False
+    return any(word in cgroup for word in ("docker", "kubepods", "containerd", "lxc", "podman"))
+
+
 def test_nvml_reads_real_values_from_every_gpu():
     from monitoring import nvml
 
     assert nvml.available(), "NVML found no NVIDIA GPU"
     readings = nvml.read_all()
-    assert readings
+    assert readings and len(readings) == nvml.device_count(), "a GPU could not be read"
     for r in readings:
-        assert r.uuid.startswith("GPU-") and r.name
+        assert r.uuid.startswith("GPU-") and r.name and r.pci_bus_id
         assert 0 < r.memory_used_bytes < r.memory_total_bytes
         assert r.temperature_c is not None and 10 < r.temperature_c < 110
         assert r.power_w is not None and r.power_w > 0
         assert r.power_limit_w is not None and r.power_limit_w >= r.power_w * 0.5
         assert r.sm_clock_mhz and r.sm_clock_mhz > 0
         assert r.mem_clock_mhz and r.mem_clock_mhz > 0
-        assert r.utilization_pct is not None and 0 <= r.utilization_pct <= 100
+        assert r.energy_mj and r.energy_mj > 0, "no energy counter (Volta and newer have one)"
+        if _mig_enabled(r.index):  # NVML has no utilisation for a GPU in MIG mode
+            assert r.utilization_pct is None or 0 <= r.utilization_pct <= 100
+        else:
+            assert r.utilization_pct is not None and 0 <= r.utilization_pct <= 100
+
+
+def test_this_process_sees_its_cuda_devices_in_nvml():
+    from monitoring import nvml
+
+    assert os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
+    devices = nvml.visible_devices()
+    assert devices, f"no device for CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}"
+    for uuid in devices:  # GPU-... or, pinned to a MIG device, MIG-...
+        r = nvml.read(uuid)
+        assert r.uuid == uuid and r.memory_total_bytes > 0
+        assert r.mig == uuid.startswith("MIG-")
 
 
 def test_device_telemetry_stores_real_samples(db, redis_client):
@@ -71,14 +110,28 @@ def test_a_generation_with_every_layer_on_the_gpu_records_its_vram(transactional
     gen.refresh_from_db()
     m = gen.metrics
     assert gen.state == Generation.DONE, gen.reason
-    assert m.gpu_index is not None and m.gpu_uuid.startswith("GPU-")
+    assert m.gpu_index is not None and m.gpu_uuid.startswith(("GPU-", "MIG-"))
     assert m.vram_device_start_bytes > 0
     assert m.vram_device_peak_bytes > m.vram_device_start_bytes
-    if m.vram_process_peak_bytes is not None:  # NULL where NVML cannot see our PID
-        assert m.vram_process_peak_bytes > 0
     assert m.completion_tokens > 0 and m.power_mean_w and m.temperature_max_c
+    assert m.energy_j is not None and m.energy_j > 0
     print(
         f"\nGPU check: {m.completion_tokens} tokens at {m.decode_tokens_per_s or 0:.0f} tokens/s, "
         f"VRAM {m.vram_device_start_bytes / 2**20:.0f} -> {m.vram_device_peak_bytes / 2**20:.0f} "
-        f"MiB (process peak {m.vram_process_peak_bytes}), {m.power_mean_w:.0f} W mean"
+        f"MiB (process peak {m.vram_process_peak_bytes}), {m.power_mean_w:.0f} W mean, "
+        f"{m.energy_j:.1f} J"
     )
+    if m.vram_process_peak_bytes is not None:
+        assert m.vram_process_peak_bytes > 0
+        return
+    # NVML lists processes by the host's PIDs; in a container (its own PID
+    # namespace) ours is not among them, so process VRAM cannot be recorded.
+    from monitoring import nvml
+
+    listed = sorted({p.pid for r in nvml.read_all() for p in r.processes})
+    if _in_container() or (listed and os.getpid() not in listed):
+        pytest.xfail(
+            f"in a container: NVML lists host PIDs {listed}, not this process's PID "
+            f"{os.getpid()}, so process VRAM is NULL here; device VRAM was recorded"
+        )
+    pytest.fail(f"bare metal, yet NVML does not list this process {os.getpid()}: {listed}")

@@ -2,6 +2,7 @@
 
 from datetime import timedelta
 
+import pynvml
 import pytest
 from django.utils import timezone
 
@@ -9,6 +10,7 @@ from monitoring import telemetry
 from monitoring.models import GpuMinute, GpuSample
 from monitoring.tasks import downsample
 from tests.fake_nvml import GIB, reading
+from tests.fake_pynvml import gpu
 
 
 @pytest.fixture
@@ -30,6 +32,28 @@ def test_a_round_stores_every_gpu_of_the_host(db, fake_gpus, clean_redis):
     assert [g["index"] for g in gpus] == [0, 1]
     hosts = [h for h in telemetry.current_hosts() if h["host"] == "gpu-host-a"]
     assert hosts == [{"host": "gpu-host-a", "gpus": 2, "seen_at": gpus[0]["sampled_at"]}]
+
+
+def test_one_failing_gpu_does_not_stop_the_round_or_the_heartbeat(db, fake_pynvml, clean_redis):
+    lost = pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+    fake = fake_pynvml([gpu(0, failure=lost), gpu(1, temperature=66)])
+    telemetry.sample_once("half-lost-host")
+    row = GpuSample.objects.get(host="half-lost-host")
+    assert (row.gpu_index, row.gpu_uuid, row.temperature_c) == (1, fake.gpus[1].uuid, 66)
+    gpus = [g for g in telemetry.current_gpus() if g["host"] == "half-lost-host"]
+    assert [g["index"] for g in gpus] == [1]
+    hosts = {h["host"]: h["gpus"] for h in telemetry.current_hosts()}
+    assert hosts["half-lost-host"] == 2  # the host has two GPUs, one of them unreadable
+
+
+def test_a_host_whose_nvml_fails_still_sends_its_heartbeat(db, fake_pynvml, clean_redis):
+    def driver_gone():
+        raise RuntimeError("driver gone")
+
+    fake = fake_pynvml()
+    fake.nvmlDeviceGetCount = driver_gone
+    telemetry.sample_once("nvml-gone-host")
+    assert "nvml-gone-host" in {h["host"] for h in telemetry.current_hosts()}
 
 
 def test_a_host_without_a_gpu_is_reported_with_none_and_stores_nothing(db, no_gpu, clean_redis):
