@@ -577,7 +577,9 @@ def main(argv=None) -> int:
 
         def load(name=name, path=path, held=held) -> dict:
             held.append(Loaded(name, path))
-            return {"load_s": round(held[0].load_s, 2)}
+            wanted = ("CUDA", "offload", "buffer size", "flash_attn", "device")
+            lines = [line for line in held[0].log if any(w in line for w in wanted)]
+            return {"load_s": round(held[0].load_s, 2), "log": lines[:24]}
 
         checks.run(f"{name}: load", load)
         if not held:
