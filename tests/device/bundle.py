@@ -36,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_CPP_VERSION = "0.3.36"
 CUBLAS_WHEEL = "nvidia-cublas>=13.0,<13.1"
-# Not needed by the check: the web server's and PostgreSQL's packages.
-NOT_CARRIED = {"llama-cpp-python", "psycopg", "honcho"}
+# Not needed by the check: the web server (daphne, with Twisted) and PostgreSQL.
+NOT_CARRIED = {"llama-cpp-python", "psycopg", "honcho", "daphne"}
 # On the GPU machine already (its image), and large: not carried.
 ON_THE_DEVICE = {"numpy"}
 PLATFORMS = [
@@ -186,7 +186,7 @@ def pack_llama(build: Path, out: Path) -> Path:
         if not path.is_symlink():
             subprocess.run(["strip", "--strip-unneeded", str(path)], check=True)
     archive = out / "llama.tar.xz"
-    with tarfile.open(archive, "w:xz") as tar:
+    with tarfile.open(archive, "w:xz", preset=9) as tar:
         tar.add(package, "llama_cpp")
         tar.add(staging / "bin", "bin")
     shutil.rmtree(staging)

@@ -64,11 +64,23 @@ def setup_django(folder: Path) -> None:
     os.environ["DATABASE_URL"] = f"sqlite:///{folder / 'device-check.sqlite3'}"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mixtralweb.settings")
     os.environ.setdefault("VAR_DIR", str(folder))
-    import django
     from django.core.management import call_command
 
-    django.setup()
+    django_setup()
     call_command("migrate", verbosity=0)
+
+
+def django_setup() -> None:
+    """django.setup(), without daphne where it did not travel: the check serves no
+    page, and daphne's Twisted stack would take 11 MB of the bundle."""
+    import importlib.util
+
+    import django
+    from django.conf import settings
+
+    if importlib.util.find_spec("daphne") is None:
+        settings.INSTALLED_APPS = [app for app in settings.INSTALLED_APPS if app != "daphne"]
+    django.setup()
 
 
 # --- what this machine is -------------------------------------------------------------
@@ -112,7 +124,7 @@ def require_gpu() -> None:
     from monitoring import nvml
 
     if not llama_cpp.llama_supports_gpu_offload():
-        raise Skip("this llama.cpp build cannot offload to a GPU (a CPU build)")
+        raise Skip("llama.cpp has no GPU to offload to (a CPU build, or no device)")
     if not nvml.available():
         raise Skip("NVML finds no NVIDIA GPU here")
 
@@ -218,10 +230,11 @@ def wait(request) -> str:
             return text
 
 
-def chat_prompt(path: str, words: int = 20) -> list[int]:
+def chat_prompt(path: str, words: int = 20, salt: int = 0) -> list[int]:
+    """A chat prompt; a different salt, a different first line (nothing reused)."""
     from inference.tokens import tokenizer_for
 
-    content = "Describe the sea in a few sentences. " * max(1, words // 7)
+    content = f"Question {salt}. " + "Describe the sea in a few sentences. " * max(1, words // 7)
     return tokenizer_for(path).chat_tokens([{"role": "user", "content": content}])
 
 
@@ -343,7 +356,8 @@ def check_decode_speed(model: Loaded, bin_dir: Path | None) -> dict:
     bench = bin_dir / "llama-bench" if bin_dir else None
     speeds = []
     for seed in range(3):
-        request = run_request(model.engine, chat_prompt(model.path), max_tokens=128, seed=seed)
+        prompt = chat_prompt(model.path, salt=100 + seed)
+        request = run_request(model.engine, prompt, max_tokens=128, seed=seed)
         wait(request)
         if request.stats.decode_tokens_per_s:
             speeds.append(request.stats.decode_tokens_per_s)
@@ -359,7 +373,7 @@ def check_decode_speed(model: Loaded, bin_dir: Path | None) -> dict:
     }
 
 
-def llama_server_aggregate(binary: Path, path: str, prompt: list[int], users: int) -> dict:
+def llama_server_aggregate(binary: Path, path: str, prompts: list[list[int]], users: int) -> dict:
     """llama.cpp's server on its defaults (its slots, unified KV), `users` requests of
     128 tokens at once (the same prompt tokens as ours): aggregate tokens/s."""
     import socket
@@ -386,7 +400,7 @@ def llama_server_aggregate(binary: Path, path: str, prompt: list[int], users: in
             time.sleep(0.2)
 
         def ask(seed: int) -> dict:
-            body = {"prompt": prompt, "n_predict": 128, "temperature": 0.7, "seed": seed}
+            body = {"prompt": prompts[seed], "n_predict": 128, "temperature": 0.7, "seed": seed}
             body |= {"ignore_eos": True, "cache_prompt": False}
             request = urllib.request.Request(
                 url + "/completion",
@@ -396,8 +410,8 @@ def llama_server_aggregate(binary: Path, path: str, prompt: list[int], users: in
             with urllib.request.urlopen(request, timeout=300) as answer:
                 return json.loads(answer.read())
 
-        ask(0)  # warm-up
-        alone = [ask(i)["timings"] for i in range(3)]
+        ask(9)  # warm-up
+        alone = [ask(i)["timings"] for i in range(4, 7)]
         one = sorted(alone, key=lambda t: t["predicted_per_second"])[1]
         results: list[dict] = []
         began = time.monotonic()
@@ -425,13 +439,14 @@ def check_several_sequences(model: Loaded, bin_dir: Path | None, users: int = 4)
     """`users` requests at once share the engine's batches; beside llama-server."""
     alone = []
     for seed in range(3):
-        request = run_request(model.engine, chat_prompt(model.path), max_tokens=128, seed=seed)
+        prompt = chat_prompt(model.path, salt=200 + seed)
+        request = run_request(model.engine, prompt, max_tokens=128, seed=seed)
         wait(request)
         alone.append(request.stats)
     single = sorted(alone, key=lambda s: s.decode_tokens_per_s or 0)[1]
     began = time.monotonic()
     requests = [
-        run_request(model.engine, chat_prompt(model.path), max_tokens=128, seed=i)
+        run_request(model.engine, chat_prompt(model.path, salt=300 + i), max_tokens=128, seed=i)
         for i in range(users)
     ]
     texts = [wait(r) for r in requests]
@@ -443,7 +458,8 @@ def check_several_sequences(model: Loaded, bin_dir: Path | None, users: int = 4)
     peer = {}
     server = bin_dir / "llama-server" if bin_dir else None
     if server is not None and server.is_file():
-        peer = llama_server_aggregate(server, model.path, chat_prompt(model.path), users)
+        prompts = [chat_prompt(model.path, salt=i) for i in range(400, 410)]
+        peer = llama_server_aggregate(server, model.path, prompts, users)
     return peer | {
         "users": users,
         "aggregate_tokens_per_s": round(tokens / elapsed, 1),
@@ -460,8 +476,8 @@ PROCESS_HOLDING_A_TOKENIZER = """
 import os, sys, time
 sys.argv = [sys.argv[1]]  # what settings see: the program this process pretends to be
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mixtralweb.settings")
-import django
-django.setup()
+from tests.device.check import django_setup
+django_setup()
 from inference.tokens import tokenizer_for
 tokenizer_for(os.environ["MODEL_PATH"]).tokenize("hello")
 print("ready", flush=True)
