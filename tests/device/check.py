@@ -384,7 +384,7 @@ def check_decode_speed(model: Loaded, bin_dir: Path | None) -> dict:
 
 def llama_server_aggregate(binary: Path, path: str, prompts: list[list[int]], users: int) -> dict:
     """llama.cpp's server on its defaults (its slots, unified KV), `users` requests of
-    128 tokens at once (the same prompt tokens as ours): aggregate tokens/s."""
+    decode_tokens() tokens at once (the same prompt tokens as ours): aggregate tokens/s."""
     import socket
     import urllib.request
 
