@@ -583,6 +583,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="device-check.json", help="the JSON report")
     parser.add_argument("--bin", help="folder with llama-bench (llama.cpp's own figure)")
     parser.add_argument("--skeleton", help="the SmolLM2 skeleton, when the model is absent")
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="on a GPU, also an 8B-class F16 model (15 GB written there): weights-bound steps",
+    )
     args = parser.parse_args(argv)
     began = time.monotonic()
     folder = Path(tempfile.mkdtemp(prefix="device-check-"))
@@ -595,6 +600,13 @@ def main(argv=None) -> int:
     print(json.dumps(report["machine"]), flush=True)
     models = prepare_models(folder, args.skeleton)
     bin_dir = Path(args.bin) if args.bin else None
+    if args.large and on_gpu():
+        from tests.device.models import llama_shaped
+
+        began = time.monotonic()
+        skeleton = args.skeleton or models["smollm2"]
+        models["llama-8b-shaped"] = str(llama_shaped(skeleton, folder / "llama-8b-shaped.gguf"))
+        print(f"8B-shaped model written in {time.monotonic() - began:.1f} s", flush=True)
     checks.run(
         "web processes leave the GPU alone",
         check_web_processes_leave_the_gpu_alone,

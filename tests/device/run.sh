@@ -6,6 +6,7 @@
 #   PYTHON  the Python to run (python3: 3.12 on the GPU machine)
 #   REPORT  the JSON report ($OUT/device-check.json, else var/device/device-check.json)
 #   EXTRA_LIB_PATH  folders with cuBLAS and the CUDA runtime, if not found below
+# Arguments go to the check (--large: also an 8B-class model, on a GPU).
 set -euo pipefail
 BUNDLE=${BUNDLE:-var/device/bundle}
 PYTHON=${PYTHON:-python3}
@@ -24,4 +25,4 @@ export LD_LIBRARY_PATH="$SITE/llama_cpp/lib:${EXTRA_LIB_PATH:-}:${nvidia_libs}:/
 export PYTHONPATH="$SITE:$PWD"
 echo "installed the bundle in $(($(date +%s) - began)) s"
 exec "$PYTHON" -m tests.device.check --out "$REPORT" --bin "$SITE/bin" \
-  --skeleton "$BUNDLE/smollm2.skeleton.gguf"
+  --skeleton "$BUNDLE/smollm2.skeleton.gguf" "$@"
