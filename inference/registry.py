@@ -419,8 +419,16 @@ def apply_default_model_settings() -> list[str]:
             path = None
         else:
             notes.append(f"path {model.path} -> {path} (from DEFAULT_MODEL_PATH)")
-    if changes or path:
-        register_model(name=model.name, path=path or model.path, **changes)
+    if path:
+        register_model(name=model.name, path=path, **changes)
+    elif changes:
+        # The same file: the options were checked against its stored inspection
+        # (_refused), as register_model would check them, without reading the file
+        # again (seconds for the embedded model's vocabulary); the worker checks the
+        # file itself when it loads it.
+        for option, value in changes.items():
+            setattr(model, option, value)
+        model.save(update_fields=list(changes))
     return notes
 
 
