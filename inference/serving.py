@@ -103,6 +103,7 @@ class ModelServer:
         self.model = model
         self.engine: Engine | None = None
         self.error = ""
+        self.pool_threads: int | None = None  # Celery's, when Celery started this process
         self._lock = threading.Lock()
         self.held: set[int] = set()  # generations this process holds
         self.running: set[int] = set()  # of those, admitted to a sequence
@@ -116,7 +117,7 @@ class ModelServer:
         return cls._current
 
     @classmethod
-    def start(cls, model_name: str) -> ModelServer | None:
+    def start(cls, model_name: str, pool_threads: int | None = None) -> ModelServer | None:
         """Load the named model into this process (the heartbeat says "loading" with
         llama.cpp's progress, then "ready" or "failed" with the reason)."""
         model = LanguageModel.objects.filter(name=model_name).first()
@@ -124,6 +125,7 @@ class ModelServer:
             log.error("no model named %r is registered", model_name)
             return None
         server = cls._current = cls(model)
+        server.pool_threads = pool_threads
         try:
             notes = environment_notes(model)
         except Exception:  # noqa: BLE001 - a note never keeps the model from loading
@@ -156,6 +158,8 @@ class ModelServer:
             self.heartbeat.report(state=WorkerHeartbeat.FAILED, reason=self.error)
             return
         settings_in_force = in_force(self.engine, flash_attn.choice)
+        if self.pool_threads:
+            settings_in_force["pool_threads"] = self.pool_threads
         log.info(
             "model %s loaded in pid %s; in force: %s",
             self.model,

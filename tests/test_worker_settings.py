@@ -71,8 +71,10 @@ def test_changed_thread_and_sequence_counts_are_in_force_after_a_restart(
         stored = default_model
         assert f"n_threads {stored.n_threads} -> 1 (from LLAMA_N_THREADS)" in printed
         assert f"n_parallel {stored.n_parallel} -> 2 (from DEFAULT_MODEL_N_PARALLEL)" in printed
+        assert force["pool_threads"] == 4  # Celery's pool: two threads per sequence
         row = row_of(client.get("/workers/").content.decode(), heartbeat["pid"])
-        assert "1 thread (1 for prompts)" in row and "2 sequences (1 for jobs)" in row
+        assert "1 thread (1 for prompts)" in row
+        assert "2 sequences (1 for jobs, 4 task threads)" in row
         assert f"flash attention {force['flash_attn']}" in row
     finally:
         first.stop_all()  # SIGTERM: the worker says goodbye and its heartbeat goes
@@ -91,6 +93,7 @@ def test_changed_thread_and_sequence_counts_are_in_force_after_a_restart(
         assert force["n_ctx"] == default_model.n_ctx
         assert "n_threads 1 -> 2 (from LLAMA_N_THREADS)" in printed
         assert "n_parallel 2 -> 3 (from DEFAULT_MODEL_N_PARALLEL)" in printed
+        assert force["pool_threads"] == 6
         refused = (
             "DEFAULT_MODEL_N_CTX=100000 is not applied: n_ctx 100,000 is more than the 8,192 "
             "tokens this model was trained with"
@@ -99,7 +102,8 @@ def test_changed_thread_and_sequence_counts_are_in_force_after_a_restart(
         (note,) = heartbeat["notes"]
         assert note.startswith(refused) and note.endswith("The model keeps n_ctx 8192.")
         row = row_of(client.get("/workers/").content.decode(), heartbeat["pid"])
-        assert "2 threads (2 for prompts)" in row and "3 sequences (1 for jobs)" in row
+        assert "2 threads (2 for prompts)" in row
+        assert "3 sequences (1 for jobs, 6 task threads)" in row
         assert refused in row
     finally:
         second.stop_all()
