@@ -412,10 +412,9 @@ def apply_default_model_settings() -> list[str]:
     ]
     path = _environment_path(model)
     if path:
-        try:
-            inspect_gguf(path)
-        except GGUFError as exc:
-            notes.append(_not_applied("DEFAULT_MODEL_PATH", path, str(exc), "path", model.path))
+        problem = _path_problem(model, path, changes)
+        if problem:
+            notes.append(_not_applied("DEFAULT_MODEL_PATH", path, problem, "path", model.path))
             path = None
         else:
             notes.append(f"path {model.path} -> {path} (from DEFAULT_MODEL_PATH)")
@@ -430,6 +429,22 @@ def apply_default_model_settings() -> list[str]:
             setattr(model, option, value)
         model.save(update_fields=list(changes))
     return notes
+
+
+def _path_problem(model: LanguageModel, path: str, changes: dict) -> str | None:
+    """Why the file at `path` cannot take the default model's place with its options
+    (and `changes`): a bad file, or options it refuses (a context above its trained
+    one); None when it can."""
+    try:
+        report = inspect_gguf(path)
+    except GGUFError as exc:
+        return str(exc)
+    options = {field: getattr(model, field) for field in LOAD_OPTION_FIELDS} | changes
+    try:
+        check_load_options(options, report)
+    except LoadOptionsError as exc:
+        return f"{exc}."
+    return None
 
 
 def _not_applied(variable: str, value, reason: str, option: str, kept) -> str:
@@ -455,10 +470,9 @@ def environment_notes(model: LanguageModel, *, worker: bool = True) -> list[str]
     refused = _refused(model, wanted)
     path = _environment_path(model)
     if path:
-        try:
-            inspect_gguf(path)
-        except GGUFError as exc:
-            refused["path"] = str(exc)
+        problem = _path_problem(model, path, {k: v for k, v in wanted.items() if k not in refused})
+        if problem:
+            refused["path"] = problem
         wanted["path"] = path
     variables = {**variables, "path": "DEFAULT_MODEL_PATH"}
     notes = []

@@ -21,6 +21,7 @@ from inference.registry import (
     environment_notes,
     register_model,
 )
+from tests.fixtures import tiny_mixtral
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,17 +114,27 @@ def test_the_default_models_variables_do_not_set_another_model_and_its_worker_sa
     ]
 
 
-def test_default_model_path_applies_as_given_and_a_missing_file_is_not_applied(db, tmp_path):
+def test_default_model_path_applies_as_given_or_the_start_says_why_not(db, tmp_path):
     model = ensure_default_model()
+    embedded = model.path
     # Through a link, as the Hugging Face cache gives files: the link is kept (a split
     # model's other files are found by the name of the first).
     link = tmp_path / "served.gguf"
-    link.symlink_to(embedded_model_path())
+    link.symlink_to(tiny_mixtral.build_tiny_mixtral(tmp_path / "tiny.gguf"))
     with override_settings(DEFAULT_MODEL_PATH=str(link)), environment():
+        # Its trained context (4,096) is below the stored n_ctx: not applied.
+        (note,) = apply_default_model_settings()
+        assert note.startswith(f"DEFAULT_MODEL_PATH={link} is not applied: n_ctx: n_ctx 8,192")
+        assert note.endswith(f"The model keeps path {embedded}.")
+        assert LanguageModel.objects.get().path == embedded
+        assert environment_notes(LanguageModel.objects.get()) == [note]
+    with override_settings(DEFAULT_MODEL_PATH=str(link)), environment(n_ctx=2048):
         assert apply_default_model_settings() == [
-            f"path {model.path} -> {link} (from DEFAULT_MODEL_PATH)"
+            "n_ctx 8192 -> 2048 (from DEFAULT_MODEL_N_CTX)",
+            f"path {embedded} -> {link} (from DEFAULT_MODEL_PATH)",
         ]
-        assert LanguageModel.objects.get().path == str(link)
+        model = LanguageModel.objects.get()
+        assert (model.path, model.n_ctx, model.architecture) == (str(link), 2048, "llama")
         assert apply_default_model_settings() == []
     gone = tmp_path / "gone.gguf"
     with override_settings(DEFAULT_MODEL_PATH=str(gone)), environment(n_parallel=2):
@@ -133,7 +144,6 @@ def test_default_model_path_applies_as_given_and_a_missing_file_is_not_applied(d
         assert f"DEFAULT_MODEL_PATH={gone} is not applied: " in path_note
         assert path_note.endswith(f"The model keeps path {link}.")
         assert LanguageModel.objects.get().path == str(link)
-        assert environment_notes(LanguageModel.objects.get()) == [path_note]
 
 
 def test_addmodel_shows_the_threads_in_force_and_what_the_next_start_will_apply(db):
