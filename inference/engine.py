@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
+from .cpus import math_threads
+
 log = logging.getLogger(__name__)
 
 GGML_CACHE_TYPES = {
@@ -280,20 +282,10 @@ class PrefixCache:
 
 
 def physical_cores() -> int:
-    """The thread count llama.cpp's own tools choose by default: the physical cores
-    (one per set of hyper-threads sharing a core), as common_cpu_get_num_math does
-    on Linux. Falls back to the logical CPUs where the topology cannot be read."""
-    siblings = set()
-    for cpu in itertools.count():
-        try:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings") as f:
-                siblings.add(f.read().strip())
-        except OSError:
-            break
-    if siblings:
-        return len(siblings)
-    logical = os.cpu_count() or 4
-    return logical if logical <= 4 else logical // 2
+    """The thread count llama.cpp's own tools choose by default on this machine
+    (common_cpu_get_num_math): the physical cores, or on a hybrid Intel CPU the
+    performance cores (inference/cpus.py)."""
+    return math_threads()
 
 
 def resolve_threads(n_threads: int, n_threads_batch: int) -> tuple[int, int]:

@@ -11,12 +11,20 @@ import importlib.util
 import math
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 
-from .engine import GGML_CACHE_TYPES, MAX_DEVICES, SPLIT_MODES, LoadOptions
+from .engine import (
+    GGML_CACHE_TYPES,
+    MAX_DEVICES,
+    SPLIT_MODES,
+    LoadOptions,
+    resolve_threads,
+    use_extra_buffers,
+)
 from .gguf import GGUFError, GGUFReport, inspect_gguf
 from .models import LanguageModel
 
@@ -331,37 +339,185 @@ def register_model(
 
 def ensure_default_model() -> LanguageModel:
     """Register the default model if it is not registered yet, with the options the
-    environment gives it (settings.DEFAULT_MODEL_OPTIONS)."""
+    environment gives it (settings.DEFAULT_MODEL_OPTIONS). Options the registry
+    refuses are left at their defaults; apply_default_model_settings says why."""
     existing = LanguageModel.objects.filter(name=settings.DEFAULT_MODEL_NAME).first()
     if existing is not None:
         return existing
-    return register_model(
+    register = partial(
+        register_model,
         name=settings.DEFAULT_MODEL_NAME,
         path=default_model_path(),
         description="SmolLM2-135M-Instruct Q4_1, embedded default (CPU)",
-        **{"n_ctx": settings.DEFAULT_MODEL_N_CTX, **settings.DEFAULT_MODEL_OPTIONS},
     )
+    try:
+        return register(**{"n_ctx": settings.DEFAULT_MODEL_N_CTX, **settings.DEFAULT_MODEL_OPTIONS})
+    except LoadOptionsError:
+        if not settings.DEFAULT_MODEL_OPTIONS:
+            raise
+        return register()
+
+
+def _refused(model: LanguageModel, wanted: dict) -> dict[str, str]:
+    """Of the options `wanted` for `model`, those the registry refuses, each with
+    the reason (check_load_options, against the model's other options)."""
+    stored = {field: getattr(model, field) for field in LOAD_OPTION_FIELDS}
+    refused: dict[str, str] = {}
+    while True:
+        trying = {option: value for option, value in wanted.items() if option not in refused}
+        if not trying:
+            return refused
+        try:
+            check_load_options(stored | trying, model.inspection)
+        except LoadOptionsError as exc:
+            named = {option: exc.errors[option] for option in trying if option in exc.errors}
+            # A reason that names another option (n_batch above a smaller n_ctx)
+            # is every wanted option's.
+            refused |= named or {option: str(exc) for option in trying}
+        else:
+            return refused
+
+
+def _environment_path(model: LanguageModel) -> str | None:
+    """DEFAULT_MODEL_PATH as the registry stores it, when it is set and differs."""
+    if not settings.DEFAULT_MODEL_PATH:
+        return None
+    # Absolute, not resolved, as register_model stores it.
+    path = os.path.abspath(default_model_path())
+    return path if path != model.path else None
 
 
 def apply_default_model_settings() -> list[str]:
     """Make the default model's registration follow the environment at each start:
     the options set there (settings.DEFAULT_MODEL_OPTIONS) and DEFAULT_MODEL_PATH.
-    Options not set there keep what the registry holds (an admin's choice). Returns
-    what changed, in words: "n_threads 0 -> 2 (from the environment)"."""
+    Options not set there keep what the registry holds (an admin's choice). A value
+    the registry refuses is not applied. Returns what changed and what was not
+    applied, in words: "n_threads 0 -> 2 (from LLAMA_N_THREADS)"."""
     model = ensure_default_model()
-    changes = {
+    variables = settings.DEFAULT_MODEL_VARIABLES
+    wanted = {
         option: value
         for option, value in settings.DEFAULT_MODEL_OPTIONS.items()
         if getattr(model, option) != value
     }
-    notes = [f"{option} {getattr(model, option)} -> {value}" for option, value in changes.items()]
-    path = model.path
-    if settings.DEFAULT_MODEL_PATH and str(default_model_path().resolve()) != model.path:
-        path = str(default_model_path().resolve())
-        notes.append(f"path {model.path} -> {path}")
-    if notes:
+    refused = _refused(model, wanted)
+    changes = {option: value for option, value in wanted.items() if option not in refused}
+    notes = [
+        f"{option} {getattr(model, option)} -> {value} (from {variables[option]})"
+        for option, value in changes.items()
+    ]
+    notes += [
+        _not_applied(variables[option], wanted[option], reason, option, getattr(model, option))
+        for option, reason in refused.items()
+    ]
+    path = _environment_path(model)
+    if path:
+        problem = _path_problem(model, path, changes)
+        if problem:
+            notes.append(_not_applied("DEFAULT_MODEL_PATH", path, problem, "path", model.path))
+            path = None
+        else:
+            notes.append(f"path {model.path} -> {path} (from DEFAULT_MODEL_PATH)")
+    if path:
         register_model(name=model.name, path=path, **changes)
-    return [f"{note} (from the environment)" for note in notes]
+    elif changes:
+        # The same file: the options were checked against its stored inspection
+        # (_refused), as register_model would check them, without reading the file
+        # again (seconds for the embedded model's vocabulary); the worker checks the
+        # file itself when it loads it.
+        for option, value in changes.items():
+            setattr(model, option, value)
+        model.save(update_fields=list(changes))
+    return notes
+
+
+def _path_problem(model: LanguageModel, path: str, changes: dict) -> str | None:
+    """Why the file at `path` cannot take the default model's place with its options
+    (and `changes`): a bad file, or options it refuses (a context above its trained
+    one); None when it can."""
+    try:
+        report = inspect_gguf(path)
+    except GGUFError as exc:
+        return str(exc)
+    options = {field: getattr(model, field) for field in LOAD_OPTION_FIELDS} | changes
+    try:
+        check_load_options(options, report)
+    except LoadOptionsError as exc:
+        return f"{exc}."
+    return None
+
+
+def _not_applied(variable: str, value, reason: str, option: str, kept) -> str:
+    return f"{variable}={value} is not applied: {reason} The model keeps {option} {kept}."
+
+
+def environment_notes(model: LanguageModel, *, worker: bool = True) -> list[str]:
+    """Why each setting this process's environment gives the default model is not
+    in force for `model`, as the registry holds it; [] when every one is. A worker
+    (worker=True) reports these at start and on the Workers page; `addmodel`
+    (worker=False) says which ones the next start will apply over what it stored."""
+    variables = settings.DEFAULT_MODEL_VARIABLES
+    given = dict(settings.DEFAULT_MODEL_OPTIONS)
+    if model.name != settings.DEFAULT_MODEL_NAME:
+        return [
+            f"{variables[option]}={value} is not applied: it sets the default model "
+            f"({settings.DEFAULT_MODEL_NAME}) only. {model.name} has {option} "
+            f"{getattr(model, option)} (manage.py addmodel --{option.replace('_', '-')}, "
+            "or the admin)."
+            for option, value in given.items()
+        ]
+    wanted = {option: value for option, value in given.items() if getattr(model, option) != value}
+    refused = _refused(model, wanted)
+    path = _environment_path(model)
+    if path:
+        problem = _path_problem(model, path, {k: v for k, v in wanted.items() if k not in refused})
+        if problem:
+            refused["path"] = problem
+        wanted["path"] = path
+    variables = {**variables, "path": "DEFAULT_MODEL_PATH"}
+    notes = []
+    for option, value in wanted.items():
+        kept = getattr(model, option)
+        if option in refused:
+            notes.append(_not_applied(variables[option], value, refused[option], option, kept))
+        elif worker:
+            notes.append(
+                _not_applied(
+                    variables[option],
+                    value,
+                    "this worker was not started by `manage.py modelworker` or `make run`, "
+                    "which apply the environment at start, or another start has changed "
+                    "the registry since.",
+                    option,
+                    kept,
+                )
+            )
+        else:
+            notes.append(
+                f"{variables[option]}={value} is set here: the default model's next start "
+                f"(`make run`, `manage.py modelworker`) applies it in place of {option} {kept}."
+            )
+    return notes
+
+
+def options_in_force(model: LanguageModel) -> dict:
+    """The load options a worker on this machine uses for `model`, where the registry
+    leaves the choice to the machine: the thread counts (0: llama.cpp's own choice),
+    the micro-batch, llama.cpp's extra CPU buffers, the prefix cache. The worker's
+    heartbeat reports the same from llama.cpp once loaded (serving.in_force)."""
+    n_threads, n_threads_batch = resolve_threads(model.n_threads, model.n_threads_batch)
+    try:
+        extra_buffers = "on" if use_extra_buffers() else "off"
+    except ValueError as exc:
+        extra_buffers = str(exc)
+    return {
+        "n_threads": n_threads,
+        "n_threads_batch": n_threads_batch,
+        # The engine's micro-batch: n_batch, at most 512 (llama.cpp's default).
+        "n_ubatch": min(model.n_batch, 512),
+        "extra_buffers": extra_buffers,
+        "prefix_cache_mb": settings.ENGINE_PREFIX_CACHE_MB,
+    }
 
 
 def load_options(model: LanguageModel) -> LoadOptions:

@@ -15,12 +15,13 @@ import os
 import socket
 import threading
 
+import llama_cpp
 from django.conf import settings
 
-from .engine import Engine, ModelLoadError
+from .engine import Engine, ModelLoadError, use_extra_buffers
 from .gguf import GGUFError, inspect_gguf
 from .models import LanguageModel, WorkerHeartbeat
-from .registry import load_options
+from .registry import environment_notes, load_options
 from .workers import Heartbeat, describe_device
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,63 @@ def pool_size(model: LanguageModel) -> int:
     return max(2, 2 * model.n_parallel)
 
 
+class FlashAttentionChoice(logging.Filter):
+    """What llama.cpp chose for flash attention "auto" when it created the context:
+    it says so in one INFO line ("resolve_fused_ops: Flash Attention enabled", or
+    "... not supported, set to disabled"; "enabling flash_attn since it is required
+    for ..."), among thousands about tensors and graphs. While installed (a context
+    manager around the load), llama.cpp's INFO lines reach the "llama.cpp" logger,
+    this filter reads them, and only those the logger let through before go on."""
+
+    def __init__(self):
+        super().__init__()
+        self.choice: str | None = None
+        self._logger = logging.getLogger("llama.cpp")
+        self._level = self._logger.level
+
+    def __enter__(self) -> FlashAttentionChoice:
+        self._passes = self._logger.getEffectiveLevel()
+        self._logger.addFilter(self)
+        self._logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.setLevel(self._level)
+        self._logger.removeFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Flash Attention enabled" in message or "enabling flash_attn" in message:
+            self.choice = "on"
+        elif "Flash Attention not supported" in message:
+            self.choice = "off"
+        return record.levelno >= self._passes
+
+
+def in_force(engine: Engine, flash_attn: str | None = None) -> dict:
+    """The load options the loaded engine runs with, from llama.cpp's context where
+    it says (threads, context, sequences, batch sizes): what the heartbeat and the
+    Workers page show, and what a restart's settings are checked against."""
+    ctx, options = engine.ctx, engine.options
+    return {
+        "n_threads": llama_cpp.llama_n_threads(ctx),
+        "n_threads_batch": llama_cpp.llama_n_threads_batch(ctx),
+        "n_ctx": llama_cpp.llama_n_ctx(ctx),
+        "n_parallel": llama_cpp.llama_n_seq_max(ctx),
+        "job_sequences": engine.job_sequences,
+        "n_batch": llama_cpp.llama_n_batch(ctx),
+        "n_ubatch": llama_cpp.llama_n_ubatch(ctx),
+        # For "auto": what llama.cpp chose, where the load's log said it.
+        "flash_attn": flash_attn or options.flash_attn,
+        "type_k": options.type_k,
+        "type_v": options.type_v,
+        "n_gpu_layers": options.n_gpu_layers,
+        "split_mode": options.split_mode,
+        "extra_buffers": "on" if use_extra_buffers() else "off",
+        "prefix_cache_mb": engine.prefix_cache.capacity_bytes // (1024 * 1024),
+    }
+
+
 class ModelServer:
     """This process's model: loaded once, shared by every task thread."""
 
@@ -45,6 +103,7 @@ class ModelServer:
         self.model = model
         self.engine: Engine | None = None
         self.error = ""
+        self.pool_threads: int | None = None  # Celery's, when Celery started this process
         self._lock = threading.Lock()
         self.held: set[int] = set()  # generations this process holds
         self.running: set[int] = set()  # of those, admitted to a sequence
@@ -58,7 +117,7 @@ class ModelServer:
         return cls._current
 
     @classmethod
-    def start(cls, model_name: str) -> ModelServer | None:
+    def start(cls, model_name: str, pool_threads: int | None = None) -> ModelServer | None:
         """Load the named model into this process (the heartbeat says "loading" with
         llama.cpp's progress, then "ready" or "failed" with the reason)."""
         model = LanguageModel.objects.filter(name=model_name).first()
@@ -66,6 +125,15 @@ class ModelServer:
             log.error("no model named %r is registered", model_name)
             return None
         server = cls._current = cls(model)
+        server.pool_threads = pool_threads
+        try:
+            notes = environment_notes(model)
+        except Exception:  # noqa: BLE001 - a note never keeps the model from loading
+            log.exception("could not compare the environment with the registry")
+            notes = []
+        for note in notes:
+            log.warning("model %s: %s", model, note)
+        server.heartbeat.state["notes"] = notes
         server.heartbeat.start()
         server.load()
         return server
@@ -76,26 +144,31 @@ class ModelServer:
             # The header is checked first: a missing, truncated or foreign file gets a
             # precise reason instead of llama.cpp's "failed to load model".
             inspect_gguf(options.path)
-            self.engine = Engine(
-                options,
-                prefix_cache_bytes=settings.ENGINE_PREFIX_CACHE_MB * 1024 * 1024,
-                job_sequences=self.model.job_sequences,
-                on_load_progress=self.heartbeat.loading_progress,
-            ).start()
+            with FlashAttentionChoice() as flash_attn:
+                engine = Engine(
+                    options,
+                    prefix_cache_bytes=settings.ENGINE_PREFIX_CACHE_MB * 1024 * 1024,
+                    job_sequences=self.model.job_sequences,
+                    on_load_progress=self.heartbeat.loading_progress,
+                )
+            self.engine = engine.start()
         except (GGUFError, ModelLoadError, MemoryError) as exc:
             self.error = str(exc) if not isinstance(exc, MemoryError) else "out of memory"
             log.error("model %s failed to load in pid %s: %s", self.model, os.getpid(), exc)
             self.heartbeat.report(state=WorkerHeartbeat.FAILED, reason=self.error)
             return
+        settings_in_force = in_force(self.engine, flash_attn.choice)
+        if self.pool_threads:
+            settings_in_force["pool_threads"] = self.pool_threads
         log.info(
-            "model %s loaded in pid %s: %s sequences, %s threads (%s for prompts)",
+            "model %s loaded in pid %s; in force: %s",
             self.model,
             os.getpid(),
-            self.engine.n_parallel,
-            self.engine.n_threads,
-            self.engine.n_threads_batch,
+            " ".join(f"{key}={value}" for key, value in settings_in_force.items()),
         )
-        self.heartbeat.report(state=WorkerHeartbeat.READY, load_progress=1.0, reason="")
+        self.heartbeat.report(
+            state=WorkerHeartbeat.READY, load_progress=1.0, reason="", in_force=settings_in_force
+        )
 
     def stop(self) -> None:
         self.heartbeat.stop()

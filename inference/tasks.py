@@ -44,12 +44,13 @@ CLAIM_RETRY_MAX_S = 30.0
 
 
 @worker_init.connect
-def _load_the_model(**_kwargs) -> None:
+def _load_the_model(sender=None, **_kwargs) -> None:
     """A model worker (WORKER_MODEL set by `manage.py modelworker`) loads its model
-    before it takes a task: the first user does not wait for the load."""
+    before it takes a task: the first user does not wait for the load. The sender is
+    Celery's worker, whose pool size the heartbeat reports among the options in force."""
     name = os.environ.get("WORKER_MODEL")
     if name:
-        ModelServer.start(name)
+        ModelServer.start(name, pool_threads=getattr(sender, "concurrency", None))
 
 
 @worker_shutdown.connect

@@ -141,6 +141,11 @@ class Heartbeat:
             # Prometheus): running, waiting, kv_used, kv_reserved, n_ctx,
             # n_parallel, n_threads, n_threads_batch.
             "engine": {},
+            # The load options in force, from llama.cpp once loaded
+            # (serving.in_force), and why a setting the environment gives is not
+            # in force (registry.environment_notes): the Workers page shows both.
+            "in_force": {},
+            "notes": [],
             "started_at": timezone.now().isoformat(),
         }
         self._lock = threading.Lock()

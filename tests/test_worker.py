@@ -6,8 +6,10 @@ import socket
 import time
 
 import pytest
+from django.conf import settings
 from django.db import transaction
 
+from inference.engine import resolve_threads
 from inference.models import Generation, LanguageModel, WorkerHeartbeat
 from inference.registry import register_model
 from inference.services import ChatError, generation_enqueue, get_model
@@ -47,6 +49,12 @@ def test_the_default_worker_reports_its_host_pid_device_and_state(stack, default
     assert worker["state"] == "ready"
     assert worker["host"] == socket.gethostname() and worker["pid"] > 0
     assert worker["device"] == "cpu"
+    # The threads llama.cpp's context runs with: llama.cpp's own choice for this
+    # machine where the environment sets none (2 on a 2-core machine, not 1).
+    given = settings.DEFAULT_MODEL_OPTIONS
+    expected = resolve_threads(given.get("n_threads", 0), given.get("n_threads_batch", 0))
+    force = worker["in_force"]
+    assert (force["n_threads"], force["n_threads_batch"]) == expected
     row = wait_for(lambda: WorkerHeartbeat.objects.filter(pid=worker["pid"]).first(), 15)
     assert row.model_name == default_model.name and row.state in {"ready", "busy"}
 

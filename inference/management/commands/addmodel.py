@@ -12,7 +12,13 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from inference.gguf import GGUFError
-from inference.registry import PRESETS, LoadOptionsError, register_model
+from inference.registry import (
+    PRESETS,
+    LoadOptionsError,
+    environment_notes,
+    options_in_force,
+    register_model,
+)
 
 
 def on_off_auto(value: str) -> str:
@@ -107,5 +113,23 @@ class Command(BaseCommand):
             f"n_batch={model.n_batch} n_parallel={model.n_parallel} "
             f"job_sequences={model.job_sequences} split_mode={model.split_mode} "
             f"main_gpu={model.main_gpu} tensor_split={model.tensor_split or '-'}"
+            + f"\n{in_force_line(model)}"
+            + "".join(f"\nNote: {note}" for note in environment_notes(model, worker=False))
             + f"\nStart its worker with: manage.py modelworker {model.name}"
         )
+
+
+def in_force_line(model) -> str:
+    """What a worker started on this machine uses where the stored options leave the
+    choice to it (the Workers page shows what each live worker uses)."""
+    force = options_in_force(model)
+    auto = " (llama.cpp's choice: the physical cores)"
+    line = (
+        f"In force for a worker on this machine: n_threads={force['n_threads']}"
+        f"{auto if not model.n_threads else ''} n_threads_batch={force['n_threads_batch']} "
+        f"n_ubatch={force['n_ubatch']} extra_buffers={force['extra_buffers']} "
+        f"prefix_cache_mb={force['prefix_cache_mb']}"
+    )
+    if model.flash_attn == "auto":
+        line += " flash_attn=auto (llama.cpp decides when the worker loads)"
+    return line
