@@ -147,7 +147,7 @@ def test_a_team_mate_watches_the_live_stream(stack, cast, default_model, browser
     assert "Team plans" in bob.locator(".sidebar").inner_text()
     for page in (alice, bob):
         page.wait_for_selector("#conn-status.ok", state="attached")
-    send(alice, LONG)
+    send(alice, LONG, max_tokens=240)
     wait_for_text(bob, 30)  # Bob sees it while it is being written
     bob.screenshot(path=str(SHOTS / "team-mate-watching.png"))
     wait_state(bob, "done")
@@ -156,7 +156,7 @@ def test_a_team_mate_watches_the_live_stream(stack, cast, default_model, browser
     assert bob_text.split()[0].strip("*#_`") in gen.text
     assert bob.locator(".msg.user .meta").inner_text().startswith("alice")
     # Any member may post the next message, and it shows who wrote it.
-    send(bob, "Thanks! One more line please.")
+    send(bob, "Thanks! One more line please.", max_tokens=40)
     alice.wait_for_function("() => document.querySelectorAll('.msg.user').length === 2")
     wait_state(alice, "done")
     authors = alice.locator(".msg.user .meta").all_inner_texts()
