@@ -107,4 +107,9 @@ def test_changed_thread_and_sequence_counts_are_in_force_after_a_restart(
         assert refused in row
     finally:
         second.stop_all()
-    assert not [w for w in live_workers() if w["pid"] == heartbeat["pid"]]
+    # SIGTERM: the worker's goodbye removes its heartbeat (not left to expire).
+    wait_for(
+        lambda: not [w for w in live_workers() if w["pid"] == heartbeat["pid"]],
+        timeout_s=10,
+        what="the stopped worker's heartbeat to go",
+    )
