@@ -8,8 +8,9 @@ top_p 0.95) and a seed, from three sides in turn:
   llama-cpp-python vendors) on its defaults, the same GGUF, `-c 8192` (our context),
   through its own `/v1/chat/completions`.
 Both API sides are called with the official openai client. In every round each side
-answers two prompts: the same prompt as every time (held in both servers' prompt
-caches after the warm-up, as a conversation's earlier turns are), and a new one (the
+answers two prompts: the same prompt as every time (held in the server's prompt
+cache, as a conversation's earlier turns are: a one-token answer to it just before
+makes sure, since llama-server gives a new prompt the slot that held it), and a new one (the
 same words behind a number no call has used before, so its prompt is evaluated
 anew; same length in tokens). For each prompt the three sides take turns, in an
 order that rotates from round to round, so that the host's drift weighs on all.
@@ -72,14 +73,14 @@ def prompt_text(number: int) -> str:
 
 
 # --- one answer through an OpenAI-compatible API, with the official client --------------
-def api_answer(client, model: str, content: str) -> dict:
+def api_answer(client, model: str, content: str, params: dict) -> dict:
     sent = time.time()
     stream = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": content}],
         stream=True,
         stream_options={"include_usage": True},
-        **SAMPLING,
+        **params,
     )
     first = last = ident = usage = timings = None
     for chunk in stream:
@@ -250,14 +251,25 @@ def main() -> None:
         )
         numbers = iter(range(1, 1000))
 
+        def call(side: str, content: str, params: dict) -> dict:
+            if side == "websocket":
+                return ws_answer(ws, content, params)
+            if side == "api":
+                return api_answer(clients["api"], settings.DEFAULT_MODEL_NAME, content, params)
+            return api_answer(clients["llama-server"], "llama-server", content, params)
+
+        def prime(side: str, content: str) -> None:
+            """One token of the prompt's answer: the server now holds the prompt (a
+            new prompt in between may have taken llama-server's only copy of it)."""
+            call(side, content, {**SAMPLING, "max_tokens": 1})
+            if side == "llama-server":
+                time.sleep(0.3)
+            else:
+                worker_idle()
+
         def answer(side: str, content: str) -> dict:
             before = meter.read()
-            if side == "websocket":
-                result = ws_answer(ws, content, SAMPLING)
-            elif side == "api":
-                result = api_answer(clients["api"], settings.DEFAULT_MODEL_NAME, content)
-            else:
-                result = api_answer(clients["llama-server"], "llama-server", content)
+            result = call(side, content, SAMPLING)
             after = meter.read()
             wall = result["end"] - result["sent"]
             # (a PostgreSQL backend that exits meanwhile takes its time with it)
@@ -279,6 +291,8 @@ def main() -> None:
             for kind in PROMPTS:
                 for side in order:
                     number = 0 if kind == "same prompt" else next(numbers)
+                    if kind == "same prompt":
+                        prime(side, prompt_text(number))
                     row = {"round": round_, "kind": kind, "side": side}
                     row.update(answer(side, prompt_text(number)))
                     rows.append(row)
