@@ -111,7 +111,7 @@ def start_peer(binary: str, model_path: str, *args: str) -> tuple[subprocess.Pop
 def peer_settings() -> list[str]:
     """The lines of llama-server's log that say the settings it chose (threads,
     slots, context)."""
-    wanted = ("system_info: n_threads", "n_slots", "n_ctx_seq", "n_batch", "n_ubatch")
+    wanted = ("n_threads", "n_slots", "n_ctx_seq", "n_batch", "n_ubatch")
     lines = PEER_LOG.read_text(errors="replace").splitlines() if PEER_LOG.exists() else []
     return [line.strip() for line in lines if any(w in line for w in wanted)]
 
