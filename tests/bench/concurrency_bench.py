@@ -5,10 +5,11 @@ the aggregate tokens/s (all completion tokens over the time from the sends to th
 last final event). A second scenario sends one long prompt first and then three
 short chats: their first tokens show what waiting behind a long prompt costs.
 
-The peer, when LLAMA_SERVER names a llama-server binary (built from the llama.cpp
-source that llama-cpp-python vendors: `make llama-server`), is llama.cpp's own
-server on its defaults, given the same model file, the same prompts and the same
-max_tokens over its OpenAI-compatible streaming API. The two alternate round by
+The peer, when there is a llama-server binary (LLAMA_SERVER, or the one that
+`make llama-server` builds from the llama.cpp source that llama-cpp-python vendors,
+var/peer/bin/llama-server), is llama.cpp's own server on its defaults, given the
+same model file, the same prompts and the same max_tokens over its OpenAI-compatible
+streaming API. The two alternate round by
 round, so a change in the host's speed weighs on both alike. LLAMA_SERVER_ARGS
 adds arguments to the peer's command line.
 """
@@ -18,17 +19,20 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import threading
 import time
 import urllib.request
 
-from tests.bench.harness import bench_user, prepare_database, start_stack
-from tests.conftest import WSClient, free_port
+from tests.bench.harness import (
+    bench_user,
+    peer_binary,
+    prepare_database,
+    start_peer,
+    start_stack,
+    ws_answer,
+)
+from tests.conftest import WSClient
 
-# Extra llama-server arguments, only where its defaults cannot run at all (a VM that
-# advertises AMX without allowing it crashes the default weight repacking: "-nr").
-PEER_ARGS = os.environ.get("LLAMA_SERVER_ARGS", "").split()
 ROUNDS = int(os.environ.get("CONCURRENCY_BENCH_ROUNDS", 3))
 USERS = [int(n) for n in os.environ.get("CONCURRENCY_BENCH_USERS", "1,4,8").split(",")]
 MAX_TOKENS = 128
@@ -47,29 +51,6 @@ def prompt(user: int, round_: int) -> str:
         f"User {user}, round {round_}: write a long story about a lighthouse keeper "
         "who finds a message in a bottle."
     )
-
-
-# --- our stack: one websocket per user ----------------------------------------------
-def ours_one(ws: WSClient, content: str, max_tokens: int, start: threading.Event) -> dict:
-    start.wait()
-    sent = time.time()
-    ws.send(
-        {"type": "chat.send", "content": content, "params": {**SAMPLING, "max_tokens": max_tokens}}
-    )
-    first = None
-    while True:
-        frame = json.loads(ws.conn.recv(timeout=600))
-        if frame["type"] == "generation.token" and first is None:
-            first = time.time()
-        elif frame["type"] == "generation.final":
-            return {
-                "sent": sent,
-                "first": first or time.time(),
-                "end": time.time(),
-                "tokens": frame["metrics"]["completion_tokens"],
-            }
-        elif frame["type"] == "error":
-            raise RuntimeError(frame)
 
 
 # --- the peer: llama-server's OpenAI-compatible streaming -------------------------
@@ -132,35 +113,15 @@ def summary(rows: list[dict]) -> dict:
     }
 
 
-def start_peer(binary: str, model_path: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "-m", model_path, "--host", "127.0.0.1", "--port", str(port), *PEER_ARGS],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return process, url
-        except OSError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError("llama-server did not become ready")
-
-
 def main() -> None:
     prepare_database()
     from inference.registry import embedded_model_path, ensure_default_model
 
     model = ensure_default_model()
-    peer_binary = os.environ.get("LLAMA_SERVER")
+    binary = peer_binary()
     print(
         f"model {embedded_model_path().name}: n_parallel {model.n_parallel}, n_ctx "
-        f"{model.n_ctx}; {ROUNDS} rounds; users {USERS}; peer: {peer_binary or 'none'}",
+        f"{model.n_ctx}; {ROUNDS} rounds; users {USERS}; peer: {binary or 'none'}",
         flush=True,
     )
     stack = start_stack()
@@ -181,14 +142,14 @@ def main() -> None:
             go.wait()
             time.sleep(delay_s)
             if side == "ours":
-                return ours_one(sockets[i], content, max_tokens, go)
+                return ws_answer(sockets[i], content, {**SAMPLING, "max_tokens": max_tokens})
             return peer_one(url, content, max_tokens, go)
 
         return call
 
     try:
-        if peer_binary:
-            peer, url = start_peer(peer_binary, str(embedded_model_path()))
+        if binary:
+            peer, url = start_peer(binary, str(embedded_model_path()))
         sockets += [WSClient(stack, bench_user(f"bench-{i}")) for i in range(max([*USERS, 4]))]
         at_once([user("ours", 0, "Hello.", 8)])  # warm-up
         for round_ in range(ROUNDS):

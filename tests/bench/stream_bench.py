@@ -21,7 +21,13 @@ import llama_cpp
 from inference.engine import resolve_threads, use_extra_buffers
 from inference.registry import embedded_model_path
 from inference.tokens import tokenizer_for
-from tests.bench.harness import bench_user, prepare_database, start_stack
+from tests.bench.harness import (
+    bench_user,
+    prepare_database,
+    start_stack,
+    ttft_segments,
+    worker_idle,
+)
 from tests.conftest import WSClient
 
 RUNS = int(os.environ.get("STREAM_BENCH_RUNS", 8))
@@ -97,35 +103,6 @@ def e2e_run(ws: WSClient, prompt: str) -> dict:
         "decode_tps": (completion - 1) / (last - first),
         "lags_ms": [lag * 1000 for lag in lags],
         "segments_ms": ttft_segments(gen_id, started, first),
-    }
-
-
-def worker_idle(timeout_s: float = 30) -> None:
-    """Wait until no worker reports a generation (the heartbeat goes idle after the
-    run's listeners), then a moment for its last statements."""
-    from inference.workers import live_workers
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(w.get("generation") for w in live_workers()):
-        time.sleep(0.05)
-    time.sleep(0.3)
-
-
-def ttft_segments(gen_id: int, sent: float, received: float) -> dict:
-    """Where the end-to-end time to first token went, from the generation's own
-    timestamps (same host, same clock)."""
-    from inference.models import Generation
-
-    gen = Generation.objects.select_related("metrics").get(pk=gen_id)
-    queued, started = gen.queued_at.timestamp(), gen.started_at.timestamp()
-    first = gen.first_token_at.timestamp()
-    prompt_eval_s = gen.metrics.prompt_eval_ms / 1000
-    return {
-        "client → queued (consumer, its transaction)": (queued - sent) * 1000,
-        "queued → claimed (Celery hand-off, claim)": (started - queued) * 1000,
-        "claimed → prompt evaluation starts": (first - prompt_eval_s - started) * 1000,
-        "prompt evaluation + first token": prompt_eval_s * 1000,
-        "first token → client": (received - first) * 1000,
     }
 
 
