@@ -141,9 +141,9 @@ device-bundle: $(STAMP)
 	  $(if $(LLAMA_CUDA_BUILD),--build $(LLAMA_CUDA_BUILD))
 device-check: device-bundle
 	rm -rf $(DEVICE)/dryrun && $(PYTHON312) -m venv $(DEVICE)/dryrun
-	$(DEVICE)/dryrun/bin/pip install -q --no-index $(DEVICE)/work/image-wheels/*.whl
+	$(DEVICE)/dryrun/bin/pip install -q --no-index $(DEVICE)/build/image-wheels/*.whl
 	PYTHON=$(DEVICE)/dryrun/bin/python \
-	  EXTRA_LIB_PATH=$${EXTRA_LIB_PATH:-$$(ls -d $(CURDIR)/$(DEVICE)/work/cublas/nvidia/*/lib 2>/dev/null | head -1)} \
+	  EXTRA_LIB_PATH=$${EXTRA_LIB_PATH:-$$(ls -d $(CURDIR)/$(DEVICE)/build/cublas/nvidia/*/lib 2>/dev/null | head -1)} \
 	  bash tests/device/run.sh
 
 clean:

@@ -119,12 +119,14 @@ def peer_settings() -> list[str]:
 # --- our stack: a chat over the websocket -----------------------------------------------
 def ws_answer(ws: WSClient, content: str, params: dict, start: threading.Event | None = None):
     """One chat message over the websocket, timed on the client's clock: sent, first
-    and last token frames, the final frame, completion tokens, the generation's id."""
+    and last token frames, the final frame, completion tokens, the generation's id,
+    and each token's lag from the worker producing it to its frame arriving (s)."""
     if start is not None:
         start.wait()
     sent = time.time()
     ws.send({"type": "chat.send", "content": content, "params": params})
     first = last = generation = None
+    lags = []
     while True:
         frame = json.loads(ws.conn.recv(timeout=600))
         now = time.time()
@@ -133,6 +135,7 @@ def ws_answer(ws: WSClient, content: str, params: dict, start: threading.Event |
         elif frame["type"] == "generation.token":
             first = first or now
             last = now
+            lags.extend(now - at for at in frame.get("produced_at", ()))
         elif frame["type"] == "generation.final":
             return {
                 "sent": sent,
@@ -141,6 +144,7 @@ def ws_answer(ws: WSClient, content: str, params: dict, start: threading.Event |
                 "end": now,
                 "tokens": frame["metrics"]["completion_tokens"],
                 "generation": generation,
+                "lags": lags,
             }
         elif frame["type"] == "error":
             raise RuntimeError(frame)

@@ -10,7 +10,6 @@ weighs on both alike.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import statistics
@@ -27,6 +26,7 @@ from tests.bench.harness import (
     start_stack,
     ttft_segments,
     worker_idle,
+    ws_answer,
 )
 from tests.conftest import WSClient
 
@@ -81,28 +81,14 @@ def raw_run(llm: llama_cpp.Llama, prompt: str) -> dict:
 
 
 def e2e_run(ws: WSClient, prompt: str) -> dict:
-    started = time.time()
-    ws.send({"type": "chat.send", "content": prompt, "params": SAMPLING})
-    first = last = gen_id = None
-    lags = []
-    while True:
-        frame = json.loads(ws.conn.recv(timeout=300))
-        now = time.time()
-        if frame["type"] == "chat.accepted":
-            gen_id = frame["generation"]
-        elif frame["type"] == "generation.token":
-            first = first or now
-            last = now
-            lags.extend(now - at for at in frame["produced_at"])
-        elif frame["type"] == "generation.final":
-            completion = frame["metrics"]["completion_tokens"]
-            break
+    answer = ws_answer(ws, prompt, SAMPLING)
+    first, completion = answer["first"], answer["tokens"]
     return {
-        "ttft_ms": (first - started) * 1000,
+        "ttft_ms": (first - answer["sent"]) * 1000,
         "tokens": completion,
-        "decode_tps": (completion - 1) / (last - first),
-        "lags_ms": [lag * 1000 for lag in lags],
-        "segments_ms": ttft_segments(gen_id, started, first),
+        "decode_tps": (completion - 1) / (answer["last"] - first),
+        "lags_ms": [lag * 1000 for lag in answer["lags"]],
+        "segments_ms": ttft_segments(answer["generation"], answer["sent"], first),
     }
 
 

@@ -201,7 +201,7 @@ def size_mib(path: Path) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "var" / "device" / "bundle"))
-    parser.add_argument("--work", default=str(ROOT / "var" / "device" / "work"))
+    parser.add_argument("--work", default=str(ROOT / "var" / "device" / "build"))
     # One architecture: libggml-cuda for sm_90 alone is 67 MB (41 MB compressed).
     parser.add_argument("--archs", default="90", help="CUDA architectures: A100 80, H100 90")
     parser.add_argument("--build", help="an already configured llama.cpp CUDA build folder")
