@@ -230,6 +230,26 @@ def test_interleaved_conversations_resume_from_their_saved_states(single):
     assert stats.cached_tokens >= len(prompt(first))
 
 
+def test_an_idle_cache_in_host_ram_gives_its_cells_back_when_another_request_starts(engine):
+    first = conversation("volcanoes")
+    _, answer = run(engine, first, tenant="user:volcanoes")
+    mine = [s for s in engine.slots if s.tenant == "user:volcanoes"]
+    assert mine and mine[0].tokens
+    # With nothing to decode, the engine copies the idle cache to host RAM.
+    deadline = time.monotonic() + 10
+    while not mine[0].saved and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert mine[0].saved
+    other = engine.submit(request(conversation("rivers"), tenant="user:rivers"))
+    kind, _ = other.events.get(timeout=30)
+    assert kind == "admitted"
+    # While another request runs, no decode step attends over the idle answer's cells.
+    assert not any(s.tokens for s in engine.slots if s.tenant == "user:volcanoes")
+    assert events_of(other)[-1] == ("end", None)
+    stats, _ = run(engine, follow_up(first, answer, "And the largest?"), tenant="user:volcanoes")
+    assert stats.cached_tokens >= len(prompt(first))
+
+
 def test_a_saved_state_is_only_restored_for_its_own_tenant(single):
     first = conversation("lakes")
     run(single, first, tenant="user:lakes")
