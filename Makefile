@@ -99,7 +99,7 @@ $(PEER)/bin/llama-server:
 	tar -xzf $(PEER)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(PEER)
 	cmake -S $(PEER)/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp -B $(PEER)/build \
 	  -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF
-	cmake --build $(PEER)/build --target llama-server -j
+	cmake --build $(PEER)/build --target llama-server -j $$(nproc)
 	mkdir -p $(PEER)/bin && cp $(PEER)/build/bin/llama-server $(PEER)/bin/
 
 # The browser tests, saving their screenshots into docs/screenshots/ for the docs.
