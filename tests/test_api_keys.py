@@ -82,6 +82,21 @@ def test_authentication_records_the_last_use(cast):
     assert key.last_used_at is not None
 
 
+def test_the_last_use_is_written_at_most_once_a_minute(cast):
+    key, secret = ApiKey.issue(user=cast.alice, name="busy script")
+    ApiKey.authenticate(secret)
+    key.refresh_from_db()
+    first = key.last_used_at
+    ApiKey.authenticate(secret)
+    key.refresh_from_db()
+    assert key.last_used_at == first
+    # A minute later the next call records itself again.
+    ApiKey.objects.filter(pk=key.pk).update(last_used_at=first - ApiKey.LAST_USED_RESOLUTION)
+    ApiKey.authenticate(secret)
+    key.refresh_from_db()
+    assert key.last_used_at > first
+
+
 def test_a_deactivated_users_key_does_not_authenticate(cast):
     _, secret = ApiKey.issue(user=cast.charlie, name="x")
     cast.charlie.is_active = False

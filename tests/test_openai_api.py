@@ -14,6 +14,7 @@ from django.conf import settings
 
 from inference.models import Generation, LanguageModel
 from mixtralweb.accounts.models import ApiKey, Quota
+from monitoring.models import RequestMetrics
 
 
 @pytest.fixture
@@ -161,7 +162,10 @@ def test_a_client_that_hangs_up_stops_its_generation(client):
     stream.close()
     gen = latest_generation()
     deadline = time.monotonic() + 30
-    while not gen.is_final and time.monotonic() < deadline:
+    # Its metrics are recorded just after its final state is saved.
+    while not (gen.is_final and RequestMetrics.objects.filter(generation=gen).exists()):
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.2)
         gen.refresh_from_db()
     assert gen.state == Generation.CANCELLED

@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 RECHECK_AFTER_S = 5.0
 
 
+def on_a_pooled_thread(func):
+    """Run func on the event loop's shared threads, whose database connections last
+    (CONN_MAX_AGE, checked before and after each call), not on the request's own
+    thread: under ASGI Django gives every request a new thread, so each call would
+    open a new PostgreSQL connection on its way to the first token (Django ticket
+    #33497). func must do all its database work itself, in that one call."""
+    return database_sync_to_async(func, thread_sensitive=False)
+
+
 @dataclass
 class Text:
     text: str
@@ -60,7 +69,7 @@ async def follow(generation_id: int) -> AsyncIterator[Text | Final]:
         while True:
             if recheck:
                 recheck = False
-                text, final = await database_sync_to_async(_stored_state)(generation_id)
+                text, final = await on_a_pooled_thread(_stored_state)(generation_id)
                 if len(text) > sent:
                     yield Text(text[sent:])
                     sent = len(text)
@@ -100,7 +109,7 @@ async def follow(generation_id: int) -> AsyncIterator[Text | Final]:
                 if message.get("metrics") is None:
                     # Announced without its metrics (a reaped or never-started run):
                     # take the stored row, which has whatever was recorded.
-                    _, stored = await database_sync_to_async(_stored_state)(generation_id)
+                    _, stored = await on_a_pooled_thread(_stored_state)(generation_id)
                     message = stored or message
                 yield Final(message)
                 return

@@ -24,7 +24,7 @@ from ..models import Generation, LanguageModel
 from ..tokens import ChatTemplateError, count_chat_tokens, count_text_tokens
 from . import parsing
 from .errors import ApiError, bad_request, model_error, rate_limited, unauthorized
-from .follow import Text, follow
+from .follow import Text, follow, on_a_pooled_thread
 
 CHAT = "chat"
 TEXT = "text"
@@ -60,7 +60,7 @@ async def authenticate(request) -> ApiKey:
             "No API key given. Send it as 'Authorization: Bearer <key>'; "
             "create one on your account's API keys page."
         )
-    key = await sync_to_async(ApiKey.authenticate)(secret.strip())
+    key = await on_a_pooled_thread(ApiKey.authenticate)(secret.strip())
     if key is None:
         raise unauthorized("Incorrect or revoked API key.")
     return key
@@ -99,7 +99,7 @@ async def completions(request, key):
 async def _complete(request, key: ApiKey, kind: str):
     body = parsing.load_json(request.body)
     parsed = parsing.parse_chat(body) if kind == CHAT else parsing.parse_completion(body)
-    gen, counted = await sync_to_async(start_generation)(key=key, parsed=parsed)
+    gen, counted = await on_a_pooled_thread(start_generation)(key=key, parsed=parsed)
     if parsed.stream:
         response = StreamingHttpResponse(
             _sse(gen, key, parsed, kind, counted), content_type="text/event-stream"

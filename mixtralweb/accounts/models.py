@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
@@ -63,6 +64,8 @@ class ApiKey(models.Model):
 
     TOKEN_PREFIX = "mxw-"
     DISPLAY_PREFIX_CHARS = 12
+    # How fresh last_used_at is kept: to the minute.
+    LAST_USED_RESOLUTION = timedelta(minutes=1)
 
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys"
@@ -122,9 +125,14 @@ class ApiKey(models.Model):
             .filter(secret_hash=cls.hash_secret(secret), user__is_active=True)
             .first()
         )
-        if key is not None:
-            key.last_used_at = timezone.now()
-            cls.objects.filter(pk=key.pk).update(last_used_at=key.last_used_at)
+        now = timezone.now()
+        if key is not None and (
+            key.last_used_at is None or now - key.last_used_at >= cls.LAST_USED_RESOLUTION
+        ):
+            # Written at most once a minute: not a write and a commit before every
+            # call's first token.
+            key.last_used_at = now
+            cls.objects.filter(pk=key.pk).update(last_used_at=now)
         return key
 
     def revoke(self) -> None:
