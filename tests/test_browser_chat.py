@@ -78,6 +78,40 @@ def test_stop_ends_the_answer_and_keeps_the_text(stack, cast, default_model, bro
     assert "stopped" in last_answer(page).locator(".footer").inner_text()
 
 
+def test_stop_while_queued_says_it_stopped_before_it_started(stack, cast, default_model, browser):
+    # An answer still waiting for a sequence: its row is queued and no worker has
+    # taken its task (as when every sequence of the worker is busy).
+    conversation = Conversation.objects.create(
+        owner=cast.alice, model=default_model, title="Waiting"
+    )
+    question = [{"role": "user", "content": "Are you there?"}]
+    Message.objects.create(
+        conversation=conversation, role=Message.USER, author=cast.alice, content="Are you there?"
+    )
+    gen = Generation.objects.create(
+        user=cast.alice, model=default_model, conversation=conversation, input_messages=question
+    )
+    Message.objects.create(conversation=conversation, role=Message.ASSISTANT, generation=gen)
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.goto(f"{stack.http_url}/c/{conversation.pk}/")
+    wait_state(page, "queued")
+    assert last_answer(page).locator(".body").inner_text().startswith("queued — position 1")
+
+    page.click("#stop")
+    wait_state(page, "cancelled")
+    gen.refresh_from_db()
+    assert gen.state == Generation.CANCELLED and gen.started_at is None
+
+    def shown() -> tuple[str, str]:
+        answer = last_answer(page)
+        return answer.locator(".body").inner_text(), answer.locator(".footer").inner_text()
+
+    assert shown() == ("Stopped before it started.", "stopped")
+    page.reload()
+    wait_state(page, "cancelled")
+    assert shown() == ("Stopped before it started.", "stopped"), "after a reload"
+
+
 def test_escape_stops_the_answer(stack, cast, default_model, browser):
     page = log_in(browser, stack, "alice", "alice-pass-123")
     send(page, LONG, max_tokens=2000)

@@ -319,6 +319,11 @@
         p.total.toLocaleString() + " tokens (" + Math.floor(100 * p.evaluated / p.total) + "%)…";
     } else if (gen.state === "running") {
       body.textContent = "thinking…";
+    } else {
+      // Ended without a word (stopped or failed before its first token): nothing of
+      // the waiting line stays; a stopped answer says why in its place (the
+      // server's reason, e.g. "Stopped before it started."), a failed one in its footer.
+      body.textContent = gen.state === "cancelled" ? (gen.reason || "Stopped.") : "";
     }
     footer.textContent = footerText(gen);
   }
