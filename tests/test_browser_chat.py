@@ -255,6 +255,36 @@ def test_script_in_model_output_never_runs(stack, cast, default_model, browser):
     assert body.locator("pre .copy").count() == 1
 
 
+def test_the_context_meter_keeps_the_chats_style(stack, cast, default_model, browser):
+    from monitoring.models import RequestMetrics
+
+    conversation = Conversation.objects.create(
+        owner=cast.alice, model=default_model, title="Measured"
+    )
+    Message.objects.create(
+        conversation=conversation, role=Message.USER, author=cast.alice, content="hi"
+    )
+    gen = Generation.objects.create(
+        user=cast.alice,
+        model=default_model,
+        conversation=conversation,
+        state=Generation.DONE,
+        text="Hello there.",
+    )
+    RequestMetrics.objects.create(
+        generation=gen, prompt_tokens=30, completion_tokens=4, n_ctx=8192, context_used=34
+    )
+    Message.objects.create(conversation=conversation, role=Message.ASSISTANT, generation=gen)
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.goto(f"{stack.http_url}/c/{conversation.pk}/")
+    meter = page.locator("#context-meter")
+    meter.wait_for()
+    assert meter.inner_text() == "context 34 / 8,192"
+    # The job pages' stylesheet is theirs: its bars must not restyle this meter.
+    assert meter.evaluate("m => getComputedStyle(m).width") == "160px"
+    assert page.locator("link[href$='css/jobs.css']").count() == 0
+
+
 def test_someone_outside_the_team_gets_nothing(stack, cast, default_model, browser):
     conversation = Conversation.objects.create(
         owner=cast.alice, team=cast.red, model=default_model, title="Red only"

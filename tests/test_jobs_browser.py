@@ -78,3 +78,5 @@ def test_the_job_form_offers_only_models_a_live_worker_serves(stack, cast, smoll
     page.goto(f"{stack.http_url}/jobs/new/")
     offered = page.locator("select[name=model] option").evaluate_all("os => os.map(o => o.value)")
     assert offered == [smollm2.name]
+    # The job pages load their own stylesheet.
+    assert page.locator(".jobs-page").evaluate("p => getComputedStyle(p).maxWidth") == "960px"
