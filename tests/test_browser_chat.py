@@ -66,6 +66,32 @@ def test_a_user_logs_in_chats_and_sees_the_answer_stream(stack, cast, default_mo
     assert page.locator(".msg.user .body").inner_text().startswith("Give me three tips")
 
 
+def test_a_long_first_line_is_titled_to_a_whole_word_and_an_ellipsis(
+    stack, cast, default_model, browser
+):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    send(
+        page,
+        "Please summarise the history of the Hanseatic League and its trading posts "
+        "throughout the Baltic, in one line.",
+        max_tokens=4,
+    )
+    wait_state(page, "done")
+    expected = "Please summarise the history of the Hanseatic League and its trading posts…"
+    assert conversation_of(page).title == expected
+
+    def shown() -> tuple[str, str]:
+        return (
+            page.locator("#chat-title").inner_text(),
+            page.locator("#my-conversations li.active").inner_text(),
+        )
+
+    assert shown() == (expected, expected)
+    page.reload()
+    wait_state(page, "done")
+    assert shown() == (expected, expected), "after a reload"
+
+
 def test_stop_ends_the_answer_and_keeps_the_text(stack, cast, default_model, browser):
     page = log_in(browser, stack, "alice", "alice-pass-123")
     send(page, LONG, max_tokens=2000)

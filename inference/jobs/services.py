@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from inference.models import Generation, LanguageModel
 from inference.quotas import QuotaExceeded, check_quota
-from inference.services import clean_id, generation_enqueue, generation_stop
+from inference.services import clean_id, generation_enqueue, generation_stop, title_from
 from inference.streams import announce as send_to_group
 from mixtralweb import namespace
 from mixtralweb.accounts import access
@@ -142,12 +142,12 @@ def job_draft(
             else "its file cannot be read on this server; tell an administrator"
         )
         raise JobError(f"{model.name} cannot count this document: {why}", field="model") from None
-    title = (title or "").strip() or (file_name or instruction.splitlines()[0])
+    title = title_from((title or "").strip() or file_name or instruction, max_chars=200)
     return Job.objects.create(
         user=user,
         team=team,
         model=model,
-        title=title[:200],
+        title=title,
         instruction=instruction,
         document=document,
         document_name=(file_name or "")[:255],
