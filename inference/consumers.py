@@ -306,6 +306,7 @@ class ChatConsumer(GenerationEventsMixin, FrameConsumer):
                 "type": "chat.accepted",
                 "request_id": frame.get("request_id"),
                 "conversation": conversation.pk,
+                "title": str(conversation),
                 "message": message.pk,
                 "generation": generation.pk,
             }

@@ -57,6 +57,22 @@ def clean_id(value) -> int | None:
     return value if 0 < value <= ID_MAX else None
 
 
+# A new conversation's title: its first message's first line, up to this long.
+TITLE_MAX_CHARS = 80
+
+
+def title_from(text: str, max_chars: int = TITLE_MAX_CHARS) -> str:
+    """The first line of `text` as a title: whole, or cut after its last whole word
+    that fits, with "…" (a single word longer than that is cut where it must be)."""
+    line = next((line.strip() for line in (text or "").splitlines() if line.strip()), "")
+    if len(line) <= max_chars:
+        return line
+    cut = line[: max_chars - 1]
+    if not line[max_chars - 1].isspace() and " " in cut:
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip(" ,.;:-–—") + "…"
+
+
 def clean_params(raw: dict | None) -> dict:
     """Validated sampling parameters, defaults filled in."""
     if raw is None:
@@ -312,7 +328,7 @@ def _start_conversation(
     conversation = Conversation(
         owner=user,
         model=model,
-        title=content.strip().splitlines()[0][:80],
+        title=title_from(content),
         system_prompt=system_prompt or "",
         params=clean_params(params),
     )

@@ -301,6 +301,28 @@ def redis_client():
     return redis.Redis.from_url(settings.REDIS_URL)
 
 
+@pytest.fixture
+def worker_heartbeat(redis_client):
+    """announce(model_name): a live worker's heartbeat for the model in Redis, as a
+    worker process writes it (inference/workers.py), for tests of pages that only
+    ask whether a model is served and run nothing on it. Gone after the test."""
+    from inference import workers
+
+    keys = []
+
+    def announce(model_name: str, state: str = "ready") -> None:
+        beat = workers.Heartbeat(model_name, "cpu")
+        key = workers.worker_key(beat.host, f"{beat.pid}-{len(keys)}")
+        keys.append(key)
+        redis_client.set(key, json.dumps({**beat.state, "state": state}), ex=60)
+        redis_client.zadd(workers.index_key(), {key: time.time() + 60})
+
+    yield announce
+    if keys:
+        redis_client.delete(*keys)
+        redis_client.zrem(workers.index_key(), *keys)
+
+
 @pytest.fixture(autouse=True)
 def _workers_idle_before_the_tables_are_emptied(request):
     """For tests on a running stack or cluster: before pytest-django empties the

@@ -66,6 +66,32 @@ def test_a_user_logs_in_chats_and_sees_the_answer_stream(stack, cast, default_mo
     assert page.locator(".msg.user .body").inner_text().startswith("Give me three tips")
 
 
+def test_a_long_first_line_is_titled_to_a_whole_word_and_an_ellipsis(
+    stack, cast, default_model, browser
+):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    send(
+        page,
+        "Please summarise the history of the Hanseatic League and its trading posts "
+        "throughout the Baltic, in one line.",
+        max_tokens=4,
+    )
+    wait_state(page, "done")
+    expected = "Please summarise the history of the Hanseatic League and its trading posts…"
+    assert conversation_of(page).title == expected
+
+    def shown() -> tuple[str, str]:
+        return (
+            page.locator("#chat-title").inner_text(),
+            page.locator("#my-conversations li.active").inner_text(),
+        )
+
+    assert shown() == (expected, expected)
+    page.reload()
+    wait_state(page, "done")
+    assert shown() == (expected, expected), "after a reload"
+
+
 def test_stop_ends_the_answer_and_keeps_the_text(stack, cast, default_model, browser):
     page = log_in(browser, stack, "alice", "alice-pass-123")
     send(page, LONG, max_tokens=2000)
@@ -76,6 +102,40 @@ def test_stop_ends_the_answer_and_keeps_the_text(stack, cast, default_model, bro
     assert gen.state == Generation.CANCELLED
     assert len(gen.text) >= 40
     assert "stopped" in last_answer(page).locator(".footer").inner_text()
+
+
+def test_stop_while_queued_says_it_stopped_before_it_started(stack, cast, default_model, browser):
+    # An answer still waiting for a sequence: its row is queued and no worker has
+    # taken its task (as when every sequence of the worker is busy).
+    conversation = Conversation.objects.create(
+        owner=cast.alice, model=default_model, title="Waiting"
+    )
+    question = [{"role": "user", "content": "Are you there?"}]
+    Message.objects.create(
+        conversation=conversation, role=Message.USER, author=cast.alice, content="Are you there?"
+    )
+    gen = Generation.objects.create(
+        user=cast.alice, model=default_model, conversation=conversation, input_messages=question
+    )
+    Message.objects.create(conversation=conversation, role=Message.ASSISTANT, generation=gen)
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.goto(f"{stack.http_url}/c/{conversation.pk}/")
+    wait_state(page, "queued")
+    assert last_answer(page).locator(".body").inner_text().startswith("queued — position 1")
+
+    page.click("#stop")
+    wait_state(page, "cancelled")
+    gen.refresh_from_db()
+    assert gen.state == Generation.CANCELLED and gen.started_at is None
+
+    def shown() -> tuple[str, str]:
+        answer = last_answer(page)
+        return answer.locator(".body").inner_text(), answer.locator(".footer").inner_text()
+
+    assert shown() == ("Stopped before it started.", "stopped")
+    page.reload()
+    wait_state(page, "cancelled")
+    assert shown() == ("Stopped before it started.", "stopped"), "after a reload"
 
 
 def test_escape_stops_the_answer(stack, cast, default_model, browser):
@@ -219,6 +279,36 @@ def test_script_in_model_output_never_runs(stack, cast, default_model, browser):
     # The code block shows the script as text, highlighted, with a copy button.
     assert "window.__xss = 'code'" in body.locator("pre code").inner_text()
     assert body.locator("pre .copy").count() == 1
+
+
+def test_the_context_meter_keeps_the_chats_style(stack, cast, default_model, browser):
+    from monitoring.models import RequestMetrics
+
+    conversation = Conversation.objects.create(
+        owner=cast.alice, model=default_model, title="Measured"
+    )
+    Message.objects.create(
+        conversation=conversation, role=Message.USER, author=cast.alice, content="hi"
+    )
+    gen = Generation.objects.create(
+        user=cast.alice,
+        model=default_model,
+        conversation=conversation,
+        state=Generation.DONE,
+        text="Hello there.",
+    )
+    RequestMetrics.objects.create(
+        generation=gen, prompt_tokens=30, completion_tokens=4, n_ctx=8192, context_used=34
+    )
+    Message.objects.create(conversation=conversation, role=Message.ASSISTANT, generation=gen)
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.goto(f"{stack.http_url}/c/{conversation.pk}/")
+    meter = page.locator("#context-meter")
+    meter.wait_for()
+    assert meter.inner_text() == "context 34 / 8,192"
+    # The job pages' stylesheet is theirs: its bars must not restyle this meter.
+    assert meter.evaluate("m => getComputedStyle(m).width") == "160px"
+    assert page.locator("link[href$='css/jobs.css']").count() == 0
 
 
 def test_someone_outside_the_team_gets_nothing(stack, cast, default_model, browser):

@@ -9,6 +9,7 @@ import pytest
 
 from inference.jobs import services
 from inference.jobs.models import Job
+from inference.models import LanguageModel
 from tests.browser import log_in, screenshot_dir
 from tests.jobs_documents import register_smollm2
 
@@ -69,3 +70,13 @@ def test_a_job_that_finishes_elsewhere_shows_a_toast_then_its_result(stack, cast
     width = phone.evaluate("document.documentElement.scrollWidth")
     assert width <= 375, "the job page scrolls sideways on a phone"
     phone.screenshot(path=str(SHOTS / "job-phone.png"), full_page=True)
+
+
+def test_the_job_form_offers_only_models_a_live_worker_serves(stack, cast, smollm2, browser):
+    LanguageModel.objects.create(name="no-worker", path=smollm2.path)
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.goto(f"{stack.http_url}/jobs/new/")
+    offered = page.locator("select[name=model] option").evaluate_all("os => os.map(o => o.value)")
+    assert offered == [smollm2.name]
+    # The job pages load their own stylesheet.
+    assert page.locator(".jobs-page").evaluate("p => getComputedStyle(p).maxWidth") == "960px"

@@ -7,11 +7,12 @@ transaction (these tests need no worker): Alice owns the jobs; Bob is her
 team-mate in Red; Charlie sees nothing of theirs."""
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from inference.jobs.models import Job
-from inference.models import Generation
+from inference.models import Generation, LanguageModel
 from mixtralweb.accounts.models import Membership, Team
 from tests.jobs_documents import (
     document,
@@ -25,8 +26,8 @@ INSTRUCTION = "Summarize the document in three bullet points."
 
 
 @pytest.fixture
-def cast(db, django_user_model):
-    register_smollm2()
+def cast(db, django_user_model, worker_heartbeat):
+    worker_heartbeat(register_smollm2().name)  # the form offers only served models
     alice = django_user_model.objects.create_user("alice")
     bob = django_user_model.objects.create_user("bob")
     charlie = django_user_model.objects.create_user("charlie")
@@ -43,11 +44,13 @@ def alice(cast):
     return client
 
 
-def post_job(client, *, upload=None, text="", max_tokens=64, instruction=INSTRUCTION):
+def post_job(
+    client, *, upload=None, text="", max_tokens=64, instruction=INSTRUCTION, model="smollm2-135m"
+):
     data = {
         "instruction": instruction,
         "text": text,
-        "model": "smollm2-135m",
+        "model": model,
         "max_tokens": max_tokens,
     }
     if upload is not None:
@@ -217,3 +220,32 @@ def test_a_draft_says_when_map_reduce_cannot_work(alice):
     page = alice.get(response["Location"]).content.decode()
     assert "Map-reduce is not possible" in page and "Lower the maximum new tokens" in page
     assert 'value="map_reduce"' not in page and "Refuse" in page
+
+
+def test_the_form_offers_only_models_a_live_worker_serves(alice, cast):
+    smollm2 = LanguageModel.objects.get(name="smollm2-135m")
+    LanguageModel.objects.create(name="no-worker", path=smollm2.path, n_ctx=4096)
+    offered = [name for name, _ in alice.get("/jobs/new/").context["form"].fields["model"].choices]
+    assert offered == ["smollm2-135m"]
+    assert_refused(
+        post_job(alice, text="Hello.", model="no-worker"),
+        "No worker is serving the model no-worker right now",
+    )
+
+
+ELSEWHERE = "/srv/models/elsewhere.gguf"
+
+
+def test_a_model_file_this_server_cannot_read_is_refused_without_its_path(
+    alice, cast, worker_heartbeat
+):
+    # A worker on another machine serves it; its file is not on this one.
+    LanguageModel.objects.create(name="elsewhere", path=ELSEWHERE)
+    worker_heartbeat("elsewhere")
+    response = post_job(alice, text="Hello.", model="elsewhere")
+    assert_refused(response, "elsewhere cannot count this document: its file cannot be read")
+    assert ELSEWHERE not in response.content.decode()
+    # Staff see why, path and all.
+    staff = Client()
+    staff.force_login(get_user_model().objects.create_user("stella", is_staff=True))
+    assert_refused(post_job(staff, text="Hello.", model="elsewhere"), ELSEWHERE)

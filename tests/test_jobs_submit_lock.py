@@ -15,8 +15,8 @@ from tests.jobs_documents import document, register_smollm2
 
 
 @pytest.fixture
-def alice(transactional_db, django_user_model):
-    register_smollm2(n_ctx=1024)
+def alice(transactional_db, django_user_model, worker_heartbeat):
+    worker_heartbeat(register_smollm2(n_ctx=1024).name)  # the form offers only served models
     return django_user_model.objects.create_user("alice")
 
 

@@ -1,5 +1,6 @@
 """The GPU page in a real browser: history and live charts drawn, updated over the
-socket from a telemetry thread (NVML substituted), and a phone-width usage page."""
+socket from a telemetry thread (NVML substituted), a phone-width usage page, and the
+usage pages listing requests that never finished."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from django.contrib.auth import get_user_model
 
 from monitoring import telemetry
 from tests.browser import log_in
+from tests.jobs_documents import register_smollm2
+from tests.test_monitoring_pages import unfinished_generations
 
 pytestmark = pytest.mark.browser
 
@@ -45,3 +48,19 @@ def test_the_usage_page_fits_a_phone(browser, stack, cast):
     page.goto(f"{stack.http_url}/usage/")
     assert page.locator("canvas").count() == 3
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+
+def test_the_usage_pages_show_requests_that_never_finished(browser, stack, staff, cast):
+    gens = unfinished_generations(cast.alice, register_smollm2())
+    for username, password, path in (
+        ("alice", "alice-pass-123", "/usage/"),
+        ("gpu-watcher", "watch-pass-123", "/usage/admin/"),
+    ):
+        page = log_in(browser, stack, username, password)
+        response = page.goto(f"{stack.http_url}{path}")
+        assert response.status == 200, path
+        for name, gen in gens.items():
+            row = page.locator(f"tr:has(a[href='/usage/requests/{gen.pk}/'])")
+            cells = row.locator("td").all_inner_texts()
+            assert cells[-5] == gen.get_state_display(), (path, name)
+            assert cells[-2] == "—", (path, name)  # no time to first token

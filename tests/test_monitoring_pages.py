@@ -91,6 +91,83 @@ def staff(db):
     return get_user_model().objects.create_user("stella", is_staff=True)
 
 
+def unfinished_generations(user, model) -> dict[str, Generation]:
+    """A generation of `user` in each state that ends without a full run (or has not
+    ended yet), by a short name; most have no metrics row at all."""
+    now = timezone.now()
+
+    def make(state, *, started=False, reason=""):
+        return Generation.objects.create(
+            user=user,
+            model=model,
+            state=state,
+            reason=reason,
+            queued_at=now - timedelta(minutes=2),
+            started_at=now - timedelta(minutes=1) if started else None,
+            finished_at=now if state in Generation.FINAL_STATES else None,
+        )
+
+    stopped = make(Generation.QUEUED)
+    stopped.request_stop(by=user)  # as Stop does while it waits: cancelled at once
+    failed_in_prompt = make(Generation.FAILED, started=True, reason="DecodeError: no KV room")
+    # A run that fails before its first token still records what it read.
+    RequestMetrics.objects.create(generation=failed_in_prompt, prompt_tokens=900, n_ctx=8192)
+    gens = {
+        "queued": make(Generation.QUEUED),
+        "running": make(Generation.RUNNING, started=True),
+        "stopped before it started": stopped,
+        "failed before reaching the model": make(
+            Generation.FAILED, reason="The prompt is 9,000 tokens; the context is 8,192."
+        ),
+        "failed before its first token": failed_in_prompt,
+        "lost while queued": make(
+            Generation.FAILED, reason="Its task was lost 3 times; it was not sent again."
+        ),
+        "lost while running": make(
+            Generation.FAILED,
+            started=True,
+            reason="The worker (h:1) stopped responding; the answer so far is kept.",
+        ),
+    }
+    for gen in gens.values():
+        if gen.is_final:
+            rollup.refresh_for(gen)
+    return gens
+
+
+def assert_lists_every_state(html: str, gens: dict[str, Generation]):
+    for name, gen in gens.items():
+        assert f'href="/usage/requests/{gen.pk}/"' in html, name
+        assert f'<td class="state-{gen.state}" title="{gen.reason}">' in html, name
+
+
+def test_my_usage_lists_requests_in_every_state(client, cast, default_model):
+    gens = unfinished_generations(cast.alice, default_model)
+    assert gens["stopped before it started"].state == Generation.CANCELLED
+    client.force_login(cast.alice)
+    response = client.get("/usage/")
+    assert response.status_code == 200
+    assert_lists_every_state(response.content.decode(), gens)
+
+
+def test_the_admin_overview_lists_requests_in_every_state(client, staff, cast, default_model):
+    gens = unfinished_generations(cast.alice, default_model)
+    client.force_login(staff)
+    response = client.get("/usage/admin/")
+    assert response.status_code == 200
+    assert_lists_every_state(response.content.decode(), gens)
+
+
+def test_the_detail_page_shows_a_request_in_every_state(client, cast, default_model):
+    gens = unfinished_generations(cast.alice, default_model)
+    client.force_login(cast.alice)
+    for name, gen in gens.items():
+        response = client.get(f"/usage/requests/{gen.pk}/")
+        assert response.status_code == 200, name
+        html = response.content.decode()
+        assert gen.get_state_display() in html and (gen.reason or "—") in html, name
+
+
 def test_my_usage_shows_my_totals_and_requests_only(client, cast, usage):
     client.force_login(cast.alice)
     response = client.get("/usage/")

@@ -47,8 +47,9 @@ def latest_generation() -> Generation:
 # --- answers ------------------------------------------------------------------------
 
 
-def test_it_lists_the_enabled_models(client, default_model):
+def test_it_lists_the_enabled_models_a_live_worker_serves(client, default_model):
     LanguageModel.objects.create(name="switched-off", path=default_model.path, enabled=False)
+    LanguageModel.objects.create(name="no-worker", path=default_model.path)
     names = [m.id for m in client.models.list()]
     assert names == [MODEL]
 

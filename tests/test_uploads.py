@@ -21,8 +21,8 @@ INSTRUCTION = "Summarize the document in three bullet points."
 
 
 @pytest.fixture
-def alice(db, django_user_model):
-    register_smollm2()
+def alice(db, django_user_model, worker_heartbeat):
+    worker_heartbeat(register_smollm2().name)  # the form offers only served models
     client = Client()
     client.force_login(django_user_model.objects.create_user("alice"))
     return client

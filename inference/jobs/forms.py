@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django import forms
 
-from inference.models import LanguageModel
+from inference.services import serving_models
 from mixtralweb.accounts.models import Team
 
 
@@ -23,7 +23,14 @@ class JobForm(forms.Form):
     file = forms.FileField(
         label="…or upload a .txt, .md or .pdf file", required=False, allow_empty_file=True
     )
-    model = forms.ChoiceField()
+    # Only models a live worker serves, as the chat offers: a job on any other would
+    # wait for a worker that may never come.
+    model = forms.ChoiceField(
+        error_messages={
+            "invalid_choice": "No worker is serving the model %(value)s right now; "
+            "choose one from the list."
+        }
+    )
     max_tokens = forms.IntegerField(
         label="Maximum new tokens (per pass)", min_value=1, max_value=32768, initial=512
     )
@@ -33,9 +40,11 @@ class JobForm(forms.Form):
 
     def __init__(self, *args, user, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["model"].choices = [
-            (m.name, f"{m.name} (context {m.n_ctx:,} tokens)")
-            for m in LanguageModel.objects.filter(enabled=True)
+        model = self.fields["model"]
+        model.choices = [
+            (m.name, f"{m.name} (context {m.n_ctx:,} tokens)") for m in serving_models()
         ]
+        if not model.choices:
+            model.help_text = "No worker is serving a model right now, so no job can run."
         self.fields["team"].queryset = Team.objects.filter(memberships__user=user)
         self.fields["file"].widget.attrs["accept"] = ".txt,.md,.markdown,.pdf"

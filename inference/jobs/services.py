@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from inference.models import Generation, LanguageModel
 from inference.quotas import QuotaExceeded, check_quota
-from inference.services import clean_id, generation_enqueue, generation_stop
+from inference.services import clean_id, generation_enqueue, generation_stop, title_from
 from inference.streams import announce as send_to_group
 from mixtralweb import namespace
 from mixtralweb.accounts import access
@@ -131,14 +131,23 @@ def job_draft(
     try:
         document_tokens = planning.count_text(model, document)
         prompt_tokens = planning.count_chat(model, planning.single_messages(instruction, document))
-    except (ValueError, OSError) as exc:  # no chat template, an unreadable file
+    except planning.PlanError as exc:  # no chat template: the user may pick another model
         raise JobError(f"{model.name} cannot count this document: {exc}", field="model") from None
-    title = (title or "").strip() or (file_name or instruction.splitlines()[0])
+    except (ValueError, OSError) as exc:  # the model's file is unreadable on this host
+        log.warning("job draft: %s cannot count tokens: %s", model.name, exc)
+        # llama.cpp's and the OS's words name the file: a server path is for staff only.
+        why = (
+            str(exc)
+            if access.is_staff(user)
+            else "its file cannot be read on this server; tell an administrator"
+        )
+        raise JobError(f"{model.name} cannot count this document: {why}", field="model") from None
+    title = title_from((title or "").strip() or file_name or instruction, max_chars=200)
     return Job.objects.create(
         user=user,
         team=team,
         model=model,
-        title=title[:200],
+        title=title,
         instruction=instruction,
         document=document,
         document_name=(file_name or "")[:255],

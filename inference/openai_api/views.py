@@ -20,7 +20,7 @@ from inference.quotas import QuotaExceeded, check_quota
 from mixtralweb.accounts.models import ApiKey
 
 from .. import services
-from ..models import Generation, LanguageModel
+from ..models import Generation
 from ..tokens import ChatTemplateError, count_chat_tokens, count_text_tokens
 from . import parsing
 from .errors import ApiError, bad_request, model_error, rate_limited, unauthorized
@@ -68,7 +68,8 @@ async def authenticate(request) -> ApiKey:
 
 @api_view("GET")
 async def models(request, key):
-    names = await sync_to_async(list)(LanguageModel.objects.filter(enabled=True))
+    """The models a request can use now: those a live worker serves, as in the chat."""
+    names = await sync_to_async(lambda: list(services.serving_models()))()
     return JsonResponse(
         {
             "object": "list",

@@ -1,4 +1,9 @@
-"""Formats for measured values: unknown (None) shows as an em dash, never as 0."""
+"""Formats for measured values: unknown shows as an em dash, never as 0.
+
+Unknown is None (a field not measured) or "": what the template engine gives for
+`gen.metrics.ttft_ms` when the generation has no metrics row at all (queued,
+stopped before it started, failed before it reached the model).
+"""
 
 from django import template
 
@@ -7,34 +12,36 @@ register = template.Library()
 DASH = "—"
 
 
+def _unknown(value) -> bool:
+    return value is None or value == ""
+
+
 @register.filter
 def gib(value):
-    return DASH if value is None else f"{value / 2**30:.2f} GiB"
+    return DASH if _unknown(value) else f"{value / 2**30:.2f} GiB"
 
 
 @register.filter
 def ms(value):
-    return DASH if value is None else f"{value:,.0f} ms"
+    return DASH if _unknown(value) else f"{value:,.0f} ms"
 
 
 @register.filter
 def count(value):
     """An integer with thousands separators (humanize's intcomma, without its
     localisation machinery, which is slow over hundreds of table cells)."""
-    return DASH if value is None or value == "" else f"{value:,}"
+    return DASH if _unknown(value) else f"{value:,}"
 
 
 @register.filter
 def num(value, digits=1):
-    if value is None or value == "":
-        return DASH
-    return f"{value:,.{int(digits)}f}"
+    return DASH if _unknown(value) else f"{value:,.{int(digits)}f}"
 
 
 @register.filter
 def measured(value, name):
     """A RequestMetrics field's value with its unit, chosen from the field's name."""
-    if value is None:
+    if _unknown(value):
         return DASH
     if isinstance(value, list):
         return ", ".join(value) or "none"

@@ -121,16 +121,12 @@
     if (!conversationId) {
       conversationId = frame.conversation;
       history.replaceState(null, "", root.dataset.conversationUrl + conversationId + "/");
-      addToSidebar(conversationId, request ? request.content : "New chat");
-      // The server titles a conversation with its first line (services.chat_send).
-      if (request && request.content) title.textContent = firstLine(request.content);
+      // Titled by the server (services.title_from), as a reload will show it.
+      title.textContent = frame.title;
+      addToSidebar(conversationId, frame.title);
       const settings = document.getElementById("new-chat-settings");
       if (settings) settings.remove();
     }
-  }
-
-  function firstLine(text) {
-    return (text || "").trim().split("\n")[0].slice(0, 80);
   }
 
   function addToSidebar(id, text) {
@@ -142,7 +138,7 @@
     li.className = "active";
     const a = document.createElement("a");
     a.href = root.dataset.conversationUrl + id + "/";
-    a.textContent = firstLine(text);
+    a.textContent = text;
     li.append(a);
     mine.prepend(li);
   }
@@ -319,6 +315,11 @@
         p.total.toLocaleString() + " tokens (" + Math.floor(100 * p.evaluated / p.total) + "%)…";
     } else if (gen.state === "running") {
       body.textContent = "thinking…";
+    } else {
+      // Ended without a word (stopped or failed before its first token): nothing of
+      // the waiting line stays; a stopped answer says why in its place (the
+      // server's reason, e.g. "Stopped before it started."), a failed one in its footer.
+      body.textContent = gen.state === "cancelled" ? (gen.reason || "Stopped.") : "";
     }
     footer.textContent = footerText(gen);
   }

@@ -4,11 +4,6 @@
 (function () {
   "use strict";
   const badge = document.getElementById("jobs-unread");
-  // The badge, toasts and job pages share one small stylesheet beside app.css.
-  const css = document.createElement("link");
-  css.rel = "stylesheet";
-  css.href = document.currentScript.src.replace(/js\/job-notify\.js.*$/, "css/jobs.css");
-  document.head.appendChild(css);
   const listeners = [];
   const openers = [];
   let socket = null;
