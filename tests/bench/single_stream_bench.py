@@ -6,7 +6,10 @@ top_p 0.95) and a seed, from three sides in turn:
 - ours through `/v1/chat/completions` (docs/api.md), with an API key the bench creates;
 - llama-server (`make llama-server`: built from the llama.cpp source that
   llama-cpp-python vendors) on its defaults, the same GGUF, `-c 8192` (our context),
-  through its own `/v1/chat/completions`.
+  through its own `/v1/chat/completions`;
+- our engine alone (inference/engine.py, in the bench's process, with the worker's
+  load options): what the model loop gives without the stack around it, so that the
+  gap to llama-server splits into the engine's part and the stack's.
 Both API sides are called with the official openai client. In every round each side
 answers two prompts: the same prompt as every time (held in the server's prompt
 cache, as a conversation's earlier turns are: a one-token answer to it just before
@@ -60,8 +63,13 @@ WORDS = (
     "write a long, detailed story about a lighthouse keeper who finds a message in a "
     "bottle. Describe the sea, the weather and every room of the lighthouse."
 )
-SIDES = ["websocket", "api", "llama-server"]
-LABELS = {"websocket": "ours (websocket)", "api": "ours (API)", "llama-server": "llama-server"}
+SIDES = ["websocket", "api", "llama-server", "engine"]
+LABELS = {
+    "websocket": "ours (websocket)",
+    "api": "ours (API)",
+    "llama-server": "llama-server",
+    "engine": "engine alone",
+}
 PROMPTS = {"same prompt": "same", "new prompt": "new"}
 # Targets of issue 25, both sides on their defaults.
 DECODE_TARGET = 0.95
@@ -104,6 +112,42 @@ def api_answer(client, model: str, content: str, params: dict) -> dict:
         "prompt_tokens": usage.prompt_tokens if usage else 0,
         "generation": generation,
         "timings": timings,
+    }
+
+
+# --- one answer from the engine alone, in this process -----------------------------------
+def engine_answer(engine, tokenizer, content: str, params: dict) -> dict:
+    from inference.engine import Request, Sampling
+
+    sampling = Sampling(
+        max_tokens=params["max_tokens"],
+        temperature=params["temperature"],
+        top_p=params["top_p"],
+        seed=params["seed"],
+    )
+    prompt = tokenizer.chat_tokens([{"role": "user", "content": content}])
+    sent = time.time()
+    request = engine.submit(Request(prompt=prompt, sampling=sampling, tenant="user:bench"))
+    first = last = None
+    while True:
+        kind, value = request.events.get()
+        now = time.time()
+        if kind == "text":
+            first = first or now
+            last = now
+        elif kind == "end":
+            break
+    stats = request.stats
+    return {
+        "sent": sent,
+        "first": first or now,
+        "last": last or now,
+        "end": now,
+        "tokens": stats.completion_tokens,
+        "server_decode_tps": stats.decode_tokens_per_s,
+        "prompt_eval_ms": (stats.prompt_eval_s or 0) * 1000,
+        "prompt_tokens": len(prompt),
+        "cached_tokens": stats.cached_tokens,
     }
 
 
@@ -211,7 +255,9 @@ def spread(values: list[float], fmt: str) -> str:
 def main() -> None:
     from openai import OpenAI
 
-    from inference.registry import embedded_model_path, ensure_default_model
+    from inference.engine import Engine
+    from inference.registry import embedded_model_path, ensure_default_model, load_options
+    from inference.tokens import tokenizer_for
     from mixtralweb.accounts.models import ApiKey
 
     binary = peer_binary()
@@ -222,7 +268,7 @@ def main() -> None:
     user = bench_user()
     key, secret = ApiKey.issue(user=user, name=f"single-stream bench {time.time():.0f}")
     stack = start_stack()
-    peer = ws = None
+    peer = ws = engine = None
     rows: list[dict] = []
     try:
         worker = stack.wait_model()
@@ -237,6 +283,10 @@ def main() -> None:
         for line in peer_settings():
             print(f"  llama-server: {line}")
         ws = WSClient(stack, user)
+        engine = Engine(
+            load_options(model), prefix_cache_bytes=settings.ENGINE_PREFIX_CACHE_MB * 2**20
+        ).start()
+        tokenizer = tokenizer_for(model.path)
         clients = {
             "api": OpenAI(base_url=f"{stack.http_url}/v1", api_key=secret, max_retries=0),
             "llama-server": OpenAI(base_url=f"{peer_url}/v1", api_key="none", max_retries=0),
@@ -256,13 +306,15 @@ def main() -> None:
                 return ws_answer(ws, content, params)
             if side == "api":
                 return api_answer(clients["api"], settings.DEFAULT_MODEL_NAME, content, params)
+            if side == "engine":
+                return engine_answer(engine, tokenizer, content, params)
             return api_answer(clients["llama-server"], "llama-server", content, params)
 
         def prime(side: str, content: str) -> None:
             """One token of the prompt's answer: the server now holds the prompt (a
             new prompt in between may have taken llama-server's only copy of it)."""
             call(side, content, {**SAMPLING, "max_tokens": 1})
-            if side == "llama-server":
+            if side in ("llama-server", "engine"):
                 time.sleep(0.3)
             else:
                 worker_idle()
@@ -277,6 +329,8 @@ def main() -> None:
             if side == "llama-server":
                 time.sleep(0.3)
                 result.update(peer_side(result))
+            elif side == "engine":
+                time.sleep(0.3)
             else:
                 worker_idle()  # its bookkeeping after the final event, before the next answer
                 result.update(our_side(result))
@@ -287,7 +341,7 @@ def main() -> None:
         for side in SIDES:  # warm-up: connections, caches, the same prompt into each cache
             answer(side, prompt_text(0))
         for round_ in range(1, ROUNDS + 1):
-            order = SIDES[round_ % 3 :] + SIDES[: round_ % 3]
+            order = SIDES[round_ % len(SIDES) :] + SIDES[: round_ % len(SIDES)]
             for kind in PROMPTS:
                 for side in order:
                     number = 0 if kind == "same prompt" else next(numbers)
@@ -307,6 +361,8 @@ def main() -> None:
         ApiKey.objects.filter(pk=key.pk).update(revoked_at=timezone.now())
         if ws:
             ws.close()
+        if engine:
+            engine.close()
         stack.stop_all()
         if peer:
             peer.terminate()
