@@ -16,6 +16,7 @@ and parameters summed over every file.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -125,8 +126,9 @@ def inspect_gguf(path: str | Path) -> GGUFReport:
     first (naming the first).
 
     The `gguf` library parses every header field, the vocabulary's tens of thousands
-    of strings included (seconds for SmolLM2), so each file's header is kept per
-    process for as long as its size and modification time stay the same."""
+    of strings included (3 s for SmolLM2, at every worker start), so each file's
+    header is kept for as long as its path, size and modification time stay the same:
+    in the process, and in Django's "gguf" cache for the other processes."""
     path = Path(path)
     first = _header(path)
     count = first.split_count or 1
@@ -287,8 +289,39 @@ def _header(path: Path) -> _Header:
     return _read_header(path, stat.st_size, stat.st_mtime_ns)
 
 
+# Bump when _Header changes: summaries cached in an older form are not read.
+HEADER_FORMAT = 1
+
+
 @lru_cache(maxsize=64)
-def _read_header(path: Path, file_bytes: int, _mtime_ns: int) -> _Header:
+def _read_header(path: Path, file_bytes: int, mtime_ns: int) -> _Header:
+    shared = _shared_cache()
+    key = _cache_key(path, file_bytes, mtime_ns)
+    header = shared.get(key) if shared is not None else None
+    if header is None:
+        header = _parse_header(path, file_bytes)
+        if shared is not None:
+            shared.set(key, header)
+    return header
+
+
+def _cache_key(path: Path, file_bytes: int, mtime_ns: int) -> str:
+    identity = f"{HEADER_FORMAT}|{path.resolve()}|{file_bytes}|{mtime_ns}"
+    return "gguf-header-" + hashlib.sha256(identity.encode()).hexdigest()
+
+
+def _shared_cache():
+    """Django's "gguf" cache, where Django is set up with one; else None."""
+    from django.conf import settings
+
+    if not settings.configured or "gguf" not in getattr(settings, "CACHES", {}):
+        return None
+    from django.core.cache import caches
+
+    return caches["gguf"]
+
+
+def _parse_header(path: Path, file_bytes: int) -> _Header:
     from gguf import GGUFReader, GGUFValueType
 
     with path.open("rb") as fh:

@@ -267,6 +267,18 @@ CHANNEL_LAYERS = {
     }
 }
 
+# Summaries of GGUF headers, shared by this host's processes and keyed by each file's
+# path, size and modification time: the gguf library takes seconds to read one
+# (inference/gguf.py), and every worker start and model page needs it.
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "gguf": {
+        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+        "LOCATION": str(VAR_DIR / "cache" / "gguf"),
+        "TIMEOUT": 30 * 24 * 3600,
+    },
+}
+
 # --- Celery. tests/test_celery_config.py asserts the effective values, because a
 # misspelled CELERY_* name is silently ignored. A model worker runs its generations
 # in a pool of threads, which has no time limits: its engine ends a generation at

@@ -1,8 +1,12 @@
 """GGUF inspection: the facts stored at registration, and the errors for bad files,
 for a model in one file and for one in several (shards)."""
 
-import pytest
+from dataclasses import replace
 
+import pytest
+from django.core.cache import caches
+
+from inference import gguf
 from inference.gguf import GGUFError, inspect_gguf
 from inference.registry import embedded_model_path
 from tests.fixtures import tiny_mixtral
@@ -89,6 +93,23 @@ def test_it_refuses_a_file_cut_inside_its_header(tiny_path, tmp_path):
     cut.write_bytes(tiny_path.read_bytes()[:200])
     with pytest.raises(GGUFError, match="header.gguf: (damaged or truncated|truncated)"):
         inspect_gguf(cut)
+
+
+def test_another_process_takes_the_header_from_the_shared_cache(tiny_path, tmp_path):
+    """Reading a header takes the gguf library seconds over a real vocabulary: the
+    first process to read a file leaves it in Django's "gguf" cache for the others,
+    under the file's path, size and modification time."""
+    copy = tmp_path / "shared.gguf"
+    copy.write_bytes(tiny_path.read_bytes())
+    inspect_gguf(copy)
+    stat = copy.stat()
+    key = gguf._cache_key(copy, stat.st_size, stat.st_mtime_ns)
+    cached = caches["gguf"].get(key)
+    assert cached is not None and cached.tensors
+    # Mark the shared copy, then read as a new process would (its own cache empty).
+    caches["gguf"].set(key, replace(cached, metadata={**cached.metadata, "general.name": "X"}))
+    gguf._read_header.cache_clear()
+    assert inspect_gguf(copy).name == "X"
 
 
 def test_a_file_changed_after_its_inspection_is_read_again(tiny_path, tmp_path):
