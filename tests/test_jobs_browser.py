@@ -40,6 +40,9 @@ def test_a_job_that_finishes_elsewhere_shows_a_toast_then_its_result(stack, cast
     toast.wait_for(timeout=240_000)
     assert "Fruit list" in toast.inner_text() and "is done" in toast.inner_text()
     assert page.locator("#jobs-unread").inner_text() == "1"
+    # The toast covers no control: not Send, not the composer.
+    for control in ("#send", "#input"):
+        assert not overlaps(toast.bounding_box(), page.locator(control).bounding_box()), control
     page.screenshot(path=str(SHOTS / "job-toast.png"))
 
     page.click(".toast a")
@@ -70,6 +73,26 @@ def test_a_job_that_finishes_elsewhere_shows_a_toast_then_its_result(stack, cast
     width = phone.evaluate("document.documentElement.scrollWidth")
     assert width <= 375, "the job page scrolls sideways on a phone"
     phone.screenshot(path=str(SHOTS / "job-phone.png"), full_page=True)
+    # The list reads at 375 px: each job is a block of labelled lines, nothing to
+    # scroll sideways inside the card.
+    phone.goto(f"{stack.http_url}/jobs/")
+    card = phone.locator(".table-wrap")
+    assert card.evaluate("c => c.scrollWidth <= c.clientWidth"), "the jobs table scrolls sideways"
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 375
+    row = phone.locator("table.jobs tbody tr").first
+    assert "Fruit list" in row.inner_text() and "Done" in row.inner_text()
+    model_cell = row.locator("td[data-label=Model]")
+    assert model_cell.evaluate("td => getComputedStyle(td, '::before').content") == '"Model"'
+    phone.screenshot(path=str(SHOTS / "jobs-phone.png"), full_page=True)
+
+
+def overlaps(a: dict, b: dict) -> bool:
+    return not (
+        a["x"] + a["width"] <= b["x"]
+        or b["x"] + b["width"] <= a["x"]
+        or a["y"] + a["height"] <= b["y"]
+        or b["y"] + b["height"] <= a["y"]
+    )
 
 
 def test_the_job_form_offers_only_models_a_live_worker_serves(stack, cast, smollm2, browser):

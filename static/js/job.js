@@ -80,6 +80,8 @@
   function renderPasses() {
     const body = el("job-passes");
     body.textContent = "";
+    // Each cell carries its column's name: on a phone the rows stack (jobs.css).
+    const labels = Array.from(body.closest("table").querySelectorAll("thead th"), function (th) { return th.textContent; });
     const byGen = {};
     snap.metrics.forEach(function (m) { byGen[m.generation] = m; });
     snap.passes.forEach(function (p) {
@@ -96,8 +98,9 @@
         mm && mm.vram_process_peak_bytes != null ? (mm.vram_process_peak_bytes / 1e9).toFixed(2) + " GB" : "–",
         p.attempts > 1 ? p.attempts : "",
       ];
-      cells.forEach(function (text) {
+      cells.forEach(function (text, i) {
         const td = document.createElement("td");
+        td.dataset.label = labels[i];
         td.textContent = text;
         tr.appendChild(td);
       });
