@@ -103,3 +103,71 @@ def test_the_job_form_offers_only_models_a_live_worker_serves(stack, cast, smoll
     assert offered == [smollm2.name]
     # The job pages load their own stylesheet.
     assert page.locator(".jobs-page").evaluate("p => getComputedStyle(p).maxWidth") == "960px"
+
+
+def test_a_job_open_on_screen_finishes_without_lighting_the_badge(stack, cast, smollm2, browser):
+    job = services.job_draft(
+        user=cast.alice,
+        instruction="Name one fruit from the document.",
+        max_tokens=8,
+        text="The orchard grows apples and pears.",
+        title="Watched",
+    )
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.goto(f"{stack.http_url}/jobs/{job.pk}/")  # the draft, before it is queued
+    services.job_submit(user=cast.alice, job_id=job.pk, strategy=Job.SINGLE)
+    page.goto(f"{stack.http_url}/jobs/{job.pk}/")
+    page.wait_for_function("() => window.JobSocket && window.JobSocket.isOpen()")
+    # Record every time the badge shows, however briefly.
+    page.evaluate(
+        """() => { const badge = document.getElementById('jobs-unread');
+        window.badgeShown = [];
+        new MutationObserver(() => {
+          if (!badge.hidden) window.badgeShown.push(badge.textContent);
+        }).observe(badge, {attributes: true, childList: true, characterData: true, subtree: true});
+        }"""
+    )
+    page.wait_for_selector("#job[data-state=done]", timeout=120_000)
+    page.wait_for_timeout(300)  # the jobs.unread that answers job.seen
+    assert page.evaluate("window.badgeShown") == []
+    assert page.locator(".toast").count() == 0
+    assert page.locator("#job-eta").inner_text() == "–"
+
+
+def test_time_left_comes_from_the_measured_prompt_and_decode_rates(stack, cast, smollm2, browser):
+    from django.utils import timezone
+
+    from inference.jobs.models import JobChunk
+    from inference.models import Generation
+    from monitoring.models import RequestMetrics
+
+    # The model read prompts at 100 tokens/s and wrote at 10 tokens/s lately.
+    for _ in range(3):
+        gen = Generation.objects.create(user=cast.bob, model=smollm2, state=Generation.DONE)
+        RequestMetrics.objects.create(
+            generation=gen,
+            prompt_tokens=500,
+            prompt_tokens_per_s=100.0,
+            completion_tokens=50,
+            decode_tokens_per_s=10.0,
+        )
+    # A queued job whose one pass reads 1,000 tokens and writes up to 50, in the
+    # rows only (no task): 10 s of prompt and 5 s of answer are left.
+    job = Job.objects.create(
+        user=cast.alice,
+        model=smollm2,
+        title="Timed",
+        instruction="Summarize.",
+        document="x" * 100,
+        document_tokens=990,
+        prompt_tokens=1000,
+        max_tokens=50,
+        n_ctx=smollm2.n_ctx,
+        strategy=Job.SINGLE,
+        state=Job.QUEUED,
+        queued_at=timezone.now(),
+    )
+    JobChunk.objects.create(job=job, index=0, start=0, end=100, prompt_tokens=1000)
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.goto(f"{stack.http_url}/jobs/{job.pk}/")
+    assert page.locator("#job-eta").inner_text() == "about 15 s"

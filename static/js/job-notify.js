@@ -65,9 +65,13 @@
       const frame = JSON.parse(event.data);
       if (frame.type === "jobs.unread") setBadge(frame.count);
       if (frame.type === "job.finished") {
-        setBadge(frame.unread);
+        // A job open on screen is read as it finishes: the job page sends job.seen,
+        // and the jobs.unread that answers it sets the badge.
         const watching = window.JobPage && window.JobPage.id === frame.job;
-        if (!watching) toast(frame);
+        if (!watching) {
+          setBadge(frame.unread);
+          toast(frame);
+        }
       }
       listeners.forEach(function (fn) { fn(frame); });
     };
