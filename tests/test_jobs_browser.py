@@ -171,3 +171,35 @@ def test_time_left_comes_from_the_measured_prompt_and_decode_rates(stack, cast, 
     page = log_in(browser, stack, "alice", "alice-pass-123")
     page.goto(f"{stack.http_url}/jobs/{job.pk}/")
     assert page.locator("#job-eta").inner_text() == "about 15 s"
+
+
+def test_the_new_job_form_counts_as_the_user_types_and_an_over_length_draft_is_red(
+    stack, cast, smollm2, browser
+):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.goto(f"{stack.http_url}/jobs/new/")
+    counts = []
+    page.on("request", lambda r: counts.append(r.url) if r.url.endswith("/jobs/count/") else None)
+    page.fill("#id_instruction", "List the fruits.")
+    page.fill("#id_max_tokens", str(smollm2.n_ctx - 100))  # 100 tokens left for the prompt
+    # Typed key by key, faster than the debounce: counted once, after the last key.
+    page.locator("#id_text").press_sequentially("apples, pears", delay=30)
+    live = page.locator("#live-count")
+    page.wait_for_function("() => /tokens/.test(document.getElementById('live-count').innerText)")
+    assert len(counts) == 1
+    assert "it fits" in live.inner_text()
+    # A paste is counted too; this one no longer fits.
+    page.fill("#id_text", "apples, pears and plums grow in the orchard by the river. " * 8)
+    page.wait_for_function("() => /over by/.test(document.getElementById('live-count').innerText)")
+    shown = live.inner_text()
+    # The button still counts, into a draft, and agrees with what was shown live.
+    page.click("button.primary")
+    page.wait_for_selector("#fit-bar")
+    job = Job.objects.get(user=cast.alice, state=Job.DRAFT)
+    assert f"The prompt is {job.prompt_tokens:,} tokens" in shown
+    assert not job.fits
+    # The draft's bar is in the error colour and says over, beside the red text.
+    bar = page.locator("#fit-bar")
+    assert bar.evaluate("b => getComputedStyle(b).accentColor") == "rgb(201, 42, 42)"
+    over = job.prompt_tokens - (job.n_ctx - job.max_tokens)
+    assert page.locator("#fit-bar-label").inner_text().startswith(f"Over by {over:,} tokens")
