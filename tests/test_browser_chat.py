@@ -331,3 +331,38 @@ def test_the_chat_page_fits_a_phone(stack, cast, default_model, browser):
     page.screenshot(path=str(SHOTS / "chat-phone.png"))
     page.click("#sidebar-toggle")
     assert page.locator("#sidebar").is_visible()
+
+
+def test_a_long_title_and_the_menu_fit_a_phone(stack, cast, default_model, browser):
+    title = "Notes on the quarterly planning of the infrastructure migration and its budget"
+    conversation = Conversation.objects.create(owner=cast.alice, model=default_model, title=title)
+    Message.objects.create(
+        conversation=conversation, role=Message.USER, author=cast.alice, content="hi"
+    )
+    page = log_in(browser, stack, "alice", "alice-pass-123", viewport={"width": 375, "height": 740})
+    page.goto(f"{stack.http_url}/c/{conversation.pk}/")
+    page.wait_for_selector(".msg.user")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375, f"the page is {width}px wide on a 375px phone"
+    send_box = page.locator("#send").bounding_box()
+    assert send_box["x"] + send_box["width"] <= 375, "Send is off-screen"
+    assert page.locator("#chat-title").inner_text().startswith("Notes on the")
+
+    # The navigation is a menu behind one labelled button, opened from the keyboard.
+    toggle = page.locator("#nav-toggle")
+    links = page.locator("#topnav a")
+    assert toggle.get_attribute("aria-expanded") == "false"
+    assert toggle.get_attribute("aria-controls") == "topnav"
+    assert not links.first.is_visible()
+    toggle.focus()
+    page.keyboard.press("Enter")
+    assert toggle.get_attribute("aria-expanded") == "true"
+    shown = [link.bounding_box() for link in links.all()]
+    assert all(box and box["x"] >= 0 and box["x"] + box["width"] <= 375 for box in shown)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent.trim()") == "Chat"
+    page.keyboard.press("Escape")
+    assert toggle.get_attribute("aria-expanded") == "false"
+    assert not links.first.is_visible()
+    assert page.evaluate("document.activeElement.id") == "nav-toggle"

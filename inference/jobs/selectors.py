@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from statistics import median
+
 from inference.models import Generation
 from inference.selectors import live_text, metrics_payload, queue_position
+from monitoring.models import RequestMetrics
 
 from .models import Job, JobChunk
 
@@ -43,6 +46,49 @@ def _phase(job: Job, current: JobChunk | None) -> tuple[str, int | None]:
     if gen.state == Generation.RUNNING:
         return ("generating" if live_text(gen) else "evaluating"), None
     return "queued", None  # between passes
+
+
+RATE_SAMPLE = 20  # the model's recent generations a time-left estimate rests on
+
+
+def measured_rates(job: Job, chunks: list[JobChunk]) -> dict:
+    """What the time left is computed from: prompt and decode tokens/s, and new
+    tokens per pass. Measured on the job's own finished passes once there are any
+    (same prompts, same machine), else on the model's recent generations; new tokens
+    per pass are max_tokens until a pass of this job has finished. Rates are None
+    when nothing was measured yet."""
+    own = [
+        c.generation.metrics
+        for c in chunks
+        if c.state == JobChunk.DONE and c.generation and _metrics_of(c.generation)
+    ]
+    measured = [m for m in own if m.decode_tokens_per_s and m.prompt_tokens_per_s]
+    source = "job"
+    if not measured:
+        source = "model"
+        measured = list(
+            RequestMetrics.objects.filter(
+                generation__model_id=job.model_id,
+                decode_tokens_per_s__gt=0,
+                prompt_tokens_per_s__gt=0,
+            ).order_by("-created_at")[:RATE_SAMPLE]
+        )
+    new_tokens = job.max_tokens
+    if own:
+        new_tokens = min(job.max_tokens, round(sum(m.completion_tokens for m in own) / len(own)))
+    if not measured:
+        return {
+            "source": None,
+            "prompt_tokens_per_s": None,
+            "decode_tokens_per_s": None,
+            "new_tokens_per_pass": new_tokens,
+        }
+    return {
+        "source": source,
+        "prompt_tokens_per_s": median(m.prompt_tokens_per_s for m in measured),
+        "decode_tokens_per_s": median(m.decode_tokens_per_s for m in measured),
+        "new_tokens_per_pass": new_tokens,
+    }
 
 
 def job_snapshot(job: Job) -> dict:
@@ -129,4 +175,5 @@ def job_snapshot(job: Job) -> dict:
         "current": current_payload,
         "result": job.result if job.state == Job.DONE else "",
         "metrics": metrics,
+        "rates": measured_rates(job, chunks) if not job.is_final else None,
     }

@@ -89,6 +89,45 @@ def _model(name: str | None) -> LanguageModel:
     return model
 
 
+def _count(user, model: LanguageModel, instruction: str, document: str) -> tuple[int, int]:
+    """The document's tokens and the whole prompt's, as the worker will count them."""
+    try:
+        document_tokens = planning.count_text(model, document)
+        prompt_tokens = planning.count_chat(model, planning.single_messages(instruction, document))
+    except planning.PlanError as exc:  # no chat template: the user may pick another model
+        raise JobError(f"{model.name} cannot count this document: {exc}", field="model") from None
+    except (ValueError, OSError) as exc:  # the model's file is unreadable on this host
+        log.warning("job draft: %s cannot count tokens: %s", model.name, exc)
+        # llama.cpp's and the OS's words name the file: a server path is for staff only.
+        why = (
+            str(exc)
+            if access.is_staff(user)
+            else "its file cannot be read on this server; tell an administrator"
+        )
+        raise JobError(f"{model.name} cannot count this document: {why}", field="model") from None
+    return document_tokens, prompt_tokens
+
+
+def job_count(*, user, instruction: str, max_tokens, model_name: str, text: str) -> dict:
+    """Pasted text counted as a draft would be, without saving anything: the new-job
+    form shows it as the user types."""
+    max_tokens = _clean_max_tokens(max_tokens)
+    model = _model(model_name)
+    try:
+        document = clean_pasted_text(text)
+    except DocumentError as exc:
+        raise JobError(str(exc), code=exc.code, field="text") from None
+    document_tokens, prompt_tokens = _count(user, model, (instruction or "").strip(), document)
+    room = model.n_ctx - max_tokens
+    return {
+        "document_tokens": document_tokens,
+        "prompt_tokens": prompt_tokens,
+        "n_ctx": model.n_ctx,
+        "room": room,
+        "fits": prompt_tokens <= room,
+    }
+
+
 def job_draft(
     *,
     user,
@@ -128,20 +167,7 @@ def job_draft(
     except DocumentError as exc:
         raise JobError(str(exc), code=exc.code, field="file" if has_file else "text") from None
 
-    try:
-        document_tokens = planning.count_text(model, document)
-        prompt_tokens = planning.count_chat(model, planning.single_messages(instruction, document))
-    except planning.PlanError as exc:  # no chat template: the user may pick another model
-        raise JobError(f"{model.name} cannot count this document: {exc}", field="model") from None
-    except (ValueError, OSError) as exc:  # the model's file is unreadable on this host
-        log.warning("job draft: %s cannot count tokens: %s", model.name, exc)
-        # llama.cpp's and the OS's words name the file: a server path is for staff only.
-        why = (
-            str(exc)
-            if access.is_staff(user)
-            else "its file cannot be read on this server; tell an administrator"
-        )
-        raise JobError(f"{model.name} cannot count this document: {why}", field="model") from None
+    document_tokens, prompt_tokens = _count(user, model, instruction, document)
     title = title_from((title or "").strip() or file_name or instruction, max_chars=200)
     return Job.objects.create(
         user=user,

@@ -7,7 +7,7 @@ import math
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils.text import slugify
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
@@ -114,6 +114,24 @@ def _job_new(request, uploads: DocumentUploadHandler):
 
 
 @login_required
+@require_POST
+def job_count(request):
+    """The pasted document counted against the model's context, as JSON (the form
+    calls it as the user types); nothing is saved."""
+    try:
+        count = services.job_count(
+            user=request.user,
+            instruction=request.POST.get("instruction", ""),
+            max_tokens=request.POST.get("max_tokens"),
+            model_name=request.POST.get("model", ""),
+            text=request.POST.get("text", ""),
+        )
+    except services.JobError as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
+    return JsonResponse(count)
+
+
+@login_required
 def job_detail(request, job_id: int):
     job = _job_or_404(request.user, job_id)
     if job.is_final and job.user_id == request.user.pk and job.seen_at is None:
@@ -134,6 +152,7 @@ def _draft_context(request, job: Job) -> dict:
         "job": job,
         "is_owner": job.user_id == request.user.pk,
         "room": job.n_ctx - job.max_tokens,
+        "over": job.prompt_tokens - (job.n_ctx - job.max_tokens),
     }
     if not job.fits:
         try:

@@ -18,6 +18,16 @@
 
   const STATE_WORDS = { done: "is done", failed: "failed", cancelled: "was cancelled" };
 
+  // Toasts sit bottom right; on a page with a composer (the chat) they sit above it,
+  // so that they never cover Send or the message box, however tall it grows.
+  function liftAboveComposer(box) {
+    const composer = document.querySelector(".composer");
+    if (!composer) return;
+    const place = function () { box.style.bottom = "calc(" + composer.offsetHeight + "px + 1rem)"; };
+    place();
+    if (window.ResizeObserver) new ResizeObserver(place).observe(composer);
+  }
+
   function toast(frame) {
     let box = document.getElementById("toasts");
     if (!box) {
@@ -26,6 +36,7 @@
       box.className = "toasts";
       box.setAttribute("aria-live", "polite");
       document.body.appendChild(box);
+      liftAboveComposer(box);
     }
     const item = document.createElement("div");
     item.className = "toast " + frame.state;
@@ -54,9 +65,13 @@
       const frame = JSON.parse(event.data);
       if (frame.type === "jobs.unread") setBadge(frame.count);
       if (frame.type === "job.finished") {
-        setBadge(frame.unread);
+        // A job open on screen is read as it finishes: the job page sends job.seen,
+        // and the jobs.unread that answers it sets the badge.
         const watching = window.JobPage && window.JobPage.id === frame.job;
-        if (!watching) toast(frame);
+        if (!watching) {
+          setBadge(frame.unread);
+          toast(frame);
+        }
       }
       listeners.forEach(function (fn) { fn(frame); });
     };

@@ -36,6 +36,36 @@
     return Math.min(1, done / total);
   }
 
+  // Seconds of model time the passes not yet done need, at the measured prompt and
+  // decode rates (snap.rates: this job's finished passes, else the model's recent
+  // generations). Reading a prompt is many times faster per token than writing an
+  // answer, so a share of tokens done is no measure of time done. Before anything
+  // was measured, the current pass's own decode rate serves once it has written a few tokens.
+  function timeLeft() {
+    const rates = snap.rates || {};
+    let promptRate = rates.prompt_tokens_per_s, decodeRate = rates.decode_tokens_per_s;
+    const perPass = rates.new_tokens_per_pass || snap.max_tokens;
+    const cur = currentPass();
+    const liveHere = cur && live.generation === cur.generation;
+    if (!decodeRate && liveHere && live.tokens >= 8 && live.firstTokenAt) {
+      decodeRate = (live.tokens - 1) / ((Date.now() - live.firstTokenAt) / 1000);
+      promptRate = promptRate || Infinity;  // the prompt is read by then
+    }
+    if (!promptRate || !decodeRate) return null;
+    let seconds = 0;
+    snap.passes.forEach(function (p) {
+      if (p.state === "done") return;
+      let prompt = p.prompt_tokens, answer = perPass;
+      if (p === cur && liveHere) {
+        if (live.tokens > 0) prompt = 0;
+        else if (live.evalTotal) prompt = live.evalTotal - live.evaluated;
+        answer = Math.max(0, perPass - live.tokens);
+      }
+      seconds += prompt / promptRate + answer / decodeRate;
+    });
+    return seconds;
+  }
+
   function phaseText() {
     const cur = snap.current;
     const label = cur ? cur.label + (snap.passes.length > 1 ? " (" + (snap.passes_done + 1) + " of " + snap.passes.length + ")" : "") + ": " : "";
@@ -68,7 +98,8 @@
     el("job-elapsed").textContent = fmtDuration(elapsed);
     let eta = "–";
     if (snap.state === "queued" || snap.state === "running") {
-      eta = p > 0.02 && elapsed ? "about " + fmtDuration(elapsed * (1 - p) / p) : "estimating…";
+      const left = timeLeft();
+      eta = left == null ? "estimating…" : "about " + fmtDuration(left);
     }
     el("job-eta").textContent = eta;
     const cancel = el("job-cancel");
@@ -80,6 +111,8 @@
   function renderPasses() {
     const body = el("job-passes");
     body.textContent = "";
+    // Each cell carries its column's name: on a phone the rows stack (jobs.css).
+    const labels = Array.from(body.closest("table").querySelectorAll("thead th"), function (th) { return th.textContent; });
     const byGen = {};
     snap.metrics.forEach(function (m) { byGen[m.generation] = m; });
     snap.passes.forEach(function (p) {
@@ -96,8 +129,9 @@
         mm && mm.vram_process_peak_bytes != null ? (mm.vram_process_peak_bytes / 1e9).toFixed(2) + " GB" : "–",
         p.attempts > 1 ? p.attempts : "",
       ];
-      cells.forEach(function (text) {
+      cells.forEach(function (text, i) {
         const td = document.createElement("td");
+        td.dataset.label = labels[i];
         td.textContent = text;
         tr.appendChild(td);
       });
@@ -141,7 +175,10 @@
       live.evaluated = frame.evaluated;
       live.evalTotal = frame.total;
     }
-    if (frame.type === "generation.token") live.tokens += (frame.produced_at || [1]).length;
+    if (frame.type === "generation.token") {
+      if (!live.tokens) live.firstTokenAt = Date.now();
+      live.tokens += (frame.produced_at || [1]).length;
+    }
     render();
   }
 
