@@ -350,7 +350,7 @@ def _workers_idle_before_the_tables_are_emptied(request):
         except redis.RedisError:
             return True  # a test restarted Redis: ask again
 
-    # A worker holds a generation until its last write (inference/tasks.py).
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and busy():
-        time.sleep(0.05)
+        time.sleep(0.2)
+    time.sleep(0.5)  # a margin for the task's last statements after it reports idle
