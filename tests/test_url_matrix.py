@@ -15,6 +15,7 @@ redirect to the login page), 404 (hidden: not found and not yours look alike), 4
 from __future__ import annotations
 
 import pytest
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
@@ -70,6 +71,8 @@ TABLE: dict[str, tuple[str, dict]] = {
     "job_discard": ("post", REFUSED),
     "job_cancel": ("post", REFUSED),
     "job_download": ("get", TEAM),
+    # Counts a pasted document for the new-job form; saves nothing, shows no one's data.
+    "job_count": ("post", ALL_OK),
     "my_usage": ("get", ALL_OK),
     # A usage row (metrics, not text): its user, their team's admins, staff.
     "request_detail": ("get", TEAM | {"member": 404, "staff": "ok"}),
@@ -108,7 +111,16 @@ EFFECTS = {
     ),
 }
 # What each action posts, for the owner's case to be a real one.
-FORMS = {"conversation_rename": {"title": "x"}, "conversation_share": {"team": ""}}
+FORMS = {
+    "conversation_rename": {"title": "x"},
+    "conversation_share": {"team": ""},
+    "job_count": {
+        "model": settings.DEFAULT_MODEL_NAME,
+        "text": "Count me.",
+        "instruction": "Summarise it.",
+        "max_tokens": "256",
+    },
+}
 
 
 def routes(patterns=None, prefix="", namespace=None):

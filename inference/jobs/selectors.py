@@ -6,7 +6,6 @@ from statistics import median
 
 from inference.models import Generation
 from inference.selectors import live_text, metrics_payload, queue_position
-from monitoring.models import RequestMetrics
 
 from .models import Job, JobChunk
 
@@ -62,16 +61,26 @@ def measured_rates(job: Job, chunks: list[JobChunk]) -> dict:
         for c in chunks
         if c.state == JobChunk.DONE and c.generation and _metrics_of(c.generation)
     ]
-    measured = [m for m in own if m.decode_tokens_per_s and m.prompt_tokens_per_s]
+    measured = [
+        (m.prompt_tokens_per_s, m.decode_tokens_per_s)
+        for m in own
+        if m.decode_tokens_per_s and m.prompt_tokens_per_s
+    ]
     source = "job"
     if not measured:
         source = "model"
+        # Through the generations' metrics relation: inference does not import
+        # monitoring (tests/test_architecture.py).
         measured = list(
-            RequestMetrics.objects.filter(
-                generation__model_id=job.model_id,
-                decode_tokens_per_s__gt=0,
-                prompt_tokens_per_s__gt=0,
-            ).order_by("-created_at")[:RATE_SAMPLE]
+            Generation.objects.filter(
+                model_id=job.model_id,
+                metrics__decode_tokens_per_s__gt=0,
+                metrics__prompt_tokens_per_s__gt=0,
+            )
+            .order_by("-metrics__created_at")
+            .values_list("metrics__prompt_tokens_per_s", "metrics__decode_tokens_per_s")[
+                :RATE_SAMPLE
+            ]
         )
     new_tokens = job.max_tokens
     if own:
@@ -85,8 +94,8 @@ def measured_rates(job: Job, chunks: list[JobChunk]) -> dict:
         }
     return {
         "source": source,
-        "prompt_tokens_per_s": median(m.prompt_tokens_per_s for m in measured),
-        "decode_tokens_per_s": median(m.decode_tokens_per_s for m in measured),
+        "prompt_tokens_per_s": median(prompt for prompt, _ in measured),
+        "decode_tokens_per_s": median(decode for _, decode in measured),
         "new_tokens_per_pass": new_tokens,
     }
 
