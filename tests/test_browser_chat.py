@@ -362,7 +362,15 @@ def test_a_long_title_and_the_menu_fit_a_phone(stack, cast, default_model, brows
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent.trim()") == "Chat"
+    # The page's own Escape (chat.js: stop the answer) must not also see this one.
+    page.evaluate(
+        "window.escapesSeen = 0; document.addEventListener('keydown', e => {"
+        " if (e.key === 'Escape') window.escapesSeen++; })"
+    )
     page.keyboard.press("Escape")
     assert toggle.get_attribute("aria-expanded") == "false"
     assert not links.first.is_visible()
     assert page.evaluate("document.activeElement.id") == "nav-toggle"
+    assert page.evaluate("window.escapesSeen") == 0
+    page.keyboard.press("Escape")  # with the menu closed, Escape is the page's again
+    assert page.evaluate("window.escapesSeen") == 1

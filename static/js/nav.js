@@ -14,11 +14,18 @@
   toggle.addEventListener("click", function () {
     setOpen(toggle.getAttribute("aria-expanded") !== "true");
   });
-  document.addEventListener("keydown", function (event) {
-    if (event.key !== "Escape" || !nav.classList.contains("open")) return;
-    setOpen(false);
-    toggle.focus();
-  });
+  // In the capture phase, and no further: an Escape that closes the menu is not
+  // also the chat's Escape, which stops the answer.
+  document.addEventListener(
+    "keydown",
+    function (event) {
+      if (event.key !== "Escape" || !nav.classList.contains("open")) return;
+      event.stopPropagation();
+      setOpen(false);
+      toggle.focus();
+    },
+    true
+  );
   document.addEventListener("click", function (event) {
     if (nav.classList.contains("open") && !nav.contains(event.target) && !toggle.contains(event.target)) {
       setOpen(false);
