@@ -3,11 +3,17 @@ websockets and the API (docs/protocol.md)."""
 
 from __future__ import annotations
 
+import logging
 import math
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+from redis.exceptions import RedisError
 
 from mixtralweb import namespace
 
-from . import streams
+from . import broker, streams
 from .models import Conversation, Generation, LanguageModel, Message
 from .workers import live_workers
 
@@ -78,15 +84,43 @@ def live_text(gen: Generation) -> str:
     return gen.text
 
 
+log = logging.getLogger(__name__)
+
+
 def queue_position(gen: Generation) -> int | None:
     """1 when next in line. Chat and API generations wait only behind each other:
-    background jobs use the model's bulk queue, which workers take last."""
+    background jobs use the model's bulk queue, which workers take last. Nobody
+    waits behind a generation whose task is lost (stranded)."""
     if gen.state != Generation.QUEUED:
         return None
-    ahead = Generation.objects.filter(
-        model_id=gen.model_id, state=Generation.QUEUED, queued_at__lt=gen.queued_at
-    ).exclude(source=Generation.SOURCE_JOB)
-    return ahead.count() + 1
+    ahead = list(
+        Generation.objects.filter(
+            model_id=gen.model_id, state=Generation.QUEUED, queued_at__lt=gen.queued_at
+        )
+        .exclude(source=Generation.SOURCE_JOB)
+        .values_list("pk", "queued_at")
+    )
+    lost = stranded(gen.model.name, ahead)
+    return len(ahead) - len(lost) + 1
+
+
+def stranded(model_name: str, queued: list[tuple[int, object]]) -> set[int]:
+    """Of these queued generations (pk, queued_at) of one model, those whose task is
+    lost: queued longer than GENERATION_STRANDED_AFTER_S, waiting in none of the
+    model's queues, held by no live worker. The reaper sends them again or fails them
+    at its next round (tasks.requeue_stranded_generations); what the queue shows
+    meanwhile counts only the generations that really wait. Without Redis, none."""
+    cutoff = timezone.now() - timedelta(seconds=settings.GENERATION_STRANDED_AFTER_S)
+    old = {pk for pk, queued_at in queued if queued_at < cutoff}
+    if not old:
+        return set()
+    try:
+        held = {pk for worker in live_workers() for pk in worker.get("held", ())}
+        waiting = broker.waiting_generations([model_name])
+    except RedisError:
+        log.warning("queue positions count every queued generation: Redis is not answering")
+        return set()
+    return old - held - waiting
 
 
 def queue_eta_s(gen: Generation, position: int | None) -> float | None:
@@ -114,6 +148,7 @@ def queue_eta_s(gen: Generation, position: int | None) -> float | None:
 def generation_snapshot(gen: Generation) -> dict:
     """A generation as it stands now; `text` is everything streamed so far."""
     position = queue_position(gen)
+    lost = position is not None and bool(stranded(gen.model.name, [(gen.pk, gen.queued_at)]))
     return {
         "type": "generation.snapshot",
         "generation": gen.pk,
@@ -123,7 +158,10 @@ def generation_snapshot(gen: Generation) -> dict:
         "reason": gen.reason,
         "finish_reason": gen.finish_reason,
         "position": position,
-        "eta_s": queue_eta_s(gen, position),
+        # Its task was lost: the reaper sends it again shortly, or fails it with why;
+        # no estimate meanwhile.
+        "stranded": lost,
+        "eta_s": None if lost else queue_eta_s(gen, position),
         "metrics": metrics_payload(_metrics_of(gen)),
     }
 

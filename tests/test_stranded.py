@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from inference import broker
 from inference.models import Generation, LanguageModel
+from inference.selectors import generation_snapshot, queue_position
 from inference.tasks import REQUEUE_MAX, enqueue, requeue_stranded_generations
 from mixtralweb import namespace, redis_pool
 
@@ -73,3 +74,15 @@ def test_an_answer_for_a_disabled_model_fails_with_the_reason(model, cast):
     assert requeue_stranded_generations() == {"requeued": 0, "failed": 1}
     gen.refresh_from_db()
     assert gen.state == Generation.FAILED and "disabled" in gen.reason
+
+
+def test_nobody_waits_behind_a_lost_task_and_it_shows_no_estimate(model, cast):
+    lost = queued(model, cast.alice, seconds_ago=60)  # never reached the broker
+    fresh = queued(model, cast.bob, seconds_ago=1)
+    assert queue_position(fresh) == 1
+    snapshot = generation_snapshot(lost)
+    assert snapshot["stranded"] is True and snapshot["eta_s"] is None
+    # The reaper sends it again: it waits in its queue, and counts again.
+    assert requeue_stranded_generations() == {"requeued": 1, "failed": 0}
+    assert queue_position(fresh) == 2
+    assert generation_snapshot(lost)["stranded"] is False
