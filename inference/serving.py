@@ -185,6 +185,12 @@ class ModelServer:
             self.running.add(generation_id)
         self.heartbeat.report_soon()
 
+    def stopped(self, generation_id: int) -> None:
+        """Its run is over; its bookkeeping may still be going on (held)."""
+        with self._lock:
+            self.running.discard(generation_id)
+        self.heartbeat.report_soon()
+
     def release(self, generation_id: int) -> None:
         with self._lock:
             self.held.discard(generation_id)

@@ -207,16 +207,21 @@ class Run:
             request.cancel.set()
         self.server.hold(gen.pk)
         try:
-            self.engine.submit(request)
-            error = self._follow(request, stream)
+            try:
+                self.engine.submit(request)
+                error = self._follow(request, stream)
+            finally:
+                self.server.stopped(gen.pk)
+            if self.started:
+                self._finish(request, stream, error)
+            else:
+                stream.close(None)
+                if error is not None:
+                    self._end_unstarted(str(error))
         finally:
+            # Held until its last write (the final state, metrics, usage rollups):
+            # a worker that reports nothing held has nothing of it left to write.
             self.server.release(gen.pk)
-        if self.started:
-            self._finish(request, stream, error)
-        else:
-            stream.close(None)
-            if error is not None:
-                self._end_unstarted(str(error))
 
     def _prompt(self, prefix: str) -> list[int]:
         gen = self.gen

@@ -7,15 +7,15 @@ from __future__ import annotations
 import threading
 
 import pytest
-from django.conf import settings as django_settings
 from django.db import connection
 
 from inference import services
-from inference.models import Generation
+from inference.models import Generation, LanguageModel
 from inference.openai_api import parsing
 from inference.openai_api.errors import ApiError
 from inference.openai_api.views import start_generation
 from inference.tokens import count_chat_tokens
+from mixtralweb import namespace, redis_pool
 from mixtralweb.accounts.models import ApiKey, Quota
 
 CALLERS = 8
@@ -45,10 +45,18 @@ def at_once(calls) -> list:
 
 @pytest.fixture
 def ready(default_model, settings):
-    settings.CHAT_REQUIRE_WORKER = False  # the checks under test come before any worker
+    """A model with the default model's file and no worker. The checks under test
+    come before any worker, and what they let through must not run: a worker of
+    another module's stack would still be writing its answers while these tables
+    are emptied (nothing here waits for it)."""
+    settings.CHAT_REQUIRE_WORKER = False
+    model = LanguageModel.objects.create(
+        name="quota-races", path=default_model.path, n_ctx=default_model.n_ctx
+    )
     # The tokenizer is loaded once, before the threads race.
-    count_chat_tokens(default_model, [{"role": "user", "content": "Hi"}])
-    return default_model
+    count_chat_tokens(model, [{"role": "user", "content": "Hi"}])
+    yield model
+    redis_pool.client().delete(namespace.model_queue(model.name), namespace.bulk_queue(model.name))
 
 
 def test_concurrent_api_calls_get_exactly_the_concurrency_limit_through(cast, ready):
@@ -56,7 +64,7 @@ def test_concurrent_api_calls_get_exactly_the_concurrency_limit_through(cast, re
     _, secret = ApiKey.issue(user=cast.charlie, name="script")
     key = ApiKey.objects.get(user=cast.charlie)
     body = {
-        "model": django_settings.DEFAULT_MODEL_NAME,
+        "model": ready.name,
         "messages": [{"role": "user", "content": "Hi"}],
     }
 
@@ -74,7 +82,9 @@ def test_concurrent_chats_of_a_team_get_exactly_its_per_minute_limit_through(cas
     Quota.objects.create(team=cast.red, requests_per_minute=3)
 
     def chat(user):
-        return lambda: services.chat_send(user=user, content=f"Hello from {user}")
+        return lambda: services.chat_send(
+            user=user, content=f"Hello from {user}", model_name=ready.name
+        )
 
     results = at_once([chat(cast.alice), chat(cast.bob)] * (CALLERS // 2))
     refused = [r for r in results if isinstance(r, services.ChatError)]
