@@ -173,6 +173,108 @@ def test_a_client_that_hangs_up_stops_its_generation(client):
     assert gen.metrics.completion_tokens < 2000
 
 
+# --- structured output ----------------------------------------------------------------
+
+PET = {
+    "type": "object",
+    "properties": {
+        "animal": {"type": "string", "enum": ["cat", "dog", "fish"]},
+        "legs": {"type": "integer", "minimum": 0, "maximum": 8},
+        "name": {"type": "string", "maxLength": 12},
+    },
+    "required": ["animal", "legs", "name"],
+    "additionalProperties": False,
+}
+PET_FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET, "strict": True}}
+ASK_PET = [{"role": "user", "content": "Describe a pet as JSON with animal, legs and name."}]
+
+
+def assert_is_a_pet(text: str) -> None:
+    """Validates against PET by hand (no JSON Schema library in the environment)."""
+    pet = json.loads(text)
+    assert set(pet) == {"animal", "legs", "name"}, pet
+    assert pet["animal"] in {"cat", "dog", "fish"}, pet
+    assert type(pet["legs"]) is int and 0 <= pet["legs"] <= 8, pet
+    assert isinstance(pet["name"], str) and len(pet["name"]) <= 12, pet
+
+
+def test_a_json_schema_answer_parses_and_matches_the_schema(client):
+    answer = client.chat.completions.create(
+        model=MODEL, messages=ASK_PET, response_format=PET_FORMAT, max_tokens=200, seed=5
+    )
+    assert answer.choices[0].finish_reason == "stop"
+    assert_is_a_pet(answer.choices[0].message.content)
+    assert latest_generation().params["grammar"].startswith("animal ::=")
+
+
+def test_a_streamed_json_schema_answer_parses_and_matches_the_schema(client):
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=ASK_PET,
+            response_format=PET_FORMAT,
+            max_tokens=200,
+            seed=6,
+            stream=True,
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert text == latest_generation().text
+    assert_is_a_pet(text)
+
+
+def test_a_json_object_answer_parses_as_an_object(client):
+    answer = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give a JSON object with a city and its country."}],
+        response_format={"type": "json_object"},
+        max_tokens=200,
+        seed=2,
+    )
+    assert answer.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+
+
+def test_a_schema_keyword_the_grammar_cannot_enforce_is_refused_by_name(client):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=HELLO,
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+        )
+    assert caught.value.body["param"] == "response_format"
+    assert caught.value.body["type"] == "invalid_request_error"
+    assert "schema.properties.n: multipleOf is not supported" in caught.value.body["message"]
+    assert not Generation.objects.exists()
+
+
+# --- fields: honoured, refused by name, or knowingly ignored ---------------------------
+
+
+def test_tools_are_refused_by_name_until_tool_calls_are_supported(client):
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=HELLO, tools=[weather])
+    assert caught.value.body["param"] == "tools"
+    assert "tool calls are not supported yet" in caught.value.body["message"]
+    assert not Generation.objects.exists()
+
+
+def test_documented_ignored_fields_are_accepted(client):
+    answer = client.chat.completions.create(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=2,
+        user="u-42",
+        store=False,
+        metadata={"job": "nightly"},
+        tool_choice="none",
+    )
+    assert answer.choices[0].message.content == latest_generation().text != ""
+
+
 # --- errors ---------------------------------------------------------------------------
 
 
@@ -267,6 +369,13 @@ INVALID_BODIES = [
     ({"model": MODEL, "messages": HELLO, "n": 3}, "n"),
     ({"model": MODEL, "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": MODEL, "messages": HELLO, "stream": "yes"}, "stream"),
+    ({"model": MODEL, "messages": HELLO, "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": MODEL, "messages": HELLO, "logprobs": True}, "logprobs"),
+    ({"model": MODEL, "messages": HELLO, "functions": [{"name": "f"}]}, "functions"),
+    ({"model": MODEL, "messages": HELLO, "tool_choice": "auto"}, "tool_choice"),
+    ({"model": MODEL, "messages": HELLO, "top_k": 40}, "top_k"),
+    ({"model": MODEL, "messages": HELLO, "response_format": {"type": "yaml"}}, "response_format"),
+    ({"model": MODEL, "messages": [{"role": "tool", "content": "1"}]}, "messages[0].role"),
 ]
 
 

@@ -1,8 +1,9 @@
 """Reads an OpenAI request body into what a Generation needs, or says what is wrong.
 
-Fields this server does not implement (tools, logprobs, penalties...) are ignored,
-as OpenAI-compatible servers commonly do, except those that would change the shape
-of the answer (n > 1), which are refused.
+Nothing a request asks for is dropped without a word: every field of OpenAI's
+chat/completions and completions bodies is honoured, refused with a 400 that names
+it, or (only where it cannot change what the answer says) accepted and ignored, as
+the tables below and docs/api.md list. A field OpenAI does not define is refused.
 """
 
 from __future__ import annotations
@@ -13,10 +14,44 @@ from dataclasses import dataclass, field
 from django.conf import settings
 
 from .. import services
+from ..structured_output import JSON_OBJECT_GRAMMAR, UnsupportedSchema, grammar_for_schema
 from .errors import bad_request
 
 ROLES = {"system", "user", "assistant", "developer"}
 MAX_STOP_STRINGS = 4
+
+# Fields both endpoints read.
+HONOURED = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
+HONOURED |= {"stream_options", "n", "response_format"}
+HONOURED_CHAT = HONOURED | {"messages", "max_completion_tokens"}
+HONOURED_TEXT = HONOURED | {"prompt"}
+# Accepted and ignored: bookkeeping and hints that cannot change what the answer says.
+IGNORED = {"user", "store", "metadata", "service_tier", "safety_identifier"}
+IGNORED |= {"prompt_cache_key", "prompt_cache_retention", "prediction", "parallel_tool_calls"}
+# Accepted only at the value that turns them off; any other would change the answer.
+OFF_VALUES = {
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "logit_bias": ({},),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "best_of": (1,),
+    "echo": (False,),
+    "suffix": ("",),
+    "modalities": (["text"],),
+    "audio": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "web_search_options": (),
+}
+CHAT_ONLY = {"audio", "modalities", "top_logprobs", "reasoning_effort", "verbosity"}
+CHAT_ONLY |= {"web_search_options", "prediction", "parallel_tool_calls", "store", "metadata"}
+CHAT_ONLY |= {"service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"}
+TEXT_ONLY = {"best_of", "echo", "suffix"}
+TOOL_FIELDS = ("tools", "functions", "tool_choice", "function_call")
+TOOLS_LATER = "tool calls are not supported yet"
+STREAM_OPTIONS = {"include_usage"}
+STREAM_OPTIONS_IGNORED = {"include_obfuscation"}  # padding against a side channel
 
 
 @dataclass
@@ -41,6 +76,7 @@ def load_json(raw: bytes) -> dict:
 
 
 def parse_chat(body: dict) -> ApiRequest:
+    _check_fields(body, HONOURED_CHAT, TEXT_ONLY)
     request = _common(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -50,6 +86,7 @@ def parse_chat(body: dict) -> ApiRequest:
 
 
 def parse_completion(body: dict) -> ApiRequest:
+    _check_fields(body, HONOURED_TEXT, CHAT_ONLY | set(TOOL_FIELDS))
     request = _common(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -76,6 +113,8 @@ def _common(body: dict) -> ApiRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad_request("stream_options must be an object.", "stream_options")
+    for name in set(options) - STREAM_OPTIONS - STREAM_OPTIONS_IGNORED:
+        raise bad_request(f"stream_options.{name} is not supported.", f"stream_options.{name}")
 
     # max_completion_tokens is the newer name of max_tokens in chat completions.
     max_tokens = body.get("max_tokens")
@@ -93,6 +132,9 @@ def _common(body: dict) -> ApiRequest:
     except services.ChatError as exc:
         raise bad_request(str(exc), _param_named_in(str(exc), given)) from None
     params["stop"] = _stop(body.get("stop"))
+    grammar = _grammar(body.get("response_format"))
+    if grammar:
+        params["grammar"] = grammar
     return ApiRequest(
         model=model,
         params=params,
@@ -100,6 +142,60 @@ def _common(body: dict) -> ApiRequest:
         stream=stream,
         include_usage=bool(options.get("include_usage")),
     )
+
+
+def _check_fields(body: dict, honoured: set, elsewhere: set) -> None:
+    """A 400 for the first field given (not null) that this endpoint would not honour."""
+    for name, value in body.items():
+        if value is None or name in honoured:
+            continue
+        known = name in IGNORED or name in OFF_VALUES or name in TOOL_FIELDS
+        if name in elsewhere or not known:
+            raise bad_request(f"Unrecognized request field for this endpoint: {name}.", name)
+        if name in IGNORED or _is_off(value, OFF_VALUES.get(name, ("none", []))):
+            continue
+        if name in TOOL_FIELDS:
+            raise bad_request(f"{name}: {TOOLS_LATER}.", name)
+        raise bad_request(f"{name} is not supported by this server; leave it out.", name)
+
+
+def _is_off(value, off_values) -> bool:
+    # A bool is not the number 0 here (logprobs: false in chat, 0 in completions).
+    return any(
+        value == off and isinstance(value, bool) == isinstance(off, bool) for off in off_values
+    )
+
+
+def _grammar(response_format) -> str | None:
+    """The grammar response_format asks the answer to follow (None: plain text)."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_GRAMMAR
+    if kind != "json_schema":
+        raise bad_request(
+            'response_format must be {"type": "text"}, {"type": "json_object"} or '
+            '{"type": "json_schema", "json_schema": {...}}.',
+            "response_format",
+        )
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise bad_request(
+            "response_format.json_schema must be an object with a name and a schema.",
+            "response_format",
+        )
+    # strict: the grammar always holds the answer to the schema, strict or not.
+    for name in set(spec) - {"name", "schema", "strict", "description"}:
+        raise bad_request(
+            f"response_format.json_schema.{name} is not supported.", "response_format"
+        )
+    try:
+        return grammar_for_schema(spec.get("schema", {}))
+    except UnsupportedSchema as exc:
+        raise bad_request(f"response_format.json_schema.{exc}", "response_format") from None
 
 
 def _param_named_in(message: str, given: dict) -> str | None:
@@ -128,10 +224,19 @@ def _message(message, index: int) -> dict:
     if not isinstance(message, dict):
         raise bad_request(f"{param} must be an object with role and content.", param)
     role = message.get("role")
+    if role in ("tool", "function"):
+        raise bad_request(f"{param}.role {role}: {TOOLS_LATER}.", f"{param}.role")
     if role not in ROLES:
         raise bad_request(
             f"{param}.role must be one of {', '.join(sorted(ROLES))}.", f"{param}.role"
         )
+    for name, value in message.items():
+        # Empty values are what clients send back for an answer's unused fields.
+        if name in ("role", "content") or value in (None, "", []):
+            continue
+        if name in ("tool_calls", "function_call"):
+            raise bad_request(f"{param}.{name}: {TOOLS_LATER}.", f"{param}.{name}")
+        raise bad_request(f"{param}.{name} is not supported.", f"{param}.{name}")
     content = message.get("content")
     if isinstance(content, list):
         # Content parts: only text is understood by a text model.
