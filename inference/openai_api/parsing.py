@@ -231,8 +231,10 @@ def _message(message, index: int) -> dict:
             f"{param}.role must be one of {', '.join(sorted(ROLES))}.", f"{param}.role"
         )
     for name, value in message.items():
-        # Empty values are what clients send back for an answer's unused fields.
-        if name in ("role", "content") or value in (None, "", []):
+        # Empty values are what clients send back for an answer's unused fields;
+        # a participant's name is sent by many agent frameworks and ignored (the chat
+        # templates have no place for it; docs/api.md).
+        if name in ("role", "content", "name") or value in (None, "", []):
             continue
         if name in ("tool_calls", "function_call"):
             raise bad_request(f"{param}.{name}: {TOOLS_LATER}.", f"{param}.{name}")
