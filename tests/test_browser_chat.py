@@ -3,6 +3,9 @@ the real worker and model. Screenshots: var/screenshots/ (`make screenshots`: do
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
 
 from inference.models import Conversation, Generation, Message
@@ -374,3 +377,37 @@ def test_a_long_title_and_the_menu_fit_a_phone(stack, cast, default_model, brows
     assert page.evaluate("window.escapesSeen") == 0
     page.keyboard.press("Escape")  # with the menu closed, Escape is the page's again
     assert page.evaluate("window.escapesSeen") == 1
+
+
+def test_a_new_api_key_copies_over_plain_http_with_a_working_example(
+    stack, cast, default_model, browser
+):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    # As over plain HTTP across a LAN: no Clipboard API in the page.
+    page.add_init_script("Object.defineProperty(navigator, 'clipboard', {value: undefined})")
+    page.goto(f"{stack.http_url}/account/keys/")
+    page.fill("input[name=name]", "shell")
+    page.click("form.card button.primary")
+    secret = page.locator("#new-key-secret").inner_text()
+    reader = page.context.new_page()
+    reader.goto(f"{stack.http_url}/account/keys/")
+
+    def clipboard() -> str:
+        return reader.evaluate("navigator.clipboard.readText()")
+
+    page.click("button[data-copy='#new-key-secret']")
+    page.wait_for_selector("button[data-copy='#new-key-secret']:has-text('Copied')")
+    assert clipboard() == secret
+    page.click("button[data-copy='#new-key-example']")
+    example = clipboard()
+    assert example.startswith("curl ") and secret in example
+    # The example, run as it was copied, gets an answer from the model.
+    answer = subprocess.run(
+        ["bash", "-c", example + " --silent --show-error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["choices"][0]["message"]["content"]

@@ -28,12 +28,7 @@
       button.type = "button";
       button.className = "copy";
       button.textContent = "Copy";
-      button.addEventListener("click", function () {
-        navigator.clipboard.writeText(code.innerText).then(function () {
-          button.textContent = "Copied";
-          setTimeout(function () { button.textContent = "Copy"; }, 1500);
-        });
-      });
+      button.addEventListener("click", function () { Copy.withButton(button, code.innerText); });
       code.parentElement.appendChild(button);
     });
   }
