@@ -410,6 +410,35 @@ def test_a_long_title_and_the_menu_fit_a_phone(stack, cast, default_model, brows
     assert page.evaluate("window.escapesSeen") == 1
 
 
+def test_an_answer_cut_at_its_token_limit_says_so_and_continues(
+    stack, cast, default_model, browser
+):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    send(page, LONG, max_tokens=8)
+    wait_state(page, "done")
+    first = Generation.objects.get(conversation=conversation_of(page))
+    assert first.finish_reason == "length"
+    assert "stopped at the 8-token limit" in last_answer(page).locator(".footer").inner_text()
+    # Continue: the same answer goes on where it stopped, in its place.
+    last_answer(page).locator(".continue").click()
+    page.wait_for_function(
+        "id => [...document.querySelectorAll('.msg.assistant')].length === 1 &&"
+        " document.querySelector('.msg.assistant').dataset.id != id",
+        arg=str(first.message.pk),
+    )
+    wait_state(page, "done")
+    second = Generation.objects.exclude(pk=first.pk).get(conversation=first.conversation)
+    assert second.text.startswith(first.text) and len(second.text) > len(first.text)
+    assert second.metrics.completion_tokens == 8
+    assert second.metrics.prompt_tokens > first.metrics.prompt_tokens  # it read the start
+    shown = last_answer(page).locator(".body").inner_text()
+    assert shown.split()[-1].strip("*_`.,") in second.text[len(first.text) :]
+    assert "stopped at the 8-token limit" in last_answer(page).locator(".footer").inner_text()
+    page.reload()
+    wait_state(page, "done")
+    assert last_answer(page).locator(".continue").is_visible(), "offered again after a reload"
+
+
 # At temperature 0 the model answers this with several blocks: paragraphs, a list.
 BLOCKS = "Write a pancake recipe with a title, a list of ingredients and numbered steps."
 

@@ -182,6 +182,8 @@
     gen.eta_s = frame.eta_s;
     if (frame.metrics) gen.metrics = frame.metrics;
     if (frame.reason) gen.reason = frame.reason;
+    gen.finish_reason = frame.finish_reason;
+    gen.max_tokens = frame.max_tokens;
     queueRender(frame.generation);
   }
 
@@ -214,6 +216,8 @@
     gen.state = frame.state;
     gen.reason = frame.reason;
     gen.metrics = frame.metrics;
+    gen.finish_reason = frame.finish_reason;
+    gen.max_tokens = frame.max_tokens;
     queueRender(frame.generation);
   }
 
@@ -256,10 +260,17 @@
       });
       regen.className = "regenerate";
       regen.hidden = true;
-      actions.append(regen);
+      const more = actionButton("Continue", function () {
+        request({ type: "chat.continue", conversation: conversationId });
+      });
+      more.className = "continue";
+      more.hidden = true;
+      actions.append(more, regen);
       const g = m.generation || {};
+      li.dataset.generation = g.generation;
       gens.set(g.generation, {
         text: m.text || "", state: g.state, announced: g.state, metrics: g.metrics, reason: g.reason,
+        finish_reason: g.finish_reason, max_tokens: g.max_tokens,
         position: g.position, eta_s: g.eta_s, el: li,
       });
       queueRender(g.generation);
@@ -382,6 +393,10 @@
     const parts = [];
     if (gen.state === "failed") parts.push("failed: " + (gen.reason || "unknown reason"));
     if (gen.state === "cancelled") parts.push("stopped");
+    if (gen.finish_reason === "length") {
+      parts.push(atTokenLimit(gen) ? "stopped at the " + gen.max_tokens.toLocaleString() +
+        "-token limit" : "stopped at the end of the model's context");
+    }
     const m = gen.metrics;
     if (m) {
       parts.push(m.completion_tokens + " tokens");
@@ -391,6 +406,12 @@
       if (m.cached_tokens) parts.push(m.cached_tokens + " cached");
     }
     return parts.join(" · ");
+  }
+
+  // Cut off by max_tokens (not by the end of the context, where no room is left).
+  function atTokenLimit(gen) {
+    return gen.finish_reason === "length" && gen.max_tokens != null &&
+      !(gen.metrics && gen.metrics.completion_tokens < gen.max_tokens);
   }
 
   function activeGeneration() {
@@ -405,11 +426,16 @@
     stopButton.hidden = !busy;
     sendButton.disabled = busy;
     list.querySelectorAll(".msg .edit").forEach(function (b) { b.hidden = busy; });
-    // Regenerate is offered on the last answer only, once it has ended.
+    // Regenerate is offered on the last answer only, once it has ended; Continue
+    // too, when that answer stopped at its token limit.
     const answers = list.querySelectorAll(".msg.assistant");
     answers.forEach(function (li, i) {
+      const latest = !busy && i === answers.length - 1;
       const button = li.querySelector(".regenerate");
-      if (button) button.hidden = busy || i !== answers.length - 1;
+      if (button) button.hidden = !latest;
+      const more = li.querySelector(".continue");
+      const gen = gens.get(Number(li.dataset.generation));
+      if (more) more.hidden = !(latest && gen && atTokenLimit(gen));
     });
     updateMeter();
   }
