@@ -506,7 +506,8 @@
 
   function stop() {
     const id = activeGeneration();
-    if (id !== null) send({ type: "generation.stop", generation: id });
+    if (id === null) return; // an Escape with nothing to stop leaves the focus alone
+    send({ type: "generation.stop", generation: id });
     // Stop disappears once the answer ends: focus goes back to the message box.
     input.focus();
   }
