@@ -239,6 +239,7 @@ class ChatConsumer(GenerationEventsMixin, FrameConsumer):
         "chat.send": "on_send",
         "chat.regenerate": "on_regenerate",
         "chat.edit": "on_edit",
+        "chat.continue": "on_continue",
         "conversation.open": "on_open",
         "generation.stop": "on_stop",
         "generation.subscribe": "on_subscribe",
@@ -283,6 +284,15 @@ class ChatConsumer(GenerationEventsMixin, FrameConsumer):
 
     async def on_regenerate(self, frame):
         conversation, replaced, generation = await database_sync_to_async(services.chat_regenerate)(
+            user=self.user,
+            conversation_id=frame.get("conversation"),
+            overflow=frame.get("overflow"),
+        )
+        await self._accepted(frame, conversation, replaced, generation)
+        await self._changed(conversation.pk)
+
+    async def on_continue(self, frame):
+        conversation, replaced, generation = await database_sync_to_async(services.chat_continue)(
             user=self.user,
             conversation_id=frame.get("conversation"),
             overflow=frame.get("overflow"),

@@ -59,9 +59,17 @@ def final_event(gen: Generation) -> dict:
         "state": gen.state,
         "text": gen.text,
         "finish_reason": gen.finish_reason,
+        "max_tokens": max_tokens_of(gen),
         "reason": gen.reason,
         "metrics": metrics_payload(_metrics_of(gen)),
     }
+
+
+def max_tokens_of(gen: Generation) -> int | None:
+    """The answer's token limit: an answer that ends with finish_reason "length"
+    stopped at it, or at the end of the context if it wrote fewer tokens."""
+    value = (gen.params or {}).get("max_tokens")
+    return int(value) if value is not None else None
 
 
 def announce_final(gen: Generation, stream: streams.GenerationStream | None = None) -> None:
@@ -157,6 +165,7 @@ def generation_snapshot(gen: Generation) -> dict:
         "text": live_text(gen),
         "reason": gen.reason,
         "finish_reason": gen.finish_reason,
+        "max_tokens": max_tokens_of(gen),
         "position": position,
         # Its task was lost: the reaper sends it again shortly, or fails it with why;
         # no estimate meanwhile.

@@ -216,6 +216,7 @@ def _fit_context(
     messages: list[dict] | None = None,
     *,
     may_drop: bool = True,
+    text_before: str = "",
 ) -> list[dict]:
     """The input for the next answer, checked against the model's context.
 
@@ -223,6 +224,7 @@ def _fit_context(
     "drop_oldest", the oldest turns are marked dropped until it fits. Never silent.
     messages: the conversation's input when the caller already knows it.
     may_drop: whether this user may drop turns (the owner; access).
+    text_before: the start of the answer, which a continuation puts in the prompt.
     """
     from .tokens import ChatTemplateError, chat_tokens_bound, count_chat_tokens
 
@@ -231,11 +233,15 @@ def _fit_context(
     while True:
         if messages is None:
             messages = conversation_input(conversation)
+        # Counted as a whole turn: a few template tokens more than the prompt has.
+        counted = messages
+        if text_before:
+            counted = [*messages, {"role": Message.ASSISTANT, "content": text_before}]
         try:
-            bound = chat_tokens_bound(model, messages)
+            bound = chat_tokens_bound(model, counted)
             if bound is not None and bound + max_tokens <= model.n_ctx:
                 return messages  # fits for certain: not worth tokenizing
-            prompt_tokens = count_chat_tokens(model, messages)
+            prompt_tokens = count_chat_tokens(model, counted)
         except ChatTemplateError as exc:
             raise ChatError(str(exc), code="template") from None
         if prompt_tokens + max_tokens <= model.n_ctx:
@@ -271,9 +277,11 @@ def _queue_answer(
     conversation: Conversation,
     overflow: str = OVERFLOW_REFUSE,
     live_workers: list[dict] | None = None,
+    text_before: str = "",
 ) -> tuple[Message, Generation]:
     """Create the assistant turn for the conversation as it stands, and queue it.
-    The conversation comes with its model (select_related) as its callers read it."""
+    The conversation comes with its model (select_related) as its callers read it.
+    text_before: the answer starts with this text, which the model continues."""
     busy = conversation.generations.filter(state__in=[Generation.QUEUED, Generation.RUNNING])
     if busy.exists():
         raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
@@ -281,10 +289,13 @@ def _queue_answer(
     _check_usable(conversation.model, conversation.model.name, live_workers)
     _check_quota(user, conversation)
     may_drop = access.may_manage_conversation(user, conversation)
-    input_messages = _fit_context(conversation, overflow, may_drop=may_drop)
+    input_messages = _fit_context(
+        conversation, overflow, may_drop=may_drop, text_before=text_before
+    )
     conversation.updated_at = timezone.now()
     conversation.save()
     generation = _new_generation(user, conversation, input_messages)
+    generation.text = text_before  # the worker continues from it (tasks.Run)
     generation.save()
     Message.objects.create(conversation=conversation, role=Message.ASSISTANT, generation=generation)
     assistant = generation.message
@@ -431,6 +442,49 @@ def chat_regenerate(*, user, conversation_id, overflow: str | None = None):
     last.save(update_fields=["superseded_at"])
     _, generation = _queue_answer(
         user=user, conversation=conversation, overflow=_clean_overflow(overflow)
+    )
+    return conversation, last, generation
+
+
+# Why an answer ended at its token limit, as the engine records it.
+FINISH_LENGTH = "length"
+
+
+@transaction.atomic
+def chat_continue(*, user, conversation_id, overflow: str | None = None):
+    """Continue the last answer where its token limit cut it. The model reads that
+    answer as the start of its own turn and writes on; the new generation starts
+    with the same text and takes the answer's place, as a regenerate does (the cut
+    answer stays in the history, with what it cost)."""
+    conversation = get_conversation_for_user(user, conversation_id)
+    last = (
+        conversation.messages.current()
+        .select_related("generation")
+        .order_by("-created_at", "-id")
+        .first()
+    )
+    if (
+        last is None
+        or last.role != Message.ASSISTANT
+        or last.generation is None
+        or last.generation.finish_reason != FINISH_LENGTH
+    ):
+        raise ChatError("Only an answer cut off at its token limit can be continued.")
+    question = (
+        conversation.messages.current().filter(role=Message.USER, pk__lt=last.pk).order_by("-pk")
+    ).first()
+    if not access.may_replace_turns(user, conversation, [question.author_id if question else None]):
+        raise ChatError(
+            "Only the conversation's owner can continue an answer to someone else's message.",
+            "forbidden",
+        )
+    last.superseded_at = timezone.now()
+    last.save(update_fields=["superseded_at"])
+    _, generation = _queue_answer(
+        user=user,
+        conversation=conversation,
+        overflow=_clean_overflow(overflow),
+        text_before=last.generation.text,
     )
     return conversation, last, generation
 

@@ -72,13 +72,16 @@ class StreamLoop:
 class GenerationStream:
     """One generation's way out (text, events, the final event) and in (stop)."""
 
-    def __init__(self, generation, *, start_offset: int = 0):
+    def __init__(self, generation, *, text_before: str = ""):
+        """text_before: the answer's text before this run (a retry on another worker,
+        or a continuation): frames start at its end, and the live text starts with it."""
         self.generation_id = generation.pk
         self.group = namespace.generation_group(generation.pk)
         self.live_key = namespace.live_text_key(generation.pk, generation.queued_at)
         self.stop_key = namespace.stop_key(generation.pk, generation.queued_at)
         self.alive_key = namespace.alive_key(generation.pk, generation.queued_at)
-        self.sent_chars = start_offset
+        self.sent_chars = len(text_before)
+        self._live_seed: str | None = text_before or None
         self.coalesce_s = settings.STREAM_COALESCE_MS / 1000
         self._streams = StreamLoop.get()
         # Used only in the stream thread (items go in by call_soon_threadsafe).
@@ -182,6 +185,10 @@ class GenerationStream:
             produced_at.clear()
             redis = self._streams.client()
             async with redis.pipeline(transaction=False) as pipe:
+                if self._live_seed is not None:
+                    # Unless the key already holds it (a retry: the text seen so far).
+                    pipe.setnx(self.live_key, self._live_seed.encode("utf-8"))
+                    self._live_seed = None
                 pipe.append(self.live_key, text.encode("utf-8"))
                 pipe.expire(self.live_key, LIVE_TEXT_TTL_S)
                 await pipe.execute()

@@ -176,7 +176,8 @@ class Run:
 
     def run(self) -> None:
         gen = self.gen
-        prefix = ""
+        # A queued generation with text continues that answer (services.chat_continue).
+        prefix = gen.text
         if gen.state == Generation.RUNNING:
             if streams.is_alive(gen):
                 return  # a live worker holds it: this is a stale copy of its task
@@ -201,7 +202,7 @@ class Run:
             priority=BACKGROUND if gen.source == Generation.SOURCE_JOB else INTERACTIVE,
             label=str(gen.pk),
         )
-        stream = streams.GenerationStream(gen, start_offset=len(prefix))
+        stream = streams.GenerationStream(gen, text_before=prefix)
         stream.watch_for_stop(lambda: self.engine.cancel(request))
         if gen.cancel_requested:
             request.cancel.set()

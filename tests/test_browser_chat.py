@@ -3,7 +3,11 @@ the real worker and model. Screenshots: var/screenshots/ (`make screenshots`: do
 
 from __future__ import annotations
 
+import json
+import subprocess
+
 import pytest
+from django.conf import settings
 
 from inference.models import Conversation, Generation, Message
 from tests.browser import log_in, screenshot_dir
@@ -66,7 +70,7 @@ def test_a_user_logs_in_chats_and_sees_the_answer_stream(stack, cast, default_mo
     assert page.locator(".msg.user .body").inner_text().startswith("Give me three tips")
 
 
-def test_a_long_first_line_is_titled_to_a_whole_word_and_an_ellipsis(
+def test_a_new_chat_is_titled_to_a_whole_word_with_its_header_and_tab_title_at_once(
     stack, cast, default_model, browser
 ):
     page = log_in(browser, stack, "alice", "alice-pass-123")
@@ -87,13 +91,38 @@ def test_a_long_first_line_is_titled_to_a_whole_word_and_an_ellipsis(
         )
 
     assert shown() == (expected, expected)
+    # The header is the conversation's, as a reload shows it: its model line, the
+    # Manage menu (rename, share, delete) and the browser tab's title.
+    page.locator(".conv-actions summary").click()
+    rename = page.locator(".conv-actions input[name=title]")
+    assert rename.input_value() == expected
+    assert page.locator(".conv-bar").inner_text().startswith(default_model.name)
+    assert page.locator(".conv-actions a", has_text="Delete").is_visible()
+    assert page.title() == f"{expected} · {settings.SITE_NAME}"
     page.reload()
     wait_state(page, "done")
     assert shown() == (expected, expected), "after a reload"
+    assert page.title() == f"{expected} · {settings.SITE_NAME}"
 
 
-def test_stop_ends_the_answer_and_keeps_the_text(stack, cast, default_model, browser):
+def focused_id(page) -> str:
+    return page.evaluate("document.activeElement.id || document.activeElement.className")
+
+
+def test_stop_keeps_the_text_and_the_keyboard_stays_in_the_message_box(
+    stack, cast, default_model, browser
+):
     page = log_in(browser, stack, "alice", "alice-pass-123")
+    # The message box has the focus on load; the first Tab reaches a skip link to it.
+    assert focused_id(page) == "input"
+    first = page.evaluate(
+        "document.querySelector('a[href], button, input, textarea, select').className"
+    )
+    assert first == "skip-link"
+    page.focus(".skip-link")
+    assert page.locator(".skip-link").bounding_box()["y"] >= 0, "shown when focused"
+    page.keyboard.press("Enter")
+    assert focused_id(page) == "input"
     send(page, LONG, max_tokens=2000)
     wait_for_text(page, 40)
     page.click("#stop")
@@ -102,6 +131,11 @@ def test_stop_ends_the_answer_and_keeps_the_text(stack, cast, default_model, bro
     assert gen.state == Generation.CANCELLED
     assert len(gen.text) >= 40
     assert "stopped" in last_answer(page).locator(".footer").inner_text()
+    assert focused_id(page) == "input", "focus went back to the message box after Stop"
+    # Edit and Regenerate are targets a finger or a shaky hand can hit.
+    for target in (page.locator(".msg.user .edit"), last_answer(page).locator(".regenerate")):
+        box = target.bounding_box()
+        assert box["height"] >= 44 and box["width"] >= 44, box
 
 
 def test_stop_while_queued_says_it_stopped_before_it_started(stack, cast, default_model, browser):
@@ -374,3 +408,190 @@ def test_a_long_title_and_the_menu_fit_a_phone(stack, cast, default_model, brows
     assert page.evaluate("window.escapesSeen") == 0
     page.keyboard.press("Escape")  # with the menu closed, Escape is the page's again
     assert page.evaluate("window.escapesSeen") == 1
+
+
+def test_an_answer_cut_at_its_token_limit_says_so_and_continues(
+    stack, cast, default_model, browser
+):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    send(page, LONG, max_tokens=8)
+    wait_state(page, "done")
+    first = Generation.objects.get(conversation=conversation_of(page))
+    assert first.finish_reason == "length"
+    assert "stopped at the 8-token limit" in last_answer(page).locator(".footer").inner_text()
+    # Continue: the same answer goes on where it stopped, in its place.
+    last_answer(page).locator(".continue").click()
+    page.wait_for_function(
+        "id => [...document.querySelectorAll('.msg.assistant')].length === 1 &&"
+        " document.querySelector('.msg.assistant').dataset.id != id",
+        arg=str(first.message.pk),
+    )
+    wait_state(page, "done")
+    second = Generation.objects.exclude(pk=first.pk).get(conversation=first.conversation)
+    assert second.text.startswith(first.text) and len(second.text) > len(first.text)
+    assert second.metrics.completion_tokens == 8
+    assert second.metrics.prompt_tokens > first.metrics.prompt_tokens  # it read the start
+    shown = last_answer(page).locator(".body").inner_text()
+    assert shown.split()[-1].strip("*_`.,") in second.text[len(first.text) :]
+    assert "stopped at the 8-token limit" in last_answer(page).locator(".footer").inner_text()
+    page.reload()
+    wait_state(page, "done")
+    assert last_answer(page).locator(".continue").is_visible(), "offered again after a reload"
+
+
+# At temperature 0 the model answers this with several blocks: paragraphs, a list.
+BLOCKS = "Write a pancake recipe with a title, a list of ingredients and numbered steps."
+
+
+def test_a_streaming_answer_keeps_its_finished_blocks_and_an_inline_cursor(
+    stack, cast, default_model, browser
+):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    # Only the status is a live region: a screen reader does not re-read the list.
+    assert page.locator("#messages").get_attribute("aria-live") is None
+    page.fill("#p-temperature", "0")
+    send(page, BLOCKS, max_tokens=160)
+    # Once a block is finished, its element stays as it is while the next grows.
+    page.wait_for_function(
+        "() => { const a = [...document.querySelectorAll('.msg.assistant')].pop();"
+        " if (!a || a.dataset.state !== 'running') return false;"
+        " const blocks = [...a.querySelectorAll('.body > *, .body > .md-part > *')]"
+        "   .filter(el => !el.classList.contains('md-part'));"
+        " if (blocks.length < 2) return false;"
+        " window.__first = blocks[0];"
+        " window.__length = a.querySelector('.body').innerText.length;"
+        " return true }",
+        timeout=60_000,
+    )
+    cursor = page.evaluate(
+        """() => {
+            const c = document.querySelector('.msg.assistant:last-child .cursor');
+            if (!c) return null;
+            const range = document.createRange();
+            range.setStart(c.parentElement, 0);
+            range.setEndBefore(c);
+            const rects = [...range.getClientRects()].filter(r => r.width > 0);
+            return {parent: c.parentElement.tagName, top: c.getBoundingClientRect().top,
+                    textTop: rects.length ? rects[rects.length - 1].top : null};
+        }"""
+    )
+    # Inside the block it ends (not after it, in the answer's own box), on its last line.
+    assert cursor is not None and cursor["parent"] != "DIV" and cursor["textTop"] is not None
+    assert abs(cursor["top"] - cursor["textTop"]) < 4, "the cursor is on the text's last line"
+    page.wait_for_function(
+        "() => { const a = [...document.querySelectorAll('.msg.assistant')].pop();"
+        " return a.dataset.state !== 'running' ||"
+        " a.querySelector('.body').innerText.length > window.__length + 40 }"
+    )
+    running = last_answer(page).get_attribute("data-state") == "running"
+    assert page.evaluate("window.__first.isConnected") or not running, (
+        "the finished block was rendered again"
+    )
+    wait_state(page, "done")
+    assert page.locator("#answer-status").inner_text() == "Answer finished."
+    assert last_answer(page).locator(".cursor").count() == 0
+    # A 4,000-token answer fed frame by frame: the work of a frame at the end is
+    # about that at the start (markdown sanitized per frame), not 4,000 tokens' worth.
+    work = page.evaluate(
+        """() => {
+            const words = 'the quick brown fox jumps over a lazy dog by the river'.split(' ');
+            let text = '';
+            for (let i = 0; text.length < 16000; i++) {
+                text += (i % 7 === 6 ? '\\n\\n' : '') + words[i % words.length] + ' ';
+            }
+            const box = document.createElement('div');
+            const stream = new Markdown.Stream(box);
+            const sanitize = DOMPurify.sanitize;
+            const frames = [];
+            DOMPurify.sanitize = function (html, options) {
+                frames[frames.length - 1].chars += html.length;
+                return sanitize.call(DOMPurify, html, options);
+            };
+            try {
+                for (let end = 20; end <= text.length + 19; end += 20) {
+                    frames.push({chars: 0});
+                    const t0 = performance.now();
+                    stream.update(text.slice(0, end));
+                    frames[frames.length - 1].ms = performance.now() - t0;
+                }
+            } finally { DOMPurify.sanitize = sanitize; }
+            const whole = document.createElement('div');
+            const t0 = performance.now();
+            whole.innerHTML = Markdown.render(text);  // what each frame cost before
+            const wholeMs = performance.now() - t0;
+            const mean = (list, key) => list.reduce((s, f) => s + f[key], 0) / list.length;
+            return {same: box.innerText === whole.innerText, wholeMs: wholeMs,
+                    startChars: mean(frames.slice(0, 50), 'chars'),
+                    endChars: mean(frames.slice(-50), 'chars'),
+                    startMs: mean(frames.slice(0, 50), 'ms'),
+                    endMs: mean(frames.slice(-50), 'ms')};
+        }"""
+    )
+    print(
+        f"render per frame, 4,000-token answer: start {work['startMs']:.3f} ms "
+        f"({work['startChars']:.0f} chars), end {work['endMs']:.3f} ms "
+        f"({work['endChars']:.0f} chars); the whole answer at once {work['wholeMs']:.1f} ms"
+    )
+    assert work["same"], "the streamed rendering ends as the whole answer's"
+    assert work["endChars"] < 4 * max(work["startChars"], 100), work
+
+
+def test_a_long_conversation_opens_at_its_latest_answer(stack, cast, default_model, browser):
+    conversation = Conversation.objects.create(
+        owner=cast.alice, model=default_model, title="Long one"
+    )
+    for turn in range(12):
+        Message.objects.create(
+            conversation=conversation, role=Message.USER, author=cast.alice, content=f"Q{turn}"
+        )
+        gen = Generation.objects.create(
+            user=cast.alice,
+            model=default_model,
+            conversation=conversation,
+            state=Generation.DONE,
+            text="\n\n".join(f"Answer {turn}, paragraph {p}: " + "words " * 60 for p in range(4)),
+        )
+        Message.objects.create(conversation=conversation, role=Message.ASSISTANT, generation=gen)
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.goto(f"{stack.http_url}/c/{conversation.pk}/")
+    page.wait_for_selector(".msg.assistant:last-child[data-state=done]")
+    page.wait_for_function(
+        "() => window.scrollY + window.innerHeight >= document.body.scrollHeight - 4"
+        " && document.body.scrollHeight > 3 * window.innerHeight",
+        timeout=5_000,
+    )
+    assert last_answer(page).locator(".body").is_visible()
+
+
+def test_a_new_api_key_copies_over_plain_http_with_a_working_example(
+    stack, cast, default_model, browser
+):
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    # As over plain HTTP across a LAN: no Clipboard API in the page.
+    page.add_init_script("Object.defineProperty(navigator, 'clipboard', {value: undefined})")
+    page.goto(f"{stack.http_url}/account/keys/")
+    page.fill("input[name=name]", "shell")
+    page.click("form.card button.primary")
+    secret = page.locator("#new-key-secret").inner_text()
+    reader = page.context.new_page()
+    reader.goto(f"{stack.http_url}/account/keys/")
+
+    def clipboard() -> str:
+        return reader.evaluate("navigator.clipboard.readText()")
+
+    page.click("button[data-copy='#new-key-secret']")
+    page.wait_for_selector("button[data-copy='#new-key-secret']:has-text('Copied')")
+    assert clipboard() == secret
+    page.click("button[data-copy='#new-key-example']")
+    example = clipboard()
+    assert example.startswith("curl ") and secret in example
+    # The example, run as it was copied, gets an answer from the model.
+    answer = subprocess.run(
+        ["bash", "-c", example + " --silent --show-error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout)["choices"][0]["message"]["content"]

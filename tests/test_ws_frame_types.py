@@ -49,6 +49,7 @@ FRAMES = {
         for name in ("temperature", "top_p", "max_tokens", "seed")
     },
     "chat.regenerate conversation": ("chat", {"type": "chat.regenerate", "conversation": BAD}),
+    "chat.continue conversation": ("chat", {"type": "chat.continue", "conversation": BAD}),
     "chat.edit message": ("chat", {"type": "chat.edit", "message": BAD, "content": "hi"}),
     "chat.edit content": ("chat", {"type": "chat.edit", "message": 1, "content": BAD}),
     "conversation.open conversation": ("chat", {"type": "conversation.open", "conversation": BAD}),

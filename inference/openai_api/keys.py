@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Count, F, Sum
@@ -105,6 +106,7 @@ def api_keys(request):
             "keys": _with_usage(request.user.api_keys.all()),
             "new_secret": new["secret"] if new else None,
             "new_key_id": new["id"] if new else None,
+            "example_model": settings.DEFAULT_MODEL_NAME,
             "teams": teams,
             "usage_days": USAGE_DAYS,
         },

@@ -12,6 +12,7 @@
   const errorBox = document.getElementById("error");
   const status = document.getElementById("conn-status");
   const title = document.getElementById("chat-title");
+  const answerStatus = document.getElementById("answer-status");
 
   let conversationId = root.dataset.conversation ? Number(root.dataset.conversation) : null;
   let nCtx = null;
@@ -20,6 +21,8 @@
   const messages = new Map(); // message id -> {el, role}
   const gens = new Map(); // generation id -> {text, state, el, metrics}
   let renderQueued = new Set();
+  let opened = false; // the first snapshot has been shown
+  let stickToEnd = false; // scroll to the end after the next render
   let nextRequestId = 1;
   const pending = new Map(); // request_id -> frame, until accepted or refused
   const overflowBox = document.getElementById("overflow");
@@ -92,6 +95,11 @@
     gens.clear();
     frame.messages.forEach(addMessage);
     updateControls();
+    if (!opened) {
+      // A conversation opens at its latest answer, once that answer is drawn.
+      opened = true;
+      stickToEnd = true;
+    }
   }
 
   // The conversation open here is no longer ours to see (unshared, deleted, or we
@@ -126,7 +134,29 @@
       addToSidebar(conversationId, frame.title);
       const settings = document.getElementById("new-chat-settings");
       if (settings) settings.remove();
+      refreshHeader();
     }
+  }
+
+  // A new conversation's model line, Manage menu and tab title, as its own page
+  // renders them (one template, not a copy in script), without a reload.
+  function refreshHeader() {
+    fetch(location.pathname, { credentials: "same-origin" })
+      .then(function (response) { return response.ok ? response.text() : null; })
+      .then(function (html) {
+        if (!html) return;
+        const page = new DOMParser().parseFromString(html, "text/html");
+        const fresh = page.querySelector(".conv-bar");
+        const bar = document.querySelector(".conv-bar");
+        if (fresh && bar) {
+          // The live context meter stays: it already shows this conversation.
+          const placeholder = fresh.querySelector("#context-meter");
+          if (placeholder && meter) placeholder.replaceWith(meter);
+          bar.replaceWith(fresh);
+        }
+        if (page.title) document.title = page.title;
+      })
+      .catch(function () { /* the next reload shows it */ });
   }
 
   function addToSidebar(id, text) {
@@ -152,6 +182,8 @@
     gen.eta_s = frame.eta_s;
     if (frame.metrics) gen.metrics = frame.metrics;
     if (frame.reason) gen.reason = frame.reason;
+    gen.finish_reason = frame.finish_reason;
+    gen.max_tokens = frame.max_tokens;
     queueRender(frame.generation);
   }
 
@@ -184,6 +216,8 @@
     gen.state = frame.state;
     gen.reason = frame.reason;
     gen.metrics = frame.metrics;
+    gen.finish_reason = frame.finish_reason;
+    gen.max_tokens = frame.max_tokens;
     queueRender(frame.generation);
   }
 
@@ -226,10 +260,17 @@
       });
       regen.className = "regenerate";
       regen.hidden = true;
-      actions.append(regen);
+      const more = actionButton("Continue", function () {
+        request({ type: "chat.continue", conversation: conversationId });
+      });
+      more.className = "continue";
+      more.hidden = true;
+      actions.append(more, regen);
       const g = m.generation || {};
+      li.dataset.generation = g.generation;
       gens.set(g.generation, {
-        text: m.text || "", state: g.state, metrics: g.metrics, reason: g.reason,
+        text: m.text || "", state: g.state, announced: g.state, metrics: g.metrics, reason: g.reason,
+        finish_reason: g.finish_reason, max_tokens: g.max_tokens,
         position: g.position, eta_s: g.eta_s, el: li,
       });
       queueRender(g.generation);
@@ -291,7 +332,12 @@
     renderQueued = new Set();
     ids.forEach(renderGeneration);
     updateControls();
-    scrollDown();
+    if (stickToEnd) {
+      stickToEnd = false;
+      window.scrollTo(0, document.body.scrollHeight);
+    } else {
+      scrollDown();
+    }
   }
 
   function renderGeneration(id) {
@@ -299,10 +345,16 @@
     if (!gen) return;
     const body = gen.el.querySelector(".body");
     const footer = gen.el.querySelector(".footer");
+    announce(gen);
     gen.el.dataset.state = gen.state;
-    if (gen.text) {
+    const streaming = Boolean(gen.text) && gen.state === "running";
+    if (!streaming) gen.stream = null; // whatever replaces the body ends the stream
+    if (streaming) {
+      if (!gen.stream) gen.stream = new Markdown.Stream(body);
+      gen.stream.update(gen.text);
+    } else if (gen.text) {
       body.innerHTML = Markdown.render(gen.text);
-      if (gen.state !== "running") Markdown.decorate(body);
+      Markdown.decorate(body);
     } else if (gen.state === "queued") {
       body.innerHTML = "";
       let text = "queued";
@@ -324,10 +376,27 @@
     footer.textContent = footerText(gen);
   }
 
+  // Screen readers hear the answer's state changes from one status line, not the
+  // whole message list read again at every token.
+  const SPOKEN = {
+    queued: "Answer queued.", running: "Answering…", done: "Answer finished.",
+    cancelled: "Answer stopped.", failed: "Answer failed.",
+  };
+
+  function announce(gen) {
+    if (gen.announced === gen.state || !answerStatus) return;
+    gen.announced = gen.state;
+    answerStatus.textContent = SPOKEN[gen.state] || "";
+  }
+
   function footerText(gen) {
     const parts = [];
     if (gen.state === "failed") parts.push("failed: " + (gen.reason || "unknown reason"));
     if (gen.state === "cancelled") parts.push("stopped");
+    if (gen.finish_reason === "length") {
+      parts.push(atTokenLimit(gen) ? "stopped at the " + gen.max_tokens.toLocaleString() +
+        "-token limit" : "stopped at the end of the model's context");
+    }
     const m = gen.metrics;
     if (m) {
       parts.push(m.completion_tokens + " tokens");
@@ -337,6 +406,12 @@
       if (m.cached_tokens) parts.push(m.cached_tokens + " cached");
     }
     return parts.join(" · ");
+  }
+
+  // Cut off by max_tokens (not by the end of the context, where no room is left).
+  function atTokenLimit(gen) {
+    return gen.finish_reason === "length" && gen.max_tokens != null &&
+      !(gen.metrics && gen.metrics.completion_tokens < gen.max_tokens);
   }
 
   function activeGeneration() {
@@ -351,11 +426,16 @@
     stopButton.hidden = !busy;
     sendButton.disabled = busy;
     list.querySelectorAll(".msg .edit").forEach(function (b) { b.hidden = busy; });
-    // Regenerate is offered on the last answer only, once it has ended.
+    // Regenerate is offered on the last answer only, once it has ended; Continue
+    // too, when that answer stopped at its token limit.
     const answers = list.querySelectorAll(".msg.assistant");
     answers.forEach(function (li, i) {
+      const latest = !busy && i === answers.length - 1;
       const button = li.querySelector(".regenerate");
-      if (button) button.hidden = busy || i !== answers.length - 1;
+      if (button) button.hidden = !latest;
+      const more = li.querySelector(".continue");
+      const gen = gens.get(Number(li.dataset.generation));
+      if (more) more.hidden = !(latest && gen && atTokenLimit(gen));
     });
     updateMeter();
   }
@@ -426,11 +506,21 @@
 
   function stop() {
     const id = activeGeneration();
-    if (id !== null) send({ type: "generation.stop", generation: id });
+    if (id === null) return; // an Escape with nothing to stop leaves the focus alone
+    send({ type: "generation.stop", generation: id });
+    // Stop disappears once the answer ends: focus goes back to the message box.
+    input.focus();
   }
   stopButton.addEventListener("click", stop);
   document.addEventListener("keydown", function (event) {
     if (event.key === "Escape") stop();
+  });
+
+  // The skip link puts the keyboard in the message box (a fragment link alone
+  // scrolls there without focusing it).
+  document.querySelector(".skip-link").addEventListener("click", function (event) {
+    event.preventDefault();
+    input.focus();
   });
 
   const toggle = document.getElementById("sidebar-toggle");
