@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import timedelta
 
 import pytest
 from django.conf import settings
+from django.utils import timezone
 
 from inference.models import Conversation, Generation, Message
 from tests.browser import log_in, screenshot_dir
@@ -156,6 +158,14 @@ def test_stop_while_queued_says_it_stopped_before_it_started(stack, cast, defaul
     page.goto(f"{stack.http_url}/c/{conversation.pk}/")
     wait_state(page, "queued")
     assert last_answer(page).locator(".body").inner_text().startswith("queued — position 1")
+    # Its task never reached the broker: past GENERATION_STRANDED_AFTER_S it says so
+    # (the reaper sends it again, or fails it with why), with no made-up estimate.
+    Generation.objects.filter(pk=gen.pk).update(queued_at=timezone.now() - timedelta(minutes=2))
+    page.reload()
+    wait_state(page, "queued")
+    waiting = last_answer(page).locator(".body").inner_text()
+    assert "its place in the queue was lost, sending it again" in waiting
+    assert "about" not in waiting
 
     page.click("#stop")
     wait_state(page, "cancelled")

@@ -180,6 +180,7 @@
     gen.state = frame.state;
     gen.position = frame.position;
     gen.eta_s = frame.eta_s;
+    gen.stranded = frame.stranded;
     if (frame.metrics) gen.metrics = frame.metrics;
     if (frame.reason) gen.reason = frame.reason;
     gen.finish_reason = frame.finish_reason;
@@ -271,7 +272,7 @@
       gens.set(g.generation, {
         text: m.text || "", state: g.state, announced: g.state, metrics: g.metrics, reason: g.reason,
         finish_reason: g.finish_reason, max_tokens: g.max_tokens,
-        position: g.position, eta_s: g.eta_s, el: li,
+        position: g.position, eta_s: g.eta_s, stranded: g.stranded, el: li,
       });
       queueRender(g.generation);
     }
@@ -359,7 +360,12 @@
       body.innerHTML = "";
       let text = "queued";
       if (gen.position) text += " — position " + gen.position;
-      if (gen.eta_s != null) text += ", about " + Math.max(1, Math.round(gen.eta_s)) + " s";
+      if (gen.stranded) {
+        // Its task was lost: the server sends it again shortly, or ends it with why.
+        text += "; its place in the queue was lost, sending it again";
+      } else if (gen.eta_s != null) {
+        text += ", about " + Math.max(1, Math.round(gen.eta_s)) + " s";
+      }
       body.textContent = text + "…";
     } else if (gen.state === "running" && gen.progress) {
       const p = gen.progress;
