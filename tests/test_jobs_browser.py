@@ -203,3 +203,45 @@ def test_the_new_job_form_counts_as_the_user_types_and_an_over_length_draft_is_r
     assert bar.evaluate("b => getComputedStyle(b).accentColor") == "rgb(201, 42, 42)"
     over = job.prompt_tokens - (job.n_ctx - job.max_tokens)
     assert page.locator("#fit-bar-label").inner_text().startswith(f"Over by {over:,} tokens")
+
+
+def test_a_result_cut_at_its_token_limit_says_so(stack, cast, smollm2, browser):
+    from django.utils import timezone
+
+    from inference.jobs.models import JobChunk
+    from inference.models import Generation
+
+    # A finished one-pass job whose answer stopped at max_tokens (rows only).
+    job = Job.objects.create(
+        user=cast.alice,
+        model=smollm2,
+        title="Cut",
+        instruction="Summarize.",
+        document="x" * 100,
+        document_tokens=90,
+        prompt_tokens=100,
+        max_tokens=64,
+        n_ctx=smollm2.n_ctx,
+        strategy=Job.SINGLE,
+        state=Job.DONE,
+        result="The first part of a long",
+        queued_at=timezone.now(),
+        finished_at=timezone.now(),
+    )
+    gen = Generation.objects.create(
+        user=cast.alice, model=smollm2, state=Generation.DONE, finish_reason="length"
+    )
+    JobChunk.objects.create(
+        job=job, index=0, start=0, end=100, prompt_tokens=100, state=JobChunk.DONE, generation=gen
+    )
+    page = log_in(browser, stack, "alice", "alice-pass-123")
+    page.goto(f"{stack.http_url}/jobs/{job.pk}/")
+    notice = page.locator("#job-result-cut")
+    assert notice.is_visible()
+    assert "stopped at the 64-token limit" in notice.inner_text()
+    assert page.locator("#job-passes td").nth(1).inner_text() == "done, cut at the token limit"
+    # An answer that ended by itself says nothing of the kind.
+    Generation.objects.filter(pk=gen.pk).update(finish_reason="stop")
+    page.reload()
+    assert not page.locator("#job-result-cut").is_visible()
+    assert page.locator("#job-passes td").nth(1).inner_text() == "done"

@@ -47,6 +47,9 @@ def _phase(job: Job, current: JobChunk | None) -> tuple[str, int | None]:
     return "queued", None  # between passes
 
 
+# A generation's finish_reason when max_tokens ended it (the engine's "length").
+CUT_AT_LIMIT = "length"
+
 RATE_SAMPLE = 20  # the model's recent generations a time-left estimate rests on
 
 
@@ -123,6 +126,8 @@ def job_snapshot(job: Job) -> dict:
                 "weight": chunk.prompt_tokens + job.max_tokens,
                 "generation": gen.pk if gen else None,
                 "attempts": chunk.attempts,
+                # Its answer stopped at max_tokens: the pass's text is cut short.
+                "cut": bool(gen and gen.finish_reason == CUT_AT_LIMIT),
             }
         )
     level0 = sum(1 for c in chunks if c.level == 0)
@@ -140,6 +145,7 @@ def job_snapshot(job: Job) -> dict:
                 "weight": estimate + job.max_tokens,
                 "generation": None,
                 "attempts": 0,
+                "cut": False,
             }
         )
     current_payload = None
@@ -183,6 +189,8 @@ def job_snapshot(job: Job) -> dict:
         "passes_done": sum(1 for c in chunks if c.state == JobChunk.DONE),
         "current": current_payload,
         "result": job.result if job.state == Job.DONE else "",
+        # The result is the last pass's answer: it stopped at max_tokens.
+        "result_cut": job.state == Job.DONE and bool(passes) and passes[-1]["cut"],
         "metrics": metrics,
         "rates": measured_rates(job, chunks) if not job.is_final else None,
     }

@@ -121,7 +121,8 @@
       const mm = m && m.metrics;
       const cells = [
         p.label,
-        p.state === "running" && live.generation === p.generation && live.tokens ? "generating" : p.state,
+        p.state === "running" && live.generation === p.generation && live.tokens ? "generating" :
+          p.cut ? p.state + ", cut at the token limit" : p.state,
         p.prompt_tokens ? p.prompt_tokens.toLocaleString() : "–",
         mm ? mm.completion_tokens : "–",
         mm && mm.prompt_eval_ms != null ? (mm.prompt_eval_ms / 1000).toFixed(1) + " s" : "–",
@@ -142,6 +143,7 @@
   function renderResult() {
     const box = el("job-result");
     const tools = el("job-result-tools");
+    el("job-result-cut").hidden = !snap.result_cut;
     if (snap.state !== "done") {
       box.hidden = true;
       tools.hidden = true;
