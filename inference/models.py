@@ -196,6 +196,8 @@ class Generation(models.Model):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # finish_reason when max_tokens (or the context's end) ended it, as the engine says.
+    FINISH_LENGTH = "length"
     STATE_CHOICES = [
         (QUEUED, "Queued"),
         (RUNNING, "Running"),

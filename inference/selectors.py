@@ -99,8 +99,14 @@ def queue_position(gen: Generation) -> int | None:
     """1 when next in line. Chat and API generations wait only behind each other:
     background jobs use the model's bulk queue, which workers take last. Nobody
     waits behind a generation whose task is lost (stranded)."""
+    return queue_place(gen)[0]
+
+
+def queue_place(gen: Generation) -> tuple[int | None, bool]:
+    """Its queue position (None unless queued) and whether its own task is lost,
+    from one read of the queue."""
     if gen.state != Generation.QUEUED:
-        return None
+        return None, False
     ahead = list(
         Generation.objects.filter(
             model_id=gen.model_id, state=Generation.QUEUED, queued_at__lt=gen.queued_at
@@ -108,8 +114,8 @@ def queue_position(gen: Generation) -> int | None:
         .exclude(source=Generation.SOURCE_JOB)
         .values_list("pk", "queued_at")
     )
-    lost = stranded(gen.model.name, ahead)
-    return len(ahead) - len(lost) + 1
+    lost = stranded(gen.model.name, [*ahead, (gen.pk, gen.queued_at)])
+    return len(ahead) - len(lost - {gen.pk}) + 1, gen.pk in lost
 
 
 def stranded(model_name: str, queued: list[tuple[int, object]]) -> set[int]:
@@ -155,8 +161,7 @@ def queue_eta_s(gen: Generation, position: int | None) -> float | None:
 
 def generation_snapshot(gen: Generation) -> dict:
     """A generation as it stands now; `text` is everything streamed so far."""
-    position = queue_position(gen)
-    lost = position is not None and bool(stranded(gen.model.name, [(gen.pk, gen.queued_at)]))
+    position, lost = queue_place(gen)
     return {
         "type": "generation.snapshot",
         "generation": gen.pk,

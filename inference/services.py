@@ -430,24 +430,30 @@ def chat_regenerate(*, user, conversation_id, overflow: str | None = None):
         raise ChatError("There is no answer to regenerate.", code="invalid")
     if last.generation and not last.generation.is_final:
         raise ChatError("Wait for the current answer to finish, or stop it.", code="busy")
+    generation = _replace_last_answer(user, conversation, last, "regenerate", overflow)
+    return conversation, last, generation
+
+
+def _replace_last_answer(user, conversation, last, verb: str, overflow, text_before: str = ""):
+    """Supersede the last answer with a new generation (starting with text_before),
+    if the user may replace the turn it answers."""
     question = (
         conversation.messages.current().filter(role=Message.USER, pk__lt=last.pk).order_by("-pk")
     ).first()
     if not access.may_replace_turns(user, conversation, [question.author_id if question else None]):
         raise ChatError(
-            "Only the conversation's owner can regenerate an answer to someone else's message.",
+            f"Only the conversation's owner can {verb} an answer to someone else's message.",
             "forbidden",
         )
     last.superseded_at = timezone.now()
     last.save(update_fields=["superseded_at"])
     _, generation = _queue_answer(
-        user=user, conversation=conversation, overflow=_clean_overflow(overflow)
+        user=user,
+        conversation=conversation,
+        overflow=_clean_overflow(overflow),
+        text_before=text_before,
     )
-    return conversation, last, generation
-
-
-# Why an answer ended at its token limit, as the engine records it.
-FINISH_LENGTH = "length"
+    return generation
 
 
 @transaction.atomic
@@ -467,24 +473,11 @@ def chat_continue(*, user, conversation_id, overflow: str | None = None):
         last is None
         or last.role != Message.ASSISTANT
         or last.generation is None
-        or last.generation.finish_reason != FINISH_LENGTH
+        or last.generation.finish_reason != Generation.FINISH_LENGTH
     ):
         raise ChatError("Only an answer cut off at its token limit can be continued.")
-    question = (
-        conversation.messages.current().filter(role=Message.USER, pk__lt=last.pk).order_by("-pk")
-    ).first()
-    if not access.may_replace_turns(user, conversation, [question.author_id if question else None]):
-        raise ChatError(
-            "Only the conversation's owner can continue an answer to someone else's message.",
-            "forbidden",
-        )
-    last.superseded_at = timezone.now()
-    last.save(update_fields=["superseded_at"])
-    _, generation = _queue_answer(
-        user=user,
-        conversation=conversation,
-        overflow=_clean_overflow(overflow),
-        text_before=last.generation.text,
+    generation = _replace_last_answer(
+        user, conversation, last, "continue", overflow, text_before=last.generation.text
     )
     return conversation, last, generation
 

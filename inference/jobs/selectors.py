@@ -47,9 +47,6 @@ def _phase(job: Job, current: JobChunk | None) -> tuple[str, int | None]:
     return "queued", None  # between passes
 
 
-# A generation's finish_reason when max_tokens ended it (the engine's "length").
-CUT_AT_LIMIT = "length"
-
 RATE_SAMPLE = 20  # the model's recent generations a time-left estimate rests on
 
 
@@ -127,7 +124,7 @@ def job_snapshot(job: Job) -> dict:
                 "generation": gen.pk if gen else None,
                 "attempts": chunk.attempts,
                 # Its answer stopped at max_tokens: the pass's text is cut short.
-                "cut": bool(gen and gen.finish_reason == CUT_AT_LIMIT),
+                "cut": bool(gen and gen.finish_reason == Generation.FINISH_LENGTH),
             }
         )
     level0 = sum(1 for c in chunks if c.level == 0)
