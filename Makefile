@@ -88,19 +88,20 @@ bench: $(STAMP)
 	REDIS_URL=$${BENCH_REDIS_URL:-redis://127.0.0.1:6379/3} \
 	  $(PY) -m tests.bench.run
 
-# The peer for `make bench ONLY=concurrency LLAMA_SERVER=var/peer/bin/llama-server`:
-# llama.cpp's own server, built on the CPU from the llama.cpp source inside the
+# The peers for `make bench ONLY=concurrency`: llama.cpp's own server and its
+# batched-decode example (llama-batched), built on the CPU from the llama.cpp source inside the
 # llama-cpp-python sdist of the version we pin (so both run the same llama.cpp).
 PEER := var/peer
-llama-server: $(PEER)/bin/llama-server
-$(PEER)/bin/llama-server:
+llama-server: $(PEER)/bin/llama-server $(PEER)/bin/llama-batched
+$(PEER)/bin/llama-server $(PEER)/bin/llama-batched &:
 	mkdir -p $(PEER)
+	test -f $(PEER)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz || \
 	$(PIP) download -q --no-binary :all: --no-deps -d $(PEER) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	tar -xzf $(PEER)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(PEER)
 	cmake -S $(PEER)/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp -B $(PEER)/build \
 	  -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF
-	cmake --build $(PEER)/build --target llama-server -j $$(nproc)
-	mkdir -p $(PEER)/bin && cp $(PEER)/build/bin/llama-server $(PEER)/bin/
+	cmake --build $(PEER)/build --target llama-server llama-batched -j $$(nproc)
+	mkdir -p $(PEER)/bin && cp $(PEER)/build/bin/llama-server $(PEER)/build/bin/llama-batched $(PEER)/bin/
 
 # The browser tests, saving their screenshots into docs/screenshots/ for the docs.
 screenshots: $(STAMP) chromium
