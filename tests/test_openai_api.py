@@ -7,10 +7,12 @@ import json
 import time
 import urllib.error
 import urllib.request
+from datetime import timedelta
 
 import openai
 import pytest
 from django.conf import settings
+from django.utils import timezone
 
 from inference.models import Generation, LanguageModel
 from mixtralweb.accounts.models import ApiKey, Quota
@@ -302,6 +304,49 @@ def test_a_revoked_key_is_refused_with_401(client, alice_key):
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     assert "revoked" in caught.value.body["message"]
     assert not Generation.objects.exists()
+
+
+def test_an_expired_key_is_refused_with_401_saying_when_it_expired(stack, cast, default_model):
+    key, secret = ApiKey.issue(
+        user=cast.alice, name="temp", expires_at=timezone.now() - timedelta(minutes=1)
+    )
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client_for(stack, secret).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+    assert caught.value.status_code == 401
+    assert caught.value.body["code"] == "invalid_api_key"
+    assert f"This API key expired on {key.expires_at_display}." in caught.value.body["message"]
+    assert not Generation.objects.exists()
+    key.refresh_from_db()
+    assert key.last_used_at is None, "a refused call is not a use"
+
+
+def test_a_key_over_its_own_limit_gets_429_while_the_users_other_key_goes_on(
+    stack, alice_key, default_model
+):
+    capped, secret = ApiKey.issue(user=alice_key.user, name="capped", tokens_per_day=50)
+    Generation.objects.create(
+        user=capped.user,
+        model=default_model,
+        source=Generation.SOURCE_API,
+        api_key_name="capped",
+        state=Generation.DONE,
+        prompt_tokens=40,
+        completion_tokens=10,
+    )
+    with pytest.raises(openai.RateLimitError) as caught:
+        client_for(stack, secret).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+    assert caught.value.status_code == 429
+    assert caught.value.body["code"] == "rate_limit_exceeded"
+    assert "This API key's limit is 50 tokens per day" in caught.value.body["message"]
+    retry_after = int(caught.value.response.headers["Retry-After"])
+    assert 0 < retry_after <= 24 * 3600
+    assert Generation.objects.count() == 1
+    # The key's limit, not Alice's: her other key is answered.
+    answer = client_for(stack, alice_key.secret).chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=1
+    )
+    assert answer.id == f"chatcmpl-{latest_generation().pk}"
+    assert latest_generation().api_key_name == "script"
 
 
 def test_an_unknown_model_is_refused_with_404(client):
