@@ -67,9 +67,6 @@ class ApiKeyForm(forms.Form):
     tokens_per_day = _limit_field("Tokens per day")
     concurrent_generations = _limit_field("Generations at once")
 
-    def limit_fields(self):
-        return [self[field] for field in LIMIT_FIELDS]
-
     def __init__(self, *args, user, **kwargs):
         super().__init__(*args, **kwargs)
         self.user = user
@@ -81,6 +78,10 @@ class ApiKeyForm(forms.Form):
             )
             if mine:
                 self.fields[field].widget.attrs["max"] = mine
+
+    def limit_fields(self):
+        """The limits' bound fields, for the template's loop."""
+        return [self[field] for field in LIMIT_FIELDS]
 
     def clean_name(self) -> str:
         name = self.cleaned_data["name"].strip()
