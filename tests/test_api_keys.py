@@ -138,43 +138,39 @@ def test_a_key_is_created_with_an_expiry_and_its_own_limits(cast):
     assert ApiKey.objects.get(name="forever").expires_at is None
 
 
-@pytest.mark.parametrize(
-    ("post", "field", "message"),
-    [
-        ({"expires": "date"}, "expires_on", "Choose the date on which the key expires."),
-        ({"expires": "date", "expires_on": "TODAY"}, "expires_on", "Choose a date after today."),
-        ({"expires": "never", "expires_on": "TOMORROW"}, "expires_on", "is not &#x27;On the"),
-        ({"expires": "never", "requests_per_minute": "0"}, "requests_per_minute", "or equal to 1"),
-        (
-            {"expires": "never", "requests_per_minute": "11"},
-            "requests_per_minute",
-            "Your own limit is 10 requests per minute; a key&#x27;s limit cannot be above it.",
-        ),
-        (
-            {"expires": "never", "tokens_per_day": "2000"},
-            "tokens_per_day",
-            "Your own limit is 1,000 tokens per day",
-        ),
-    ],
-)
-def test_a_key_form_refuses_what_it_cannot_honour_and_says_why(cast, post, field, message):
+# What the form refuses, the field it names and (part of) the message.
+REFUSED_KEY_FORMS = [
+    ({"expires": "date"}, "expires_on", "Choose the date on which the key expires."),
+    ({"expires": "date", "expires_on": "TODAY"}, "expires_on", "Choose a date after today."),
+    ({"expires": "never", "expires_on": "TOMORROW"}, "expires_on", "is not &#x27;On the"),
+    ({"requests_per_minute": "0"}, "requests_per_minute", "or equal to 1"),
+    (
+        {"requests_per_minute": "11"},
+        "requests_per_minute",
+        "Your own limit is 10 requests per minute; a key&#x27;s limit cannot be above it.",
+    ),
+    ({"tokens_per_day": "2000"}, "tokens_per_day", "Your own limit is 1,000 tokens per day"),
+]
+
+
+def test_the_key_form_refuses_what_it_cannot_honour_and_says_why(cast):
+    # One test for the table (each test here costs a database flush).
     Quota.objects.create(user=cast.alice, requests_per_minute=10, tokens_per_day=1000)
+    client = logged_in(cast.alice)
     dates = {"TODAY": timezone.localdate(), "TOMORROW": timezone.localdate() + timedelta(days=1)}
-    post = {k: dates[v].isoformat() if v in dates else v for k, v in post.items()}
-    response = logged_in(cast.alice).post(URL, {"name": "x", **post})
-    assert response.status_code == 200
-    page = response.content.decode()
-    assert f'<p class="error" id="id_{field}_error">' in page and message in page
+    for post, field, message in REFUSED_KEY_FORMS:
+        data = {k: dates[v].isoformat() if v in dates else v for k, v in post.items()}
+        response = client.post(URL, {"name": "x", **data})
+        assert response.status_code == 200, post
+        page = response.content.decode()
+        assert f'<p class="error" id="id_{field}_error">' in page and message in page, post
+        field_tag = page.split(f'id="id_{field}"')[0].rsplit("<", 1)[1]
+        assert 'aria-invalid="true"' in field_tag and f"id_{field}_error" in field_tag, post
     assert not ApiKey.objects.exists()
-
-
-def test_a_key_limit_up_to_the_users_own_or_any_without_one_is_accepted(cast):
-    Quota.objects.create(user=cast.alice, requests_per_minute=10)
-    logged_in(cast.alice).post(URL, {"name": "a", "expires": "never", "requests_per_minute": "10"})
-    # Alice has no tokens-per-day limit (0): a key may set any.
-    logged_in(cast.alice).post(URL, {"name": "b", "expires": "never", "tokens_per_day": "10000000"})
-    assert ApiKey.objects.get(name="a").requests_per_minute == 10
-    assert ApiKey.objects.get(name="b").tokens_per_day == 10_000_000
+    # Up to her own limit, and any where she has none (0), is accepted.
+    client.post(URL, {"name": "a", "requests_per_minute": "10", "concurrent_generations": "50"})
+    key = ApiKey.objects.get(name="a")
+    assert (key.requests_per_minute, key.concurrent_generations) == (10, 50)
 
 
 def test_the_keys_page_shows_the_last_use_relatively_and_each_keys_state(cast):
