@@ -8,6 +8,8 @@ tokens per day (prompt + completion, from the metrics of today's generations),
 generations started per minute, and generations queued or running at once. An
 admin sets them per user or team (Quota rows in the admin); a user or team with no
 Quota row, or a blank field in it, gets the default from settings. 0: no limit.
+An API key may carry the same three limits for its own generations (blank: none);
+they are checked with its owner's and teams', so the stricter one refuses first.
 The database is the count, so every web process and worker agrees on it.
 
 Counting and then inserting would let concurrent requests all count the same rows
@@ -77,6 +79,26 @@ def tokens_used_today(generations, now) -> int:
         total=Sum(F("prompt_tokens") + F("completion_tokens"))
     )["total"]
     return used or 0
+
+
+def user_limits(user) -> Limits:
+    """The user's own limits (their Quota row, else the settings); 0: none."""
+    return _limits(Quota.objects.filter(user=user).first(), "QUOTA_USER")
+
+
+def key_limits(key) -> Limits:
+    """The key's own limits; 0 where it sets none (only its owner's then apply)."""
+    return Limits(**{field: getattr(key, field) or 0 for field in LIMIT_FIELDS})
+
+
+def _key_generations(key):
+    # A Generation records its key's name, not the key. The name is unique among the
+    # user's unrevoked keys, and a revoked key's name is free again only once it is
+    # revoked, so the key's generations are its user's under its name since it was
+    # created: an earlier key of the same name made none of those.
+    return Generation.objects.filter(
+        user_id=key.user_id, api_key_name=key.name, queued_at__gte=key.created_at
+    )
 
 
 def _user_generations(user):
@@ -150,10 +172,10 @@ def _team_defaults_limit() -> bool:
     return any(getattr(settings, f"QUOTA_TEAM_{field.upper()}") for field in LIMIT_FIELDS)
 
 
-def check_quota(*, user, team=None, source: str = "chat") -> None:
-    """Raise QuotaExceeded if `user` (or one of their teams, or `team`) may not start a
-    generation now. `source` (chat, job, api) is accepted for callers' clarity; the
-    limits are the same for all.
+def check_quota(*, user, team=None, api_key=None, source: str = "chat") -> None:
+    """Raise QuotaExceeded if `user` (or one of their teams, or `team`, or `api_key`,
+    the key of an API request) may not start a generation now. `source` (chat, job,
+    api) is accepted for callers' clarity; the limits are the same for all.
 
     Call it inside the transaction that then creates the Generation: the rows it
     locks stay locked until that commits, so concurrent checks count one another.
@@ -162,10 +184,10 @@ def check_quota(*, user, team=None, source: str = "chat") -> None:
     all their teams come in one query; the teams themselves are read only when one
     has a quota or the settings give teams a default limit (by default they do not)."""
     with transaction.atomic():
-        _check_locked(user, team)
+        _check_locked(user, team, api_key)
 
 
-def _check_locked(user, team) -> None:
+def _check_locked(user, team, api_key) -> None:
     # Locked before counting, so the count includes every generation whose check
     # went before ours: the user's row, then the row of each team with a limit.
     _lock(get_user_model().objects.filter(pk=user.pk))
@@ -185,6 +207,10 @@ def _check_locked(user, team) -> None:
     for pk, each in teams.items():
         limits = _limits(team_quotas.get(pk), "QUOTA_TEAM")
         _check(_team_generations(each), limits, now, f"Team {each.name}'s")
+    if api_key is not None:
+        # The key's generations are some of its user's, whose row is locked above:
+        # concurrent checks of the key count one another too.
+        _check(_key_generations(api_key), key_limits(api_key), now, "This API key's")
 
 
 def _lock(rows) -> None:

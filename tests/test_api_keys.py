@@ -1,17 +1,20 @@
-"""API keys: the keys page (create, show once, revoke, team admins' view) and
-`manage.py createapikey`. Alice is Red's admin, Bob a member, Charlie on his own."""
+"""API keys: the keys page (create, with an expiry and limits; show once, revoke,
+team admins' view) and `manage.py createapikey`. Alice is Red's admin, Bob a member,
+Charlie on his own."""
 
 from __future__ import annotations
 
+from datetime import datetime, time, timedelta
 from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from inference.models import Generation
-from mixtralweb.accounts.models import ApiKey
+from mixtralweb.accounts.models import ApiKey, ApiKeyExpired, Quota
 
 URL = "/account/keys/"
 
@@ -97,6 +100,97 @@ def test_the_last_use_is_written_at_most_once_a_minute(cast):
     assert key.last_used_at > first
 
 
+def test_an_expired_key_is_refused_as_expired_and_its_last_use_kept(cast):
+    key, secret = ApiKey.issue(
+        user=cast.alice, name="old", expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    with pytest.raises(ApiKeyExpired, match=r"expired on \d{4}-\d\d-\d\d \d\d:\d\d UTC"):
+        ApiKey.authenticate(secret)
+    key.refresh_from_db()
+    assert key.last_used_at is None and key.state == "expired"
+    # Until then it works.
+    ApiKey.objects.filter(pk=key.pk).update(expires_at=timezone.now() + timedelta(minutes=1))
+    assert ApiKey.authenticate(secret) == key
+
+
+def test_a_key_is_created_with_an_expiry_and_its_own_limits(cast):
+    client = logged_in(cast.alice)
+    response = client.post(
+        URL,
+        {"name": "ci", "expires": "30", "requests_per_minute": "5", "tokens_per_day": ""},
+    )
+    assert response.status_code == 302
+    key = ApiKey.objects.get(user=cast.alice)
+    assert abs(key.expires_at - (timezone.now() + timedelta(days=30))) < timedelta(minutes=1)
+    assert (key.requests_per_minute, key.tokens_per_day, key.concurrent_generations) == (
+        5,
+        None,
+        None,
+    )
+    row = client.get(URL).content.decode().split('id="my-keys"')[1].split("</tr>")[1]
+    assert key.expires_at_display in row and "5 requests per minute" in row
+    # On a date: refused from that day's start, in TIME_ZONE; never: no expiry.
+    tomorrow = timezone.localdate() + timedelta(days=1)
+    client.post(URL, {"name": "dated", "expires": "date", "expires_on": tomorrow.isoformat()})
+    dated = ApiKey.objects.get(name="dated")
+    assert dated.expires_at == timezone.make_aware(datetime.combine(tomorrow, time.min))
+    client.post(URL, {"name": "forever", "expires": "never"})
+    assert ApiKey.objects.get(name="forever").expires_at is None
+
+
+# What the form refuses, the field it names and (part of) the message.
+REFUSED_KEY_FORMS = [
+    ({"expires": "date"}, "expires_on", "Choose the date on which the key expires."),
+    ({"expires": "date", "expires_on": "TODAY"}, "expires_on", "Choose a date after today."),
+    ({"expires": "never", "expires_on": "TOMORROW"}, "expires_on", "is not &#x27;On the"),
+    ({"requests_per_minute": "0"}, "requests_per_minute", "or equal to 1"),
+    (
+        {"requests_per_minute": "11"},
+        "requests_per_minute",
+        "Your own limit is 10 requests per minute; a key&#x27;s limit cannot be above it.",
+    ),
+    ({"tokens_per_day": "2000"}, "tokens_per_day", "Your own limit is 1,000 tokens per day"),
+]
+
+
+def test_the_key_form_refuses_what_it_cannot_honour_and_says_why(cast):
+    # One test for the table (each test here costs a database flush).
+    Quota.objects.create(user=cast.alice, requests_per_minute=10, tokens_per_day=1000)
+    client = logged_in(cast.alice)
+    dates = {"TODAY": timezone.localdate(), "TOMORROW": timezone.localdate() + timedelta(days=1)}
+    for post, field, message in REFUSED_KEY_FORMS:
+        data = {k: dates[v].isoformat() if v in dates else v for k, v in post.items()}
+        response = client.post(URL, {"name": "x", **data})
+        assert response.status_code == 200, post
+        page = response.content.decode()
+        assert f'<p class="error" id="id_{field}_error">' in page and message in page, post
+        field_tag = page.split(f'id="id_{field}"')[0].rsplit("<", 1)[1]
+        assert 'aria-invalid="true"' in field_tag and f"id_{field}_error" in field_tag, post
+    assert not ApiKey.objects.exists()
+    # Up to her own limit, and any where she has none (0), is accepted.
+    client.post(URL, {"name": "a", "requests_per_minute": "10", "concurrent_generations": "50"})
+    key = ApiKey.objects.get(name="a")
+    assert (key.requests_per_minute, key.concurrent_generations) == (10, 50)
+
+
+def test_the_keys_page_shows_the_last_use_relatively_and_each_keys_state(cast):
+    used, _ = ApiKey.issue(user=cast.alice, name="used")
+    ApiKey.objects.filter(pk=used.pk).update(last_used_at=timezone.now() - timedelta(minutes=5))
+    ApiKey.issue(user=cast.alice, name="fresh")
+    ApiKey.issue(user=cast.alice, name="gone", expires_at=timezone.now() - timedelta(days=1))
+    page = logged_in(cast.alice).get(URL).content.decode()
+    rows = {
+        name: page.split(f'data-label="Name">{name}</td>')[1].split("</tr>")[0]
+        for name in ("used", "fresh", "gone")
+    }
+    assert ">5\u00a0minutes ago</time>" in rows["used"]
+    assert 'data-label="Last used">never</td>' in rows["fresh"]
+    assert "expired" in rows["gone"] and "Revoke gone" in rows["gone"]
+    # An expired key keeps its name until it is revoked, and the form says so.
+    response = logged_in(cast.alice).post(URL, {"name": "gone", "expires": "never"})
+    assert "It has expired: revoke it to use its name again." in response.content.decode()
+
+
 def test_a_deactivated_users_key_does_not_authenticate(cast):
     _, secret = ApiKey.issue(user=cast.charlie, name="x")
     cast.charlie.is_active = False
@@ -126,7 +220,7 @@ def test_a_team_admin_sees_the_usage_of_members_keys(cast, default_model):
     team_table = page.split("Keys of Red's members")[1]
     assert "bob-bot" in team_table
     row = team_table.split("bob-bot")[1].split("</tr>")[0]
-    assert "<td>2</td>" in row and "<td>180</td>" in row
+    assert 'data-label="Requests">2</td>' in row and 'data-label="Tokens">180</td>' in row
     assert "charlie-bot" not in page, "Charlie is not in Red"
 
 

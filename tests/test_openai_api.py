@@ -7,12 +7,15 @@ import json
 import time
 import urllib.error
 import urllib.request
+from datetime import timedelta
 
 import openai
 import pytest
 from django.conf import settings
+from django.utils import timezone
 
 from inference.models import Generation, LanguageModel
+from inference.quotas import start_of_day
 from mixtralweb.accounts.models import ApiKey, Quota
 from monitoring.models import RequestMetrics
 
@@ -303,6 +306,44 @@ def test_a_revoked_key_is_refused_with_401(client, alice_key):
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     assert "revoked" in caught.value.body["message"]
     assert not Generation.objects.exists()
+
+
+def test_an_expired_key_is_refused_with_401_saying_when_it_expired(stack, cast, default_model):
+    key, secret = ApiKey.issue(
+        user=cast.alice, name="temp", expires_at=timezone.now() - timedelta(minutes=1)
+    )
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client_for(stack, secret).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+    assert caught.value.status_code == 401
+    assert caught.value.body["code"] == "invalid_api_key"
+    assert f"This API key expired on {key.expires_at_display}." in caught.value.body["message"]
+    assert not Generation.objects.exists()
+    key.refresh_from_db()
+    assert key.last_used_at is None, "a refused call is not a use"
+
+
+def test_a_key_over_its_own_limit_gets_429_with_retry_after(stack, cast, default_model):
+    # Alice herself has no limit; her other keys are not counted (tests/test_quotas.py).
+    capped, secret = ApiKey.issue(user=cast.alice, name="capped", tokens_per_day=50)
+    Generation.objects.create(
+        user=capped.user,
+        model=default_model,
+        source=Generation.SOURCE_API,
+        api_key_name="capped",
+        state=Generation.DONE,
+        prompt_tokens=40,
+        completion_tokens=10,
+    )
+    with pytest.raises(openai.RateLimitError) as caught:
+        client_for(stack, secret).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+    assert caught.value.status_code == 429
+    assert caught.value.body["code"] == "rate_limit_exceeded"
+    assert "This API key's limit is 50 tokens per day" in caught.value.body["message"]
+    # Retry-After: whole seconds until the day's tokens reset at midnight.
+    to_midnight = start_of_day(timezone.now()) + timedelta(days=1) - timezone.now()
+    retry_after = int(caught.value.response.headers["Retry-After"])
+    assert abs(retry_after - to_midnight.total_seconds()) <= 5
+    assert Generation.objects.count() == 1
 
 
 def test_an_unknown_model_is_refused_with_404(client):

@@ -1,6 +1,6 @@
-"""Quotas and rate limits: per user and per team, tokens per day, generations per
-minute and at once; enforced on chat and the API. Alice and Bob share team Red;
-Charlie is on his own."""
+"""Quotas and rate limits: per user, per team and per API key, tokens per day,
+generations per minute and at once; enforced on chat and the API. Alice and Bob
+share team Red; Charlie is on his own."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from inference.quotas import QuotaExceeded, check_quota, start_of_day
 from mixtralweb.accounts.models import ApiKey, Quota
 
 
-def generation(user, model, *, state=Generation.DONE, ago_s=0, tokens=None, team=None):
+def generation(user, model, *, state=Generation.DONE, ago_s=0, tokens=None, team=None, key_name=""):
     gen = Generation.objects.create(
         user=user,
         team=team,
         model=model,
+        api_key_name=key_name,
+        source=Generation.SOURCE_API if key_name else Generation.SOURCE_CHAT,
         state=state,
         queued_at=timezone.now() - timedelta(seconds=ago_s),
         prompt_tokens=tokens or 0,
@@ -107,6 +109,49 @@ def test_a_blank_limit_takes_the_settings_default_and_zero_means_none(
     quota.concurrent_generations = 0
     quota.save()
     check_quota(user=cast.charlie)
+
+
+def test_a_keys_own_rate_limit_counts_that_keys_generations_only(cast, default_model):
+    # An earlier, revoked key of the same name: its generations are not the new key's.
+    old, _ = ApiKey.issue(user=cast.charlie, name="bot")
+    generation(cast.charlie, default_model, ago_s=20, key_name="bot")
+    old.revoke()
+    key, _ = ApiKey.issue(user=cast.charlie, name="bot", requests_per_minute=1)
+    other, _ = ApiKey.issue(user=cast.charlie, name="other")
+    generation(cast.charlie, default_model, ago_s=10)  # chat
+    generation(cast.charlie, default_model, ago_s=10, key_name="other")
+    check_quota(user=cast.charlie, api_key=key)
+    generation(cast.charlie, default_model, key_name="bot")
+    with pytest.raises(QuotaExceeded) as caught:
+        check_quota(user=cast.charlie, api_key=key)
+    assert str(caught.value).startswith("This API key's limit is 1 generation(s) per minute")
+    assert 55 <= caught.value.retry_after_s <= 60
+    # The user, and their other key, may go on.
+    check_quota(user=cast.charlie, api_key=other)
+    check_quota(user=cast.charlie)
+
+
+def test_a_keys_own_token_and_concurrency_limits(cast, default_model):
+    key, _ = ApiKey.issue(user=cast.charlie, name="bot", tokens_per_day=100)
+    generation(cast.charlie, default_model, tokens=99, key_name="bot")
+    check_quota(user=cast.charlie, api_key=key)
+    generation(cast.charlie, default_model, tokens=1, key_name="bot")
+    with pytest.raises(QuotaExceeded, match="This API key's limit is 100 tokens per day"):
+        check_quota(user=cast.charlie, api_key=key)
+    ApiKey.objects.filter(pk=key.pk).update(tokens_per_day=None, concurrent_generations=1)
+    key.refresh_from_db()
+    check_quota(user=cast.charlie, api_key=key)
+    generation(cast.charlie, default_model, state=Generation.QUEUED, key_name="bot")
+    with pytest.raises(QuotaExceeded, match="This API key's limit is 1 generation"):
+        check_quota(user=cast.charlie, api_key=key)
+
+
+def test_the_users_limit_still_applies_under_a_laxer_key(cast, default_model):
+    Quota.objects.create(user=cast.charlie, requests_per_minute=1)
+    key, _ = ApiKey.issue(user=cast.charlie, name="bot", requests_per_minute=5)
+    generation(cast.charlie, default_model, ago_s=5)  # chat, not the key
+    with pytest.raises(QuotaExceeded, match="^Your limit is 1 generation"):
+        check_quota(user=cast.charlie, api_key=key)
 
 
 def test_a_quota_is_for_a_user_or_a_team_not_both(cast):

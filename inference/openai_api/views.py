@@ -17,7 +17,7 @@ from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from inference.quotas import QuotaExceeded, check_quota
-from mixtralweb.accounts.models import ApiKey
+from mixtralweb.accounts.models import ApiKey, ApiKeyExpired
 
 from .. import services
 from ..models import Generation
@@ -60,7 +60,11 @@ async def authenticate(request) -> ApiKey:
             "No API key given. Send it as 'Authorization: Bearer <key>'; "
             "create one on your account's API keys page."
         )
-    key = await on_a_pooled_thread(ApiKey.authenticate)(secret.strip())
+    try:
+        key = await on_a_pooled_thread(ApiKey.authenticate)(secret.strip())
+    except ApiKeyExpired as exc:
+        # code stays OpenAI's invalid_api_key, which clients know; the message says why.
+        raise unauthorized(f"{exc} Create a new key on your account's API keys page.") from None
     if key is None:
         raise unauthorized("Incorrect or revoked API key.")
     return key
@@ -132,7 +136,7 @@ def start_generation(*, key: ApiKey, parsed: parsing.ApiRequest) -> tuple[Genera
     if prompt_tokens is not None:
         _check_context(model, prompt_tokens, params, parsed)
     try:
-        check_quota(user=key.user, source=Generation.SOURCE_API)
+        check_quota(user=key.user, api_key=key, source=Generation.SOURCE_API)
     except QuotaExceeded as exc:
         raise rate_limited(str(exc), exc.retry_after_s) from None
     gen = Generation.objects.create(

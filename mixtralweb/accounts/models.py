@@ -8,6 +8,7 @@ import secrets
 from datetime import timedelta
 
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -51,7 +52,24 @@ class Membership(models.Model):
 
 class ApiKeyQuerySet(models.QuerySet):
     def active(self):
+        """Not revoked (an expired key still holds its name until it is revoked)."""
         return self.filter(revoked_at__isnull=True)
+
+
+class ApiKeyExpired(Exception):
+    """The secret is right, but its key expired: the API says so instead of a plain
+    'incorrect key'."""
+
+    def __init__(self, key: ApiKey):
+        super().__init__(f"This API key expired on {key.expires_at_display}.")
+        self.key = key
+
+
+def _key_limit(help_text: str):
+    # Blank: only the owner's own limits apply. No 0 here: a key cannot lift a limit.
+    return models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)], help_text=help_text
+    )
 
 
 class ApiKey(models.Model):
@@ -76,6 +94,14 @@ class ApiKey(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(
+        null=True, blank=True, help_text="From then on it is refused. Blank: never."
+    )
+    # The key's own limits, checked with (never instead of) its owner's and teams'
+    # (inference/quotas.py): the stricter one refuses first.
+    requests_per_minute = _key_limit("Generations this key starts per minute. Blank: none.")
+    tokens_per_day = _key_limit("Prompt + completion tokens of this key per day. Blank: none.")
+    concurrent_generations = _key_limit("This key's generations queued or running at once.")
 
     objects = ApiKeyQuerySet.as_manager()
 
@@ -98,25 +124,44 @@ class ApiKey(models.Model):
     def is_active(self) -> bool:
         return self.revoked_at is None
 
+    def is_expired(self, now=None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+    @property
+    def state(self) -> str:
+        """revoked, expired or active."""
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.is_expired() else "active"
+
+    @property
+    def expires_at_display(self) -> str:
+        """'2027-01-31 00:00 UTC', in TIME_ZONE."""
+        local = timezone.localtime(self.expires_at)
+        return f"{local:%Y-%m-%d %H:%M} {local.tzname()}"
+
     @staticmethod
     def hash_secret(secret: str) -> str:
         return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
     @classmethod
-    def issue(cls, *, user, name: str) -> tuple[ApiKey, str]:
-        """Create a key; returns it with its secret, which is never available again."""
+    def issue(cls, *, user, name: str, **options) -> tuple[ApiKey, str]:
+        """Create a key; returns it with its secret, which is never available again.
+        options: expires_at and the key's own limits."""
         secret = cls.TOKEN_PREFIX + secrets.token_urlsafe(32)
         key = cls.objects.create(
             user=user,
             name=name,
             prefix=secret[: cls.DISPLAY_PREFIX_CHARS],
             secret_hash=cls.hash_secret(secret),
+            **options,
         )
         return key, secret
 
     @classmethod
     def authenticate(cls, secret: str) -> ApiKey | None:
-        """The active key with this secret, its last-used time updated; else None."""
+        """The active key with this secret, its last-used time updated; else None.
+        Raises ApiKeyExpired for an expired key (whose last use is not updated)."""
         if not secret or not secret.startswith(cls.TOKEN_PREFIX):
             return None
         key = (
@@ -126,6 +171,8 @@ class ApiKey(models.Model):
             .first()
         )
         now = timezone.now()
+        if key is not None and key.is_expired(now):
+            raise ApiKeyExpired(key)
         if key is not None and (
             key.last_used_at is None or now - key.last_used_at >= cls.LAST_USED_RESOLUTION
         ):
