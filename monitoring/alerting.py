@@ -124,6 +124,9 @@ def worker_conditions(now) -> list[Condition]:
                     subject=f"No live worker serves {model.name}",
                     message=problem,
                     details={"model": model.name},
+                    # Not for the moment between a worker's stop and its
+                    # replacement's first heartbeat (a restart, a deploy).
+                    hold=3 * interval,
                 )
             )
     for worker in live:

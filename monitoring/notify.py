@@ -92,8 +92,22 @@ def send_later(event: str, alert: Alert) -> None:
         to = recipients()
         if to:
             subject = f"[{settings.SITE_NAME}] {WORDS[event]}: {alert.subject}"
-            text = f"{body['text']}\n\n{alert.message}\n"
+            text = email_text(body)
             transaction.on_commit(lambda: send_email.delay(subject, text, to))
+
+
+def email_text(body: dict) -> str:
+    """The e-mail's plain text: the webhook's text without its emoji and link
+    markup, then the details."""
+    alert = body["alert"]
+    first = body["text"].split("\n", 1)[0].split(" ", 1)[1]  # without the emoji
+    lines = [first, "", alert["message"], "", f"Opened: {alert['opened_at']}"]
+    if alert["resolved_at"]:
+        lines.append(f"Resolved: {alert['resolved_at']}")
+    lines += [f"{name}: {value}" for name, value in alert["details"].items()]
+    if alert["url"]:
+        lines += ["", f"Alerts page: {alert['url']}"]
+    return "\n".join(lines) + "\n"
 
 
 class RetryableError(Exception):

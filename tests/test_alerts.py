@@ -282,6 +282,7 @@ def test_a_failed_job_is_mailed_to_staff_and_ends_when_acknowledged(
             content
         )
         assert "alice's job" in content and "stopped responding" in content
+        assert f"[ALERT] Job {job.pk}" in content and ":rotating_light:" not in content
 
         alerting.evaluate(t0 + timedelta(minutes=61))  # unacknowledged: sent again
         assert receiver.events("job_failed")[-1] == ("repeat", key)
