@@ -37,6 +37,11 @@ from monitoring.models import Alert
 
 log = logging.getLogger(__name__)
 
+GPU_SUBJECTS = {
+    "temperature": "is too hot",
+    "throttle": "is throttling its clocks",
+    "vram": "is nearly out of memory",
+}
 GPU_KINDS = {
     "temperature": Alert.GPU_TEMPERATURE,
     "throttle": Alert.GPU_THROTTLE,
@@ -65,7 +70,7 @@ def gpu_conditions(now) -> list[Condition]:
             Condition(
                 key=f"{GPU_KINDS[alert.kind]}:{where}",
                 kind=GPU_KINDS[alert.kind],
-                subject=f"{alert.host} GPU {alert.gpu_index}: {alert.kind}",
+                subject=f"{alert.host} GPU {alert.gpu_index} {GPU_SUBJECTS[alert.kind]}",
                 message=alert.message,
                 details={"host": alert.host, "gpu_index": alert.gpu_index},
             )

@@ -126,7 +126,7 @@ def test_gpu_alerts_fire_once_repeat_while_they_last_and_resolve(
         ("firing", "gpu_vram:alert-host/1"),
     ]
     body = next(b for b in receiver.bodies if b["alert"]["kind"] == "gpu_temperature")
-    assert body["text"].startswith(":rotating_light: [ALERT] alert-host GPU 0: temperature")
+    assert body["text"].startswith(":rotating_light: [ALERT] alert-host GPU 0 is too hot\n")
     assert "91 °C (alert at 85 °C)" in body["text"]
     assert body["alert"]["details"] == {"host": "alert-host", "gpu_index": 0}
 
@@ -168,7 +168,7 @@ def test_an_acknowledged_alert_is_not_repeated_and_still_resolves(
     staff = Client()
     staff.force_login(people.sam)
     page = staff.get("/alerts/")
-    assert page.status_code == 200 and "ack-host GPU 0: temperature" in page.content.decode()
+    assert page.status_code == 200 and "ack-host GPU 0 is too hot" in page.content.decode()
     assert f'action="/alerts/{alert.pk}/acknowledge/"' in page.content.decode()
     assert staff.post(f"/alerts/{alert.pk}/acknowledge/").status_code == 302
     alert.refresh_from_db()
@@ -181,7 +181,7 @@ def test_an_acknowledged_alert_is_not_repeated_and_still_resolves(
     alerting.evaluate(t0 + timedelta(minutes=31))
     assert receiver.events("gpu_temperature")[-1] == ("resolved", alert.key)
     page = staff.get("/alerts/").content.decode()
-    assert 'id="no-open-alerts"' in page and "ack-host GPU 0: temperature" in page  # history
+    assert 'id="no-open-alerts"' in page and "ack-host GPU 0 is too hot" in page  # history
 
 
 def test_the_queue_wait_fires_only_once_high_for_the_whole_window(
