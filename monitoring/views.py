@@ -251,6 +251,7 @@ def alerts(request):
         "history": page[:50],
         "older": page[49].pk if len(page) > 50 else None,
         "repeat_min": settings.ALERT_REPEAT_MIN,
+        "evaluate_s": settings.ALERT_EVALUATE_INTERVAL_S,
         "pending": Alert.objects.filter(fired_at__isnull=True).count(),
     }
     return render(request, "monitoring/alerts.html", context)

@@ -112,7 +112,7 @@ def gpu_telemetry(redis_client):
 
 
 def test_gpu_alerts_fire_once_repeat_while_they_last_and_resolve(
-    transactional_db, fake_gpus, gpu_telemetry, receiver, settings
+    people, fake_gpus, gpu_telemetry, receiver, settings
 ):
     settings.ALERT_REPEAT_MIN = 10
     fake_gpus.readings[0] = reading(0, temperature_c=91.0)
@@ -145,43 +145,39 @@ def test_gpu_alerts_fire_once_repeat_while_they_last_and_resolve(
     assert receiver.bodies[-1]["text"].startswith(":white_check_mark: [RESOLVED]")
     temperature = Alert.objects.get(key="gpu_temperature:alert-host/0")
     assert temperature.resolved_at is not None and temperature.times_sent == 2
-    assert Alert.objects.filter(resolved_at__isnull=True, kind__startswith="gpu_").count() == 2
 
-    # Redis unreachable for the evaluation (a port where nothing listens): no GPU
-    # reading can be had, and "could not look" resolves nothing.
-    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
-    alerting.evaluate(t0 + timedelta(minutes=14))
-    assert Alert.objects.filter(resolved_at__isnull=True, kind__startswith="gpu_").count() == 2
-    assert len(receiver.events("gpu_")) == 7
-
-
-def test_an_acknowledged_alert_is_not_repeated_and_still_resolves(
-    people, fake_gpus, gpu_telemetry, receiver, settings
-):
-    settings.ALERT_REPEAT_MIN = 10
-    fake_gpus.readings[0] = reading(0, temperature_c=95.0)
-    telemetry.sample_once("ack-host")
-    t0 = timezone.now()
-    alerting.evaluate(t0)
-    alert = Alert.objects.get(key="gpu_temperature:ack-host/0")
-
+    # Staff acknowledge the throttling on the alerts page: it is not sent again...
     staff = Client()
     staff.force_login(people.sam)
-    page = staff.get("/alerts/")
-    assert page.status_code == 200 and "ack-host GPU 0 is too hot" in page.content.decode()
-    assert f'action="/alerts/{alert.pk}/acknowledge/"' in page.content.decode()
-    assert staff.post(f"/alerts/{alert.pk}/acknowledge/").status_code == 302
-    alert.refresh_from_db()
-    assert alert.acknowledged_by == people.sam and alert.resolved_at is None
-
-    alerting.evaluate(t0 + timedelta(minutes=30))
-    assert receiver.events("gpu_temperature") == [("firing", alert.key)]
-    fake_gpus.readings[0] = reading(0, temperature_c=50.0)
-    telemetry.sample_once("ack-host")
-    alerting.evaluate(t0 + timedelta(minutes=31))
-    assert receiver.events("gpu_temperature")[-1] == ("resolved", alert.key)
+    throttle = Alert.objects.get(key="gpu_throttle:alert-host/1")
     page = staff.get("/alerts/").content.decode()
-    assert 'id="no-open-alerts"' in page and "ack-host GPU 0 is too hot" in page  # history
+    assert "alert-host GPU 1 is throttling its clocks" in page
+    assert f'action="/alerts/{throttle.pk}/acknowledge/"' in page
+    assert staff.post(f"/alerts/{throttle.pk}/acknowledge/").status_code == 302
+    throttle.refresh_from_db()
+    assert throttle.acknowledged_by == people.sam and throttle.resolved_at is None
+    alerting.evaluate(t0 + timedelta(minutes=22))
+    assert receiver.events("gpu_")[7:] == [("repeat", "gpu_vram:alert-host/1")]
+
+    # ...and Redis unreachable for the evaluation (a port where nothing listens): no
+    # GPU reading can be had, and "could not look" resolves nothing.
+    redis_url = settings.REDIS_URL
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
+    alerting.evaluate(t0 + timedelta(minutes=23))
+    assert Alert.objects.filter(resolved_at__isnull=True, kind__startswith="gpu_").count() == 2
+    assert len(receiver.events("gpu_")) == 8
+
+    # GPU 1 recovers: both resolve, the acknowledged one included.
+    settings.REDIS_URL = redis_url
+    fake_gpus.readings[1] = reading(1)
+    telemetry.sample_once("alert-host")
+    alerting.evaluate(t0 + timedelta(minutes=24))
+    assert sorted(receiver.events("gpu_")[8:]) == [
+        ("resolved", "gpu_throttle:alert-host/1"),
+        ("resolved", "gpu_vram:alert-host/1"),
+    ]
+    page = staff.get("/alerts/").content.decode()
+    assert 'id="no-open-alerts"' in page and "alert-host GPU 1 is throttling" in page  # history
 
 
 def test_the_queue_wait_fires_only_once_high_for_the_whole_window(
