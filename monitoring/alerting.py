@@ -26,7 +26,6 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
-from django.utils.dateparse import parse_datetime
 
 from inference.jobs.models import Job
 from inference.models import Generation, LanguageModel, WorkerHeartbeat
@@ -82,7 +81,8 @@ def worker_conditions(now) -> list[Condition]:
     """Workers gone, models without a live worker, and stores a live worker cannot
     reach. Gone: its Redis entry expired (three missed heartbeats) while its row
     says it never stopped, and no worker for the same model on the same host has
-    started since it was last seen (a restart ends the alert)."""
+    started since it was last seen (a restart ends the alert; that worker's own
+    end, later, is its own alert)."""
     live = live_workers()
     live_ids = {(w["host"], w["pid"]) for w in live}
     interval = timedelta(seconds=settings.WORKER_HEARTBEAT_INTERVAL_S)
@@ -93,13 +93,11 @@ def worker_conditions(now) -> list[Condition]:
             continue  # alive, or too new to have an entry yet
         if "redis" in row.unreachable and row.seen_at > now - 3 * interval:
             continue  # alive, without Redis: the Redis alert below says so
-        if any(
-            w["host"] == row.host
-            and w["model"] == row.model_name
-            and parse_datetime(w["started_at"]) > row.seen_at
-            for w in live
-        ):
-            continue  # replaced by a worker started since
+        replaced = WorkerHeartbeat.objects.filter(
+            host=row.host, model_name=row.model_name, started_at__gt=row.seen_at
+        )
+        if replaced.exists():
+            continue  # a worker started since took its place (even if stopped since)
         conditions.append(
             Condition(
                 key=f"{Alert.WORKER_GONE}:{row.host}:{row.pid}",

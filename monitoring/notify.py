@@ -2,9 +2,11 @@
 
 Each message is a Celery task on the ops queue, sent once the evaluation's
 transaction commits: a slow or failing receiver holds up no evaluation and no
-model worker. The webhook is retried with exponential backoff (Celery's
-autoretry) and each try has a timeout; e-mail goes through Django's backend
-(EMAIL_URL or EMAIL_*), with EMAIL_TIMEOUT, retried the same way.
+model worker. Like every task here it is acknowledged late: an ops worker lost
+mid-send sends it again rather than losing it. The webhook is retried with
+exponential backoff (Celery's autoretry) and each try has a timeout; e-mail goes
+through Django's backend (EMAIL_URL or EMAIL_*), with EMAIL_TIMEOUT, retried the
+same way.
 """
 
 from __future__ import annotations
@@ -121,8 +123,6 @@ class RetryableError(Exception):
     retry_backoff_max=600,
     retry_jitter=True,
     max_retries=settings.ALERT_WEBHOOK_MAX_RETRIES,
-    # Never acked late: a worker lost mid-send must not send it twice forever.
-    acks_late=False,
 )
 def send_webhook(body: dict) -> int:
     request = urllib.request.Request(
@@ -152,7 +152,6 @@ def send_webhook(body: dict) -> int:
     retry_backoff_max=600,
     retry_jitter=True,
     max_retries=settings.ALERT_WEBHOOK_MAX_RETRIES,
-    acks_late=False,
 )
 def send_email(subject: str, text: str, to: list[str]) -> int:
     return send_mail(subject, text, None, to)

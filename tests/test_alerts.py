@@ -363,6 +363,41 @@ def test_a_worker_that_cannot_reach_redis_or_the_database_raises_its_alert(
         process.wait()
 
 
+def test_a_worker_gone_stays_resolved_once_replaced_and_a_stopped_one_is_no_alert(
+    transactional_db, receiver, settings
+):
+    """Rows as heartbeats leave them (no Redis entry: expired, or never there)."""
+    now = timezone.now()
+    dead = WorkerHeartbeat.objects.create(
+        host="rows-host",
+        pid=101,
+        model_name="m",
+        device="cpu",
+        state=WorkerHeartbeat.READY,
+        started_at=now - timedelta(minutes=10),
+        seen_at=now - timedelta(minutes=5),
+    )
+    alerting.evaluate(now)
+    assert receiver.events("worker_gone") == [("firing", "worker_gone:rows-host:101")]
+    # Its replacement started after it was last seen, and has since been stopped
+    # (a graceful stop): the first stays replaced, the second is no alert.
+    WorkerHeartbeat.objects.create(
+        host="rows-host",
+        pid=102,
+        model_name="m",
+        device="cpu",
+        state=WorkerHeartbeat.STOPPED,
+        started_at=dead.seen_at + timedelta(minutes=1),
+        seen_at=now,
+    )
+    alerting.evaluate(now + timedelta(minutes=1))
+    alerting.evaluate(now + timedelta(minutes=2))
+    assert receiver.events("worker_gone") == [
+        ("firing", "worker_gone:rows-host:101"),
+        ("resolved", "worker_gone:rows-host:101"),
+    ]
+
+
 def test_a_killed_worker_is_reported_gone_and_resolved_when_one_is_back(
     transactional_db, default_model, receiver, settings, worker_env
 ):
