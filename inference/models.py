@@ -140,6 +140,9 @@ class WorkerHeartbeat(models.Model):
     generation_id = models.BigIntegerField(null=True, blank=True, help_text="Running now.")
     started_at = models.DateTimeField(default=timezone.now)
     seen_at = models.DateTimeField(default=timezone.now)
+    # Which of its stores ("redis") the worker could not reach at its last
+    # heartbeat; the Redis entry says the same of "database" (inference/workers.py).
+    unreachable = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["model_name", "host", "pid"]
