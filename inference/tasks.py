@@ -82,7 +82,7 @@ def enqueue(generation: Generation) -> None:
     """Send the generation to its model's queue (call after its row is committed)."""
     queue = (
         generation.model.bulk_queue_name
-        if generation.source == Generation.SOURCE_JOB
+        if generation.is_background
         else generation.model.queue_name
     )
     generate.apply_async(
@@ -121,7 +121,7 @@ def generate(self, generation_id: int, deployment: str | None = None) -> None:
     if server.error:
         _fail_unstarted(gen, f"The model could not be loaded: {server.error}")
         return
-    job = gen.source == Generation.SOURCE_JOB
+    job = gen.is_background
     if job and not server.engine.reserve_job():
         # Every sequence jobs may use is taken: hold no thread, ask again later.
         raise self.retry(countdown=JOB_DEFER_S)
@@ -199,7 +199,7 @@ class Run:
             prompt=prompt,
             sampling=sampling_from(gen.params),
             tenant=gen.tenant,
-            priority=BACKGROUND if gen.source == Generation.SOURCE_JOB else INTERACTIVE,
+            priority=BACKGROUND if gen.is_background else INTERACTIVE,
             label=str(gen.pk),
         )
         stream = streams.GenerationStream(gen, text_before=prefix)

@@ -170,7 +170,7 @@ def queue_conditions(now) -> list[Condition]:
     window = timedelta(minutes=settings.ALERT_QUEUE_WAIT_FOR_MIN)
     limit_s = settings.ALERT_QUEUE_WAIT_P95_S
     rows = (
-        Generation.objects.exclude(source=Generation.SOURCE_JOB)
+        Generation.objects.exclude(source__in=Generation.BACKGROUND_SOURCES)
         .filter(Q(started_at__gte=now - window) | Q(state=Generation.QUEUED))
         .values_list("model__name", "queued_at", "started_at")
     )
