@@ -3,7 +3,8 @@
 Django's ASGI handler reads a whole body (to memory, then a temporary file) before
 any view runs, and DATA_UPLOAD_MAX_MEMORY_SIZE is one number for every URL. This
 middleware sits in front of it: the job form, which takes documents, may send up to
-JOB_FORM_BODY_MAX_BYTES; every other URL REQUEST_BODY_MAX_BYTES, Django's default.
+JOB_FORM_BODY_MAX_BYTES; the API's file upload BATCH_FILES_BODY_MAX_BYTES; every
+other URL REQUEST_BODY_MAX_BYTES, Django's default.
 A body that declares more is refused at once with 413; one that sends more without
 saying so is refused as soon as it crosses the cap, and Django sees a disconnect.
 A proxy in front (client_max_body_size in nginx) should have the same caps: the
@@ -19,6 +20,8 @@ from django.urls import reverse
 def body_limit_bytes(path: str) -> int:
     if path == reverse("job_new"):
         return settings.JOB_FORM_BODY_MAX_BYTES
+    if path == reverse("api_files"):
+        return settings.BATCH_FILES_BODY_MAX_BYTES
     return settings.REQUEST_BODY_MAX_BYTES
 
 

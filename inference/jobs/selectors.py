@@ -25,6 +25,8 @@ def _metrics_of(gen: Generation):
 
 
 def pass_label(job: Job, chunk: JobChunk) -> str:
+    if job.strategy == Job.BATCH:
+        return f"Request {chunk.index + 1}"
     if job.strategy == Job.SINGLE:
         return "Answer"
     if chunk.level == 0:
