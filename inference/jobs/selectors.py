@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from statistics import median
 
-from django.db.models import Count, Q
+from django.db.models import Count, Prefetch, Q
 
 from inference.models import Generation
 from inference.selectors import live_text, metrics_payload, queue_position
@@ -124,7 +124,16 @@ def measured_rates(job: Job, chunks: list[JobChunk]) -> dict:
 
 def job_snapshot(job: Job) -> dict:
     """A job as it stands now."""
-    chunks = list(job.chunks.select_related("generation__metrics").order_by("level", "index"))
+    # Every pass's attempts in one query: a batch may have a thousand lines.
+    attempts = Prefetch(
+        "generations",
+        queryset=Generation.objects.select_related("metrics").order_by("queued_at"),
+    )
+    chunks = list(
+        job.chunks.select_related("generation__metrics")
+        .prefetch_related(attempts)
+        .order_by("level", "index")
+    )
     current = next((c for c in chunks if c.state == JobChunk.RUNNING), None)
     if job.is_final:
         current = None
@@ -180,7 +189,7 @@ def job_snapshot(job: Job) -> dict:
         }
     metrics = []
     for chunk in chunks:
-        for gen in chunk.generations.select_related("metrics").order_by("queued_at"):
+        for gen in chunk.generations.all():
             metrics.append(
                 {
                     "label": pass_label(job, chunk),
