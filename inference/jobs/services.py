@@ -311,7 +311,7 @@ def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = Non
             input_messages=_pass_messages(job, chunk, level_answers),
             params={**PASS_PARAMS, "max_tokens": job.max_tokens},
         )
-    if not chunk.prompt_tokens:
+    if not chunk.prompt_tokens and batch is None:  # a batch line left uncounted stays so
         chunk.prompt_tokens = planning.count_chat(job.model, gen.input_messages)
     chunk.generation = gen
     chunk.attempts += 1
