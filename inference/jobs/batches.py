@@ -15,6 +15,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from inference.models import LanguageModel
 from inference.openai_api.errors import ApiError, bad_request, rate_limited
 from inference.quotas import QuotaExceeded, check_quota
 from inference.services import title_from
@@ -201,8 +202,6 @@ def batch_create(*, key: ApiKey, body: dict) -> Job:
 def _any_model(models: dict):
     """A batch none of whose lines is valid still names a model: the first that
     exists, else the default (it runs nothing; it ends failed with its error file)."""
-    from inference.models import LanguageModel
-
     found = next((m for m in models.values() if not isinstance(m, ApiError)), None)
     found = found or LanguageModel.objects.filter(name=settings.DEFAULT_MODEL_NAME).first()
     found = found or LanguageModel.objects.first()
