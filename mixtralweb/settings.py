@@ -238,6 +238,10 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "staticfiles"
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 WHITENOISE_USE_FINDERS = True
+# Stored files (the API's batch files, inference/jobs/models.py BatchFile), through
+# Django's default storage. Never served as URLs: only GET /v1/files/{id}/content reads
+# them, for their owner. Web processes and model workers must share it (docs/api.md).
+MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", VAR_DIR / "media"))
 
 # --- Redis: Celery broker and the Channels layer share one server. -------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -460,6 +464,11 @@ JOB_FORM_BODY_MAX_BYTES = 2 * JOB_UPLOAD_MAX_BYTES + REQUEST_BODY_MAX_BYTES
 # Pasted documents arrive as form fields: Django must read them as large as an
 # upload. Only the job form's requests can be that large (the limits above).
 DATA_UPLOAD_MAX_MEMORY_SIZE = JOB_UPLOAD_MAX_BYTES + 1_000_000
+# The API's batches (docs/api.md): an input file's size and lines. POST /v1/files may
+# send the file and its form fields (BATCH_FILES_BODY_MAX_BYTES, body_limits.py).
+BATCH_FILE_MAX_BYTES = env_int("BATCH_FILE_MAX_BYTES", 10 * 1000 * 1000)
+BATCH_MAX_LINES = env_int("BATCH_MAX_LINES", 1000)
+BATCH_FILES_BODY_MAX_BYTES = BATCH_FILE_MAX_BYTES + 100_000
 
 # --- Quotas (mixtralweb/quotas.py): defaults for users and teams without a Quota row
 # set in the admin. 0 means no limit.

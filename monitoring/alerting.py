@@ -170,7 +170,7 @@ def queue_conditions(now) -> list[Condition]:
     window = timedelta(minutes=settings.ALERT_QUEUE_WAIT_FOR_MIN)
     limit_s = settings.ALERT_QUEUE_WAIT_P95_S
     rows = (
-        Generation.objects.exclude(source=Generation.SOURCE_JOB)
+        Generation.objects.exclude(source__in=Generation.BACKGROUND_SOURCES)
         .filter(Q(started_at__gte=now - window) | Q(state=Generation.QUEUED))
         .values_list("model__name", "queued_at", "started_at")
     )
@@ -200,8 +200,12 @@ def job_conditions(now) -> list[Condition]:
     """Each job that failed within ALERT_JOB_FAILED_LOOKBACK_H and is still failed:
     an event, until staff acknowledge it (or the job is deleted)."""
     since = now - timedelta(hours=settings.ALERT_JOB_FAILED_LOOKBACK_H)
-    failed = Job.objects.filter(state=Job.FAILED, finished_at__gte=since).select_related(
-        "user", "model"
+    # Not API batches: one fails only when no line of its file was a valid request,
+    # which its error file tells the script; nothing for staff to act on.
+    failed = (
+        Job.objects.filter(state=Job.FAILED, finished_at__gte=since)
+        .exclude(strategy=Job.BATCH)
+        .select_related("user", "model")
     )
     # Acknowledged ones stay ended (their row is resolved).
     done = set(

@@ -97,6 +97,11 @@ TABLE: dict[str, tuple[str, dict]] = {
     "api_models": ("get", dict.fromkeys(ROLES, 401)),
     "api_chat_completions": ("post", dict.fromkeys(ROLES, 401)),
     "api_completions": ("post", dict.fromkeys(ROLES, 401)),
+    "api_files": ("post", dict.fromkeys(ROLES, 401)),
+    "api_file_content": ("get", dict.fromkeys(ROLES, 401)),
+    "api_batches": ("post", dict.fromkeys(ROLES, 401)),
+    "api_batch": ("get", dict.fromkeys(ROLES, 401)),
+    "api_batch_cancel": ("post", dict.fromkeys(ROLES, 401)),
 }
 
 # For actions: did it happen? (kwargs, objects) -> bool
@@ -210,6 +215,9 @@ def world(db):
         "key_id": key.pk,
         "invitation_id": invitation.pk,
         "token": token,
+        # The API's own ids; a session is refused before any is looked up.
+        "file_id": "file-1",
+        "batch_id": "batch_1",
     }
     users = {
         "anonymous": None,
