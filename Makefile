@@ -103,6 +103,37 @@ $(PEER)/bin/llama-server $(PEER)/bin/llama-batched &:
 	cmake --build $(PEER)/build --target llama-server llama-batched -j $$(nproc)
 	mkdir -p $(PEER)/bin && cp $(PEER)/build/bin/llama-server $(PEER)/build/bin/llama-batched $(PEER)/bin/
 
+# The browser libraries under static/vendor/ (VERSIONS.txt), fetched from the npm
+# registry with their licenses; axe-core runs in the browser tests only, so it lives
+# under tests/vendor/, where no URL serves it.
+MARKED_VERSION := 18.2.1
+DOMPURIFY_VERSION := 3.4.18
+HIGHLIGHT_VERSION := 11.12.0
+CHARTJS_VERSION := 4.6.1
+AXE_VERSION := 4.14.1
+NPM_PACKS := var/npm
+# $(call unpack,TARBALL): a packed package's files under $(NPM_PACKS)/TARBALL/
+unpack = mkdir -p $(NPM_PACKS)/$(1) && tar -xzf $(NPM_PACKS)/$(1).tgz -C $(NPM_PACKS)/$(1) --strip-components=1
+vendor:
+	rm -rf $(NPM_PACKS) && mkdir -p $(NPM_PACKS)
+	cd $(NPM_PACKS) && npm pack --silent marked@$(MARKED_VERSION) dompurify@$(DOMPURIFY_VERSION) \
+	  @highlightjs/cdn-assets@$(HIGHLIGHT_VERSION) chart.js@$(CHARTJS_VERSION) axe-core@$(AXE_VERSION)
+	$(call unpack,marked-$(MARKED_VERSION))
+	$(call unpack,dompurify-$(DOMPURIFY_VERSION))
+	$(call unpack,highlightjs-cdn-assets-$(HIGHLIGHT_VERSION))
+	$(call unpack,chart.js-$(CHARTJS_VERSION))
+	$(call unpack,axe-core-$(AXE_VERSION))
+	mkdir -p static/vendor/marked static/vendor/dompurify static/vendor/highlight static/vendor/chartjs tests/vendor/axe-core
+	cp $(NPM_PACKS)/marked-$(MARKED_VERSION)/lib/marked.umd.js $(NPM_PACKS)/marked-$(MARKED_VERSION)/LICENSE* static/vendor/marked/
+	cp $(NPM_PACKS)/dompurify-$(DOMPURIFY_VERSION)/dist/purify.min.js $(NPM_PACKS)/dompurify-$(DOMPURIFY_VERSION)/LICENSE static/vendor/dompurify/
+	cp $(NPM_PACKS)/highlightjs-cdn-assets-$(HIGHLIGHT_VERSION)/highlight.min.js \
+	  $(NPM_PACKS)/highlightjs-cdn-assets-$(HIGHLIGHT_VERSION)/styles/github.min.css \
+	  $(NPM_PACKS)/highlightjs-cdn-assets-$(HIGHLIGHT_VERSION)/styles/github-dark.min.css \
+	  $(NPM_PACKS)/highlightjs-cdn-assets-$(HIGHLIGHT_VERSION)/LICENSE static/vendor/highlight/
+	cp $(NPM_PACKS)/chart.js-$(CHARTJS_VERSION)/dist/chart.umd.min.js $(NPM_PACKS)/chart.js-$(CHARTJS_VERSION)/LICENSE.md static/vendor/chartjs/
+	cp $(NPM_PACKS)/axe-core-$(AXE_VERSION)/axe.min.js $(NPM_PACKS)/axe-core-$(AXE_VERSION)/LICENSE \
+	  $(NPM_PACKS)/axe-core-$(AXE_VERSION)/LICENSE-3RD-PARTY.txt tests/vendor/axe-core/
+
 # The browser tests, saving their screenshots into docs/screenshots/ for the docs.
 screenshots: $(STAMP) chromium
 	SCREENSHOT_DIR=$(CURDIR)/docs/screenshots \

@@ -3,7 +3,41 @@
 (function () {
   "use strict";
   const data = (id) => { const el = document.getElementById(id); return el ? JSON.parse(el.textContent) : null; };
-  const COLORS = ["#3b5bdb", "#e67700", "#2b8a3e", "#c92a2a", "#7048e8", "#0c8599"];
+  // Colours come from app.css's custom properties, resolved for the current theme
+  // (light-dark() resolves only on an element, hence the probe), and again when the
+  // header's button changes the theme (js/theme.js sends "themechange").
+  function cssColor(name) {
+    const probe = document.createElement("span");
+    probe.style.color = `var(${name})`;
+    document.body.appendChild(probe);
+    const value = getComputedStyle(probe).color;
+    probe.remove();
+    return value;
+  }
+  const COLORS = [];
+  const theme = {};
+  function themeColors() {
+    COLORS.splice(0, COLORS.length, ...[1, 2, 3, 4, 5, 6].map((i) => cssColor(`--chart-${i}`)));
+    theme.text = cssColor("--muted");
+    theme.lines = cssColor("--border");
+  }
+  themeColors();
+  // Functions, read at each draw: a chart keeps the scale options it resolved at
+  // first, so plain values set here later would not reach its axes.
+  Chart.defaults.color = () => theme.text;
+  Chart.defaults.borderColor = () => theme.lines;
+  // A dataset's colour: its index into COLORS travels with it, for a theme change.
+  const paint = (i, props) => ({ colorIndex: i, ...Object.fromEntries(props.map((p) => [p, COLORS[i]])) });
+  document.addEventListener("themechange", () => {
+    themeColors();
+    Object.values(Chart.instances).forEach((chart) => {
+      chart.data.datasets.forEach((set) => {
+        if (set.colorIndex === undefined) return;
+        ["borderColor", "backgroundColor"].forEach((p) => { if (p in set) set[p] = COLORS[set.colorIndex]; });
+      });
+      chart.update();
+    });
+  });
   const base = { responsive: true, maintainAspectRatio: false, animation: false, plugins: { legend: { display: false } } };
 
   function wrap(canvas) { canvas.parentElement.style.position = "relative"; canvas.style.maxHeight = "220px"; }
@@ -15,12 +49,12 @@
     const kind = canvas.dataset.chart, key = canvas.dataset.series, label = canvas.dataset.label;
     wrap(canvas);
     if (kind === "scatter") {
-      new Chart(canvas, { type: "scatter", data: { datasets: [{ label, data: source[key], backgroundColor: COLORS[0], pointRadius: 2 }] },
+      new Chart(canvas, { type: "scatter", data: { datasets: [{ label, data: source[key], ...paint(0, ["backgroundColor"]), pointRadius: 2 }] },
         options: { ...base, scales: { x: { title: { display: true, text: "context used (tokens)" } }, y: { title: { display: true, text: "VRAM peak (GiB)" } } } } });
     } else if (kind === "histogram") {
-      new Chart(canvas, { type: "bar", data: { labels: source[key].labels, datasets: [{ label, data: source[key].counts, backgroundColor: COLORS[1] }] }, options: base });
+      new Chart(canvas, { type: "bar", data: { labels: source[key].labels, datasets: [{ label, data: source[key].counts, ...paint(1, ["backgroundColor"]) }] }, options: base });
     } else {
-      new Chart(canvas, { type: kind, data: { labels: source.labels, datasets: [{ label, data: source[key], borderColor: COLORS[0], backgroundColor: COLORS[0], spanGaps: true }] }, options: base });
+      new Chart(canvas, { type: kind, data: { labels: source.labels, datasets: [{ label, data: source[key], ...paint(0, ["borderColor", "backgroundColor"]), spanGaps: true }] }, options: base });
     }
   });
 
@@ -38,7 +72,7 @@
     return new Chart(canvas, {
       type: "line",
       data: { labels: series.t.map((t) => new Date(t).toLocaleTimeString()),
-        datasets: METRICS.map(([key, name], i) => ({ label: name, data: series[key], borderColor: COLORS[i], backgroundColor: COLORS[i], pointRadius: 0, spanGaps: true, yAxisID: key === "memory_used_gib" ? "y" : "y1" })) },
+        datasets: METRICS.map(([key, name], i) => ({ label: name, data: series[key], ...paint(i, ["borderColor", "backgroundColor"]), pointRadius: 0, spanGaps: true, yAxisID: key === "memory_used_gib" ? "y" : "y1" })) },
       options: { ...base, plugins: { legend: { display: true, position: "bottom" } },
         scales: { y: { position: "left", title: { display: true, text: "GiB" } }, y1: { position: "right", grid: { drawOnChartArea: false } } } },
     });
