@@ -146,15 +146,13 @@ def make_users() -> dict[str, str]:
     return cookies
 
 
-def wait_workers_ready(redis_url: str, count: int, timeout_s: float = 120) -> None:
-    import redis
+def wait_workers_ready(count: int, timeout_s: float = 120) -> None:
+    """Until `count` model workers' heartbeats say ready (this deployment's own)."""
+    from inference.workers import live_workers
 
-    client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        keys = list(client.scan_iter(match="worker:*"))
-        states = [json.loads(raw)["state"] for raw in client.mget(keys) if raw] if keys else []
-        if states.count("ready") >= count:
+        if [w["state"] for w in live_workers()].count("ready") >= count:
             return
         time.sleep(0.5)
     raise RuntimeError(f"{count} model worker(s) did not become ready")
@@ -403,7 +401,7 @@ def main() -> int:
         for i, worker in enumerate(workers):
             worker.start_worker(f"load-worker{i}")
         web.wait_http()
-        wait_workers_ready(redis_url, WORKERS)
+        wait_workers_ready(WORKERS)
         print(f"{USERS} users x {MESSAGES} messages, max_tokens {MAX_TOKENS}, {WORKERS} worker(s)")
         log, idle_rss, peak_rss, elapsed = asyncio.run(simulate(cookies, web))
         problems = audit(log)
