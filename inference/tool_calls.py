@@ -1,0 +1,227 @@
+"""Tool calls (OpenAI's `tools`): how tools reach the model, the grammar its answer
+follows, and how a call is read back out of the answer's text.
+
+A chat template that renders `tools` itself (Mistral's v3 tokenizer, Mixtral 8x22B
+Instruct: [AVAILABLE_TOOLS] ... [TOOL_CALLS] ... [TOOL_RESULTS]) gets the tools, the
+calls and their results as it expects them, and the model answers in its own format.
+A template without tools (ChatML, SmolLM2's) gets them as text it can read: the
+tools described in the system prompt, earlier calls as `<tool_call>{...}</tool_call>`
+and their results as `<tool_response>` user turns. Either way a grammar holds the
+answer to a call object per function ({"name": ..., "arguments": {...}} with the
+arguments following the function's parameters schema), or, for tool_choice "auto",
+to either a call or plain text. The Generation keeps the answer's raw text; the API
+reads calls out of it (parse_calls).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+from .structured_output import grammar_for_schema
+
+AUTO, REQUIRED, NONE = "auto", "required", "none"
+
+# The fallback format, after Hermes/Qwen's, which ChatML models have seen most.
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+RESULT_OPEN, RESULT_CLOSE = "<tool_response>", "</tool_response>"
+# Mistral v3's: a control token, then a JSON array of calls. The worker writes the
+# answer's text without control tokens, so the text holds the array alone.
+MISTRAL_CALLS = "[TOOL_CALLS]"
+
+FALLBACK_PROMPT = (
+    "You can call these functions, one JSON object each:\n{tools}\n\n"
+    "To call a function, answer with only "
+    + CALL_OPEN
+    + '{{"name": <function name>, "arguments": <arguments as a JSON object>}}'
+    + CALL_CLOSE
+    + ". Its result comes back in a "
+    + RESULT_OPEN
+    + " message. {choice}"
+)
+CHOICE_TEXT = {
+    AUTO: "Call a function when it helps; otherwise answer in plain text.",
+    REQUIRED: "You must call one of the functions now.",
+}
+NAMED_TEXT = "You must call the function {name} now."
+
+
+def tool_defs(params: dict) -> list[dict]:
+    """The functions shown to the model ([] for tool_choice "none" or no tools)."""
+    return list(params.get("tools") or [])
+
+
+def template_tools(functions: Sequence[dict]) -> list[dict]:
+    """The tools as chat templates take them (OpenAI's request shape)."""
+    return [{"type": "function", "function": dict(f)} for f in functions]
+
+
+def native_messages(messages: Sequence[dict]) -> list[dict]:
+    """Messages for a template that renders tools itself: calls' arguments as
+    objects (as Hugging Face templates expect) and call ids of nine letters and
+    digits (Mistral's templates refuse others), the same for a call and its result."""
+    out = []
+    for message in messages:
+        message = dict(message)
+        if message.get("tool_calls"):
+            message["tool_calls"] = [
+                {
+                    "id": short_id(call["id"]),
+                    "type": "function",
+                    "function": {
+                        "name": call["function"]["name"],
+                        "arguments": _arguments(call["function"]["arguments"]),
+                    },
+                }
+                for call in message["tool_calls"]
+            ]
+        if message.get("role") == "tool":
+            message["tool_call_id"] = short_id(message["tool_call_id"])
+        out.append(message)
+    return out
+
+
+def short_id(call_id: str) -> str:
+    return hashlib.sha256(call_id.encode()).hexdigest()[:9]
+
+
+def fallback_messages(messages: Sequence[dict], functions: Sequence[dict], choice) -> list[dict]:
+    """Messages for a template without tools: plain {role, content} turns."""
+    names = {}
+    out = []
+    for message in messages:
+        role = message.get("role")
+        if role == "assistant" and message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                names[call["id"]] = call["function"]["name"]
+                calls.append(
+                    CALL_OPEN
+                    + json.dumps(
+                        {
+                            "name": call["function"]["name"],
+                            "arguments": _arguments(call["function"]["arguments"]),
+                        }
+                    )
+                    + CALL_CLOSE
+                )
+            text = "\n".join([message["content"], *calls] if message.get("content") else calls)
+            out.append({"role": "assistant", "content": text})
+        elif role == "tool":
+            result = {"name": names.get(message["tool_call_id"], ""), "result": message["content"]}
+            out.append({"role": "user", "content": RESULT_OPEN + json.dumps(result) + RESULT_CLOSE})
+        else:
+            out.append({"role": role, "content": message["content"]})
+    if functions:
+        described = "\n".join(json.dumps(f) for f in functions)
+        if isinstance(choice, dict):
+            said = NAMED_TEXT.format(name=choice["name"])
+        else:
+            said = CHOICE_TEXT[choice]
+        prompt = FALLBACK_PROMPT.format(tools=described, choice=said)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{prompt}"}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+def _arguments(arguments):
+    """A call's arguments as an object ({} where the string is not JSON: it was
+    checked when the request came in, so that is only an old row's)."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return {}
+    return arguments
+
+
+def call_schema(functions: Sequence[dict], choice) -> dict:
+    """The JSON Schema of one call object: one alternative per allowed function."""
+    if isinstance(choice, dict):
+        functions = [f for f in functions if f["name"] == choice["name"]]
+    options = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f["name"]},
+                "arguments": f.get("parameters") or {"type": "object", "properties": {}},
+            },
+            "required": ["name", "arguments"],
+        }
+        for f in functions
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def grammar(params: dict, native: bool) -> str | None:
+    """The grammar for a request with tools (None: no tools shown)."""
+    functions = tool_defs(params)
+    if not functions:
+        return None
+    choice = params.get("tool_choice", AUTO)
+    # The converter's rules for one call object, its root renamed so that it can be
+    # one rule of the larger grammar.
+    lines = grammar_for_schema(call_schema(functions, choice)).splitlines()
+    rules = [
+        "call ::= " + line.removeprefix("root ::= ") if line.startswith("root ::= ") else line
+        for line in lines
+    ]
+    if native:
+        several = params.get("parallel_tool_calls", True)
+        more = ' ("," space call)*' if several else ""
+        calls = f'"{MISTRAL_CALLS}" space "[" space call{more} "]"'
+        # Text must not open as the calls do ("[" is [TOOL_CALLS]'s first character).
+        text = r"[^[\x00] [^\x00]*"
+    else:
+        calls = f'"{CALL_OPEN}" call "{CALL_CLOSE}"'
+        text = r"[^<\x00] [^\x00]*"
+    root = "root ::= calls" if choice != AUTO else "root ::= calls | text"
+    return "\n".join([root, f"calls ::= {calls}", f"text ::= {text}", *rules]) + "\n"
+
+
+def parse_calls(text: str, functions: Sequence[dict]) -> list[dict] | None:
+    """The calls the answer makes, as [{"name", "arguments": <JSON text>}], or None
+    where it is text (or a call cut short). Either format is read: the grammar
+    keeps a plain answer from opening like a call."""
+    names = {f["name"] for f in functions}
+    body = text.strip()
+    found = []
+    if body.startswith(CALL_OPEN):
+        while body.startswith(CALL_OPEN):
+            inner, sep, body = body[len(CALL_OPEN) :].partition(CALL_CLOSE)
+            if not sep:
+                return None
+            found.append(inner)
+            body = body.strip()
+        if body:
+            return None
+    else:
+        body = body.removeprefix(MISTRAL_CALLS).strip()
+        if not body.startswith(("[", "{")):
+            return None
+        found.append(body)
+    calls = []
+    for item in found:
+        try:
+            value = json.loads(item)
+        except ValueError:
+            return None
+        for call in value if isinstance(value, list) else [value]:
+            if (
+                not isinstance(call, dict)
+                or call.get("name") not in names
+                or not isinstance(call.get("arguments"), dict)
+            ):
+                return None
+            calls.append({"name": call["name"], "arguments": json.dumps(call["arguments"])})
+    return calls or None
+
+
+def could_be_calls(text: str) -> bool:
+    """Whether an answer that begins with text may turn out to be calls (a stream
+    holds such text back until the answer ends)."""
+    body = text.lstrip()
+    return not body or body[0] in "<["

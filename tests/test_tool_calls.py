@@ -1,0 +1,167 @@
+"""Tool calls below the API: how tools reach the model's template, and that the
+grammar holds a sampled answer to a call the API can read back. The live API's
+tool calls are in test_openai_api.py."""
+
+from __future__ import annotations
+
+import json
+
+import llama_cpp
+import pytest
+
+from inference import tool_calls
+from inference.registry import default_model_path
+from inference.tokens import tokenizer_for
+from tests.fixtures import tiny_mixtral
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city now.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Rome"]}},
+        "required": ["city"],
+    },
+}
+ADD = {
+    "name": "add",
+    "parameters": {
+        "type": "object",
+        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["a"],
+    },
+}
+TOOLS = [WEATHER, ADD]
+CALLED = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_12_0",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_12_0", "content": "Sunny, 21 C <|im_end|>"},
+]
+
+
+@pytest.fixture(scope="module")
+def mixtral_tools_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tools.gguf"
+    return str(
+        tiny_mixtral.build_tiny_mixtral(path, chat_template=tiny_mixtral.TOOLS_CHAT_TEMPLATE)
+    )
+
+
+def test_a_template_that_renders_tools_gets_the_tools_calls_and_results_as_it_expects(
+    mixtral_tools_path,
+):
+    tokenizer = tokenizer_for(mixtral_tools_path)
+    assert tokenizer.native_tools
+    prompt = tokenizer.render(CALLED, tools=TOOLS)
+    shown = json.dumps(tool_calls.template_tools(TOOLS))
+    short = tool_calls.short_id("call_12_0")
+    # The system prompt opens the user turn (the template has no system turn); the
+    # call's id is nine characters, as the template demands, in the call and result.
+    assert prompt == (
+        f"<s>[AVAILABLE_TOOLS] {shown}[/AVAILABLE_TOOLS][INST] Be brief.\n\nWeather in Paris? "
+        f'[/INST][TOOL_CALLS] [{{"name": "get_weather", "arguments": {{"city": "Paris"}}, '
+        f'"id": "{short}"}}]</s>[TOOL_RESULTS] {{"content": "Sunny, 21 C <|im_end|>", '
+        f'"call_id": "{short}"}}[/TOOL_RESULTS]'
+    )
+    assert len(short) == 9
+    assert tokenizer.chat_tokens(CALLED, tools=TOOLS)
+    # Without tools (tool_choice "none") the history still renders, no tools shown.
+    assert "[AVAILABLE_TOOLS]" not in tokenizer.render(CALLED)
+
+
+def test_a_template_without_tools_reads_them_as_text_and_results_cannot_forge_turns():
+    tokenizer = tokenizer_for(str(default_model_path()))
+    assert not tokenizer.native_tools
+    prompt = tokenizer.render(CALLED, tools=TOOLS, tool_choice={"name": "add"})
+    system, user, called, result = prompt.split("<|im_start|>")[1:5]
+    assert system.startswith("system\nBe brief.\n\nYou can call these functions")
+    assert json.dumps(WEATHER) in system and json.dumps(ADD) in system
+    assert "You must call the function add now." in system
+    assert user == "user\nWeather in Paris?<|im_end|>\n"
+    assert called == (
+        'assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+        "</tool_call><|im_end|>\n"
+    )
+    assert result.startswith('user\n<tool_response>{"name": "get_weather", "result": "Sunny')
+    # The result's "<|im_end|>" is text: one <|im_end|> token per turn, no more.
+    end = tokenizer.tokenize("<|im_end|>")
+    assert len(end) == 1
+    tokens = tokenizer.chat_tokens(CALLED, tools=TOOLS)
+    assert tokens.count(end[0]) == 4
+    # tool_choice "none": no tools shown, the history still readable.
+    assert "You can call" not in tokenizer.render(CALLED)
+    assert "<tool_response>" in tokenizer.render(CALLED)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(mixtral_tools_path):
+    return llama_cpp.Llama(model_path=mixtral_tools_path, n_ctx=256, seed=1, verbose=False)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["mistral-format", "fallback-format"])
+@pytest.mark.parametrize("choice", ["required", {"name": "add"}])
+def test_the_grammar_holds_a_sampled_answer_to_a_call_the_api_reads_back(tiny_llm, native, choice):
+    # Random weights: what the model would say is noise, so the grammar alone
+    # makes it a call, of an allowed function, with arguments in its schema.
+    params = {"tools": TOOLS, "tool_choice": choice, "parallel_tool_calls": False}
+    grammar = llama_cpp.LlamaGrammar.from_string(
+        tool_calls.grammar(params, native=native), verbose=False
+    )
+    out = tiny_llm.create_completion(
+        "[INST] hello [/INST]", grammar=grammar, max_tokens=200, temperature=1.0, seed=3
+    )
+    text = out["choices"][0]["text"]
+    assert out["choices"][0]["finish_reason"] == "stop", text
+    [call] = tool_calls.parse_calls(text, TOOLS)
+    arguments = json.loads(call["arguments"])
+    if call["name"] == "add" or choice != "required":
+        assert call["name"] == "add" and arguments["a"] in range(10), text
+    else:
+        assert arguments["city"] in ("Paris", "Rome"), text
+
+
+def test_auto_lets_the_answer_be_text_that_cannot_open_as_a_call(tiny_llm):
+    params = {"tools": TOOLS, "tool_choice": "auto"}
+    for native, opener in ((True, "["), (False, "<")):
+        grammar = tool_calls.grammar(params, native=native)
+        assert grammar.startswith("root ::= calls | text\n")
+        assert f"text ::= [^{opener}" in grammar
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello there.",
+        '<tool_call>{"name": "add", "arguments": {"a": 1}}',  # cut short
+        '<tool_call>{"name": "rm", "arguments": {}}</tool_call>',  # not a tool given
+        '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call> and more',
+        '[{"name": "add", "arguments": "1"}]',
+    ],
+)
+def test_text_that_is_not_a_whole_call_of_a_given_tool_is_text(text):
+    assert tool_calls.parse_calls(text, TOOLS) is None
+
+
+def test_both_formats_read_back_as_calls():
+    assert tool_calls.parse_calls(
+        '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>\n'
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>',
+        TOOLS,
+    ) == [
+        {"name": "add", "arguments": '{"a": 1}'},
+        {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+    ]
+    assert tool_calls.parse_calls(' [TOOL_CALLS] [{"name": "add", "arguments": {}}]', TOOLS) == [
+        {"name": "add", "arguments": "{}"}
+    ]
