@@ -69,13 +69,17 @@ def _database_connection_for_the_task(**_kwargs) -> None:
 
 def sampling_from(params: dict, native_tools: bool = False) -> Sampling:
     """native_tools: the model's template shows tools itself (tool_calls.grammar)."""
+    grammar, triggers = params.get("grammar") or None, ()
+    if grammar is None:
+        grammar, triggers = tool_calls.grammar(params, native_tools)
     return Sampling(
         max_tokens=int(params.get("max_tokens", 512)),
         temperature=float(params.get("temperature", 0.7)),
         top_p=float(params.get("top_p", 0.95)),
         seed=params.get("seed"),
         stop=tuple(params.get("stop") or ()),
-        grammar=params.get("grammar") or tool_calls.grammar(params, native_tools),
+        grammar=grammar,
+        grammar_triggers=triggers,
     )
 
 
@@ -235,7 +239,6 @@ class Run:
             gen.input_messages,
             assistant_prefix=prefix,
             tools=tool_calls.tool_defs(gen.params),
-            tool_choice=gen.params.get("tool_choice", tool_calls.AUTO),
         )
 
     def _follow(self, request: Request, stream: streams.GenerationStream) -> Exception | None:

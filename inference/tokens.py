@@ -85,15 +85,14 @@ class ChatTokenizer:
         messages: Sequence[dict],
         assistant_prefix: str = "",
         tools: Sequence[dict] = (),
-        tool_choice="auto",
     ) -> str:
         """The prompt text; assistant_prefix continues an answer cut short (a retry).
         tools: the functions shown to the model (tool_calls.tool_defs)."""
-        messages, shown = self.template_messages(messages, tools, tool_choice)
+        messages, shown = self.template_messages(messages, tools)
         return self._format(messages, shown) + assistant_prefix
 
     def template_messages(
-        self, messages: Sequence[dict], tools: Sequence[dict] = (), tool_choice="auto"
+        self, messages: Sequence[dict], tools: Sequence[dict] = ()
     ) -> tuple[list[dict], list[dict] | None]:
         """The messages as the template takes them, and the tools it is given (None:
         none, or the template has no place for them and they are in the messages).
@@ -107,7 +106,7 @@ class ChatTokenizer:
             messages = tool_calls.native_messages(messages)
             shown = tool_calls.template_tools(tools) or None
         elif tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
-            messages = tool_calls.fallback_messages(messages, tools, tool_choice)
+            messages = tool_calls.fallback_messages(messages, tools)
         merged = _merged(messages)
         candidates = [merged]
         if any(message.get("role") == "system" for message in merged):
@@ -148,25 +147,22 @@ class ChatTokenizer:
         messages: Sequence[dict],
         assistant_prefix: str = "",
         tools: Sequence[dict] = (),
-        tool_choice="auto",
     ) -> list[int]:
-        """The prompt's tokens: control tokens from the template only. tools and
-        tool_choice: as a request's params hold them (tool_calls.tool_defs)."""
+        """The prompt's tokens: control tokens from the template only. tools: the
+        functions shown to the model (tool_calls.tool_defs)."""
         tokens = []
-        for fragment in self._fragments(messages, assistant_prefix, tools, tool_choice):
+        for fragment in self._fragments(messages, assistant_prefix, tools):
             if isinstance(fragment, int):
                 tokens.append(fragment)
             else:
                 tokens += self.tokenize_plain(fragment)
         return tokens
 
-    def _fragments(
-        self, messages: Sequence[dict], assistant_prefix: str, tools, tool_choice
-    ) -> list[int | str]:
+    def _fragments(self, messages: Sequence[dict], assistant_prefix: str, tools) -> list[int | str]:
         """The prompt as control token ids and the plain text between them. A native
         template writes the tools and the calls itself: their text is the API
         caller's, who may write control tokens in a raw prompt anyway."""
-        messages, shown = self.template_messages(messages, tools, tool_choice)
+        messages, shown = self.template_messages(messages, tools)
         marker = f"\ue000{secrets.token_hex(8)}\ue001"
         marked = [
             {**message, "content": f"{marker}{message['content']}{marker}"}
@@ -299,10 +295,10 @@ def chat_tokens_bound(model, messages: Sequence[dict]) -> int | None:
     return len(tokenizer.render(messages).encode("utf-8")) + BOUND_MARGIN_TOKENS
 
 
-def count_chat_tokens(model, messages: Sequence[dict], tools=(), tool_choice="auto") -> int:
+def count_chat_tokens(model, messages: Sequence[dict], tools: Sequence[dict] = ()) -> int:
     """The prompt tokens of `messages` for `model` (a LanguageModel, or anything with
     a `path`), identical to the count the worker gets."""
-    return len(tokenizer_for(model.path).chat_tokens(messages, "", tools, tool_choice))
+    return len(tokenizer_for(model.path).chat_tokens(messages, tools=tools))
 
 
 def count_text_tokens(model, text: str) -> int:

@@ -6,11 +6,12 @@ Instruct: [AVAILABLE_TOOLS] ... [TOOL_CALLS] ... [TOOL_RESULTS]) gets the tools,
 calls and their results as it expects them, and the model answers in its own format.
 A template without tools (ChatML, SmolLM2's) gets them as text it can read: the
 tools described in the system prompt, earlier calls as `<tool_call>{...}</tool_call>`
-and their results as `<tool_response>` user turns. Either way a grammar holds the
-answer to a call object per function ({"name": ..., "arguments": {...}} with the
-arguments following the function's parameters schema), or, for tool_choice "auto",
-to either a call or plain text. The Generation keeps the answer's raw text; the API
-reads calls out of it (parse_calls).
+and their results as `<tool_response>` user turns. Either way a grammar holds a
+call to a call object of a given function ({"name": ..., "arguments": {...}} with
+the arguments following the function's parameters schema): from the answer's
+first token for tool_choice "required" or a named function, from where the answer
+opens a call for "auto" (before that it is free text). The Generation keeps the
+answer's raw text; the API reads calls out of it (parse_calls).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .structured_output import grammar_for_schema
 
@@ -38,13 +40,8 @@ FALLBACK_PROMPT = (
     + CALL_CLOSE
     + ". Its result comes back in a "
     + RESULT_OPEN
-    + " message. {choice}"
+    + " message. Call a function when it helps; otherwise answer in plain text."
 )
-CHOICE_TEXT = {
-    AUTO: "Call a function when it helps; otherwise answer in plain text.",
-    REQUIRED: "You must call one of the functions now.",
-}
-NAMED_TEXT = "You must call the function {name} now."
 
 
 def tool_defs(params: dict) -> list[dict]:
@@ -86,8 +83,10 @@ def short_id(call_id: str) -> str:
     return hashlib.sha256(call_id.encode()).hexdigest()[:9]
 
 
-def fallback_messages(messages: Sequence[dict], functions: Sequence[dict], choice) -> list[dict]:
-    """Messages for a template without tools: plain {role, content} turns."""
+def fallback_messages(messages: Sequence[dict], functions: Sequence[dict]) -> list[dict]:
+    """Messages for a template without tools: plain {role, content} turns. The
+    system prompt is the same whatever tool_choice says (the grammar enforces it),
+    so the next turn of a conversation reuses the cached prompt."""
     names = {}
     out = []
     for message in messages:
@@ -115,11 +114,7 @@ def fallback_messages(messages: Sequence[dict], functions: Sequence[dict], choic
             out.append({"role": role, "content": message["content"]})
     if functions:
         described = "\n".join(json.dumps(f) for f in functions)
-        if isinstance(choice, dict):
-            said = NAMED_TEXT.format(name=choice["name"])
-        else:
-            said = CHOICE_TEXT[choice]
-        prompt = FALLBACK_PROMPT.format(tools=described, choice=said)
+        prompt = FALLBACK_PROMPT.format(tools=described)
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{prompt}"}
         else:
@@ -156,40 +151,55 @@ def call_schema(functions: Sequence[dict], choice) -> dict:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def grammar(params: dict, native: bool) -> str | None:
-    """The grammar for a request with tools (None: no tools shown)."""
+def grammar(params: dict, native: bool) -> tuple[str | None, tuple[str, ...]]:
+    """The grammar for a request with tools (None: no tools shown), and the
+    patterns that wake it: for tool_choice "auto" the answer is free text until it
+    opens a call (llama.cpp's lazy grammar), and costs nothing while it is text;
+    "required" and a named function hold it to a call from its first token."""
     functions = tool_defs(params)
     if not functions:
-        return None
+        return None, ()
     choice = params.get("tool_choice", AUTO)
     # The converter's rules for one call object, its root renamed so that it can be
-    # one rule of the larger grammar.
+    # one rule of the larger grammar (names the converter does not give).
     lines = grammar_for_schema(call_schema(functions, choice)).splitlines()
     rules = [
-        "call ::= " + line.removeprefix("root ::= ") if line.startswith("root ::= ") else line
+        "tool-call-object ::= " + line.removeprefix("root ::= ")
+        if line.startswith("root ::= ")
+        else line
         for line in lines
     ]
     if native:
         several = params.get("parallel_tool_calls", True)
-        more = ' ("," space call)*' if several else ""
-        calls = f'"{MISTRAL_CALLS}" space "[" space call{more} "]"'
-        # Text must not open as the calls do ("[" is [TOOL_CALLS]'s first character).
-        text = r"[^[\x00] [^\x00]*"
+        more = ' ("," tool-ws tool-call-object)*' if several else ""
+        root = f'root ::= "{MISTRAL_CALLS}" tool-ws "[" tool-ws tool-call-object{more} "]"'
+        trigger = r"\[TOOL_CALLS\]"
     else:
-        calls = f'"{CALL_OPEN}" call "{CALL_CLOSE}"'
-        text = r"[^<\x00] [^\x00]*"
-    root = "root ::= calls" if choice != AUTO else "root ::= calls | text"
-    return "\n".join([root, f"calls ::= {calls}", f"text ::= {text}", *rules]) + "\n"
+        root = f'root ::= "{CALL_OPEN}" tool-call-object "{CALL_CLOSE}"'
+        trigger = CALL_OPEN
+    text = "\n".join([root, "tool-ws ::= [ \\n]?", *rules]) + "\n"
+    return text, ((trigger,) if choice == AUTO else ())
 
 
-def parse_calls(text: str, functions: Sequence[dict]) -> list[dict] | None:
-    """The calls the answer makes, as [{"name", "arguments": <JSON text>}], or None
-    where it is text (or a call cut short). Either format is read: the grammar
-    keeps a plain answer from opening like a call."""
+@dataclass
+class Answer:
+    """An answer read as calls: the text before them (None if blank), the calls as
+    [{"name", "arguments": <JSON text>}], and where in the text they begin."""
+
+    content: str | None
+    calls: list[dict]
+    start: int
+
+
+def parse_calls(text: str, functions: Sequence[dict]) -> Answer | None:
+    """The answer as calls, or None where it is text (or a call cut short).
+    Either format is read: <tool_call> blocks after any text, or a Mistral call
+    array that is the whole answer (its [TOOL_CALLS] token is not in the text)."""
     names = {f["name"] for f in functions}
-    body = text.strip()
+    start = text.find(CALL_OPEN)
     found = []
-    if body.startswith(CALL_OPEN):
+    if start >= 0:
+        body = text[start:].strip()
         while body.startswith(CALL_OPEN):
             inner, sep, body = body[len(CALL_OPEN) :].partition(CALL_CLOSE)
             if not sep:
@@ -199,7 +209,8 @@ def parse_calls(text: str, functions: Sequence[dict]) -> list[dict] | None:
         if body:
             return None
     else:
-        body = body.removeprefix(MISTRAL_CALLS).strip()
+        start = len(text) - len(text.lstrip())
+        body = text.strip().removeprefix(MISTRAL_CALLS).strip()
         if not body.startswith(("[", "{")):
             return None
         found.append(body)
@@ -217,11 +228,23 @@ def parse_calls(text: str, functions: Sequence[dict]) -> list[dict] | None:
             ):
                 return None
             calls.append({"name": call["name"], "arguments": json.dumps(call["arguments"])})
-    return calls or None
+    if not calls:
+        return None
+    content = text[:start] if text[:start].strip() else None
+    return Answer(content, calls, start)
 
 
-def could_be_calls(text: str) -> bool:
-    """Whether an answer that begins with text may turn out to be calls (a stream
-    holds such text back until the answer ends)."""
+def sendable(text: str) -> int:
+    """How much of an answer so far a stream can send as text now: all but what
+    may turn out to be calls (an answer that opens with "[" or "{", or from a
+    <tool_call>, or a tail that may be the start of one)."""
     body = text.lstrip()
-    return not body or body[0] in "<["
+    if not body or body[0] in "[{":
+        return 0
+    start = text.find(CALL_OPEN)
+    if start >= 0:
+        return start
+    for size in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
+        if CALL_OPEN.startswith(text[-size:]):
+            return len(text) - size
+    return len(text)

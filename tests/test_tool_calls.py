@@ -4,12 +4,15 @@ tool calls are in test_openai_api.py."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 
 import llama_cpp
 import pytest
 
-from inference import tool_calls
+from inference import engine, tool_calls
+from inference.engine import Sampling
 from inference.registry import default_model_path
 from inference.tokens import tokenizer_for
 from tests.fixtures import tiny_mixtral
@@ -83,11 +86,11 @@ def test_a_template_that_renders_tools_gets_the_tools_calls_and_results_as_it_ex
 def test_a_template_without_tools_reads_them_as_text_and_results_cannot_forge_turns():
     tokenizer = tokenizer_for(str(default_model_path()))
     assert not tokenizer.native_tools
-    prompt = tokenizer.render(CALLED, tools=TOOLS, tool_choice={"name": "add"})
+    prompt = tokenizer.render(CALLED, tools=TOOLS)
     system, user, called, result = prompt.split("<|im_start|>")[1:5]
     assert system.startswith("system\nBe brief.\n\nYou can call these functions")
     assert json.dumps(WEATHER) in system and json.dumps(ADD) in system
-    assert "You must call the function add now." in system
+    assert system.endswith("otherwise answer in plain text.<|im_end|>\n")
     assert user == "user\nWeather in Paris?<|im_end|>\n"
     assert called == (
         'assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
@@ -115,15 +118,17 @@ def test_the_grammar_holds_a_sampled_answer_to_a_call_the_api_reads_back(tiny_ll
     # Random weights: what the model would say is noise, so the grammar alone
     # makes it a call, of an allowed function, with arguments in its schema.
     params = {"tools": TOOLS, "tool_choice": choice, "parallel_tool_calls": False}
-    grammar = llama_cpp.LlamaGrammar.from_string(
-        tool_calls.grammar(params, native=native), verbose=False
-    )
+    text, triggers = tool_calls.grammar(params, native=native)
+    assert triggers == ()  # held from the first token
+    grammar = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
     out = tiny_llm.create_completion(
         "[INST] hello [/INST]", grammar=grammar, max_tokens=200, temperature=1.0, seed=3
     )
     text = out["choices"][0]["text"]
     assert out["choices"][0]["finish_reason"] == "stop", text
-    [call] = tool_calls.parse_calls(text, TOOLS)
+    answer = tool_calls.parse_calls(text, TOOLS)
+    assert answer.content is None
+    [call] = answer.calls
     arguments = json.loads(call["arguments"])
     if call["name"] == "add" or choice != "required":
         assert call["name"] == "add" and arguments["a"] in range(10), text
@@ -131,12 +136,39 @@ def test_the_grammar_holds_a_sampled_answer_to_a_call_the_api_reads_back(tiny_ll
         assert arguments["city"] in ("Paris", "Rome"), text
 
 
-def test_auto_lets_the_answer_be_text_that_cannot_open_as_a_call(tiny_llm):
-    params = {"tools": TOOLS, "tool_choice": "auto"}
-    for native, opener in ((True, "["), (False, "<")):
-        grammar = tool_calls.grammar(params, native=native)
-        assert grammar.startswith("root ::= calls | text\n")
-        assert f"text ::= [^{opener}" in grammar
+def allowed_pieces(chain, vocab, tokenizer) -> list[str]:
+    """The pieces the sampler chain leaves possible for the next token."""
+    n = llama_cpp.llama_vocab_n_tokens(vocab)
+    data = (llama_cpp.llama_token_data * n)()
+    for token in range(n):
+        data[token].id, data[token].logit, data[token].p = token, 0.0, 0.0
+    array = llama_cpp.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
+    llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+    return [
+        tokenizer.llm.detokenize([data[i].id], special=True).decode("utf-8", "replace")
+        for i in range(array.size)
+        if data[i].logit != -math.inf
+    ]
+
+
+def test_auto_leaves_text_free_until_it_opens_a_call_then_holds_the_call():
+    tokenizer = tokenizer_for(str(default_model_path()))
+    vocab = tokenizer.llm._model.vocab
+    text, triggers = tool_calls.grammar({"tools": TOOLS, "tool_choice": "auto"}, native=False)
+    sampling = Sampling(temperature=0, grammar=text, grammar_triggers=triggers)
+    chain = engine._sampler_chain(vocab, sampling)
+    try:
+        assert len(allowed_pieces(chain, vocab, tokenizer)) == llama_cpp.llama_vocab_n_tokens(vocab)
+        for token in tokenizer.tokenize_plain("It is sunny.\nLet me check: <tool_"):
+            llama_cpp.llama_sampler_accept(chain, token)
+        # Text still: "<tool_" is not yet the trigger.
+        assert "The" in allowed_pieces(chain, vocab, tokenizer)
+        for token in tokenizer.tokenize_plain("call>"):
+            llama_cpp.llama_sampler_accept(chain, token)
+        pieces = allowed_pieces(chain, vocab, tokenizer)
+        assert pieces and all(piece.startswith("{") for piece in pieces), pieces[:20]
+    finally:
+        llama_cpp.llama_sampler_free(chain)
 
 
 @pytest.mark.parametrize(
@@ -153,15 +185,33 @@ def test_text_that_is_not_a_whole_call_of_a_given_tool_is_text(text):
     assert tool_calls.parse_calls(text, TOOLS) is None
 
 
-def test_both_formats_read_back_as_calls():
-    assert tool_calls.parse_calls(
+def test_both_formats_read_back_as_calls_with_any_text_before_them():
+    text = (
+        "Let me look. "
         '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>\n'
-        '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>',
-        TOOLS,
-    ) == [
-        {"name": "add", "arguments": '{"a": 1}'},
-        {"name": "get_weather", "arguments": '{"city": "Rome"}'},
-    ]
-    assert tool_calls.parse_calls(' [TOOL_CALLS] [{"name": "add", "arguments": {}}]', TOOLS) == [
-        {"name": "add", "arguments": "{}"}
-    ]
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    )
+    assert tool_calls.parse_calls(text, TOOLS) == tool_calls.Answer(
+        content="Let me look. ",
+        calls=[
+            {"name": "add", "arguments": '{"a": 1}'},
+            {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+        ],
+        start=len("Let me look. "),
+    )
+    mistral = tool_calls.parse_calls(' [TOOL_CALLS] [{"name": "add", "arguments": {}}]', TOOLS)
+    assert mistral == tool_calls.Answer(None, [{"name": "add", "arguments": "{}"}], 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "ready"),
+    [
+        ("Hello <tool", len("Hello ")),
+        ("Hello <b> there", len("Hello <b> there")),
+        ('Hi <tool_call>{"name"', len("Hi ")),
+        ("  [", 0),  # may be a Mistral call array: held to the end
+        ("", 0),
+    ],
+)
+def test_a_stream_sends_text_but_holds_back_what_may_open_a_call(text, ready):
+    assert tool_calls.sendable(text) == ready
