@@ -176,7 +176,8 @@ def _tools(tools) -> list[dict]:
 
 
 def _tool_choice(choice, tools: list[dict]):
-    """ "none", "auto", "required" or {"name": ...} (one function, forced)."""
+    """The choice as params keep it: "none", "auto", "required", or {"name": ...}
+    (that function, forced)."""
     if choice is None:
         return AUTO if tools else NONE
     if choice == NONE:
