@@ -67,11 +67,11 @@ def _database_connection_for_the_task(**_kwargs) -> None:
     close_old_connections()
 
 
-def sampling_from(params: dict, native_tools: bool = False) -> Sampling:
-    """native_tools: the model's template shows tools itself (tool_calls.grammar)."""
+def sampling_from(params: dict, tool_format: str | None = None) -> Sampling:
+    """tool_format: the call format of the model's template (tool_calls.grammar)."""
     grammar, triggers = params.get("grammar") or None, ()
     if grammar is None:
-        grammar, triggers = tool_calls.grammar(params, native_tools)
+        grammar, triggers = tool_calls.grammar(params, tool_format)
     return Sampling(
         max_tokens=int(params.get("max_tokens", 512)),
         temperature=float(params.get("temperature", 0.7)),
@@ -197,7 +197,7 @@ class Run:
         self.text = prefix
         try:
             prompt = self._prompt(prefix)
-            sampling = sampling_from(gen.params, tokenizer_for(gen.model.path).native_tools)
+            sampling = sampling_from(gen.params, tokenizer_for(gen.model.path).tool_format)
         except (ContextOverflow, ValueError, OSError) as exc:
             self._end_unstarted(str(exc))
             return

@@ -68,17 +68,20 @@ class ChatTokenizer:
             llama_cpp.LLAMA_VOCAB_TYPE_SPM,
         )
         self.control_tokens = _control_tokens(model.vocab)
-        self.native_tools = self._renders_tools()
+        self.tool_format = self._tool_format()
 
-    def _renders_tools(self) -> bool:
-        """Whether the template shows the model the tools it is given (Mistral v3's
-        does; ChatML's ignores them): then calls and results go to it as they are."""
+    def _tool_format(self) -> str | None:
+        """The call format of a template that shows the model the tools it is given
+        (Mistral v3's, Qwen's; ChatML's ignores them): then tools, calls and results
+        go to it as they are. None: the text fallback (tool_calls.py)."""
         probe = tool_calls.template_tools([{"name": "probe_tool_x7", "parameters": {}}])
         try:
             prompt = self.formatter(messages=[{"role": "user", "content": "hi"}], tools=probe)
         except TEMPLATE_ERRORS:
-            return False
-        return "probe_tool_x7" in prompt.prompt
+            return None
+        if "probe_tool_x7" not in prompt.prompt:
+            return None
+        return tool_calls.call_format(prompt.prompt)
 
     def render(
         self,
@@ -102,7 +105,7 @@ class ChatTokenizer:
         turn: a conversation can always continue. ChatTemplateError if the template
         still refuses."""
         shown = None
-        if self.native_tools:
+        if self.tool_format:
             messages = tool_calls.native_messages(messages)
             shown = tool_calls.template_tools(tools) or None
         elif tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from .structured_output import grammar_for_schema
 
 AUTO, REQUIRED, NONE = "auto", "required", "none"
+# The call formats of templates that render tools themselves, as this module reads
+# them; a template in another format (Llama 3.1's "parameters") gets the fallback.
+MISTRAL, HERMES = "mistral", "hermes"
 
 # The fallback format, after Hermes/Qwen's, which ChatML models have seen most.
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -42,6 +45,16 @@ FALLBACK_PROMPT = (
     + RESULT_OPEN
     + " message. Call a function when it helps; otherwise answer in plain text."
 )
+
+
+def call_format(probe_prompt: str) -> str | None:
+    """The format of a template's calls, from its prompt with a probe tool: None
+    where it shows no tools, or in a format read nowhere here."""
+    if "[AVAILABLE_TOOLS]" in probe_prompt:
+        return MISTRAL
+    if CALL_OPEN in probe_prompt:  # Qwen's, Hermes's: ChatML with <tool_call> JSON
+        return HERMES
+    return None
 
 
 def tool_defs(params: dict) -> list[dict]:
@@ -151,11 +164,12 @@ def call_schema(functions: Sequence[dict], choice) -> dict:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def grammar(params: dict, native: bool) -> tuple[str | None, tuple[str, ...]]:
+def grammar(params: dict, format: str | None) -> tuple[str | None, tuple[str, ...]]:
     """The grammar for a request with tools (None: no tools shown), and the
     patterns that wake it: for tool_choice "auto" the answer is free text until it
     opens a call (llama.cpp's lazy grammar), and costs nothing while it is text;
-    "required" and a named function hold it to a call from its first token."""
+    "required" and a named function hold it to a call from its first token.
+    format: the template's call format (call_format); None: the fallback's."""
     functions = tool_defs(params)
     if not functions:
         return None, ()
@@ -169,13 +183,13 @@ def grammar(params: dict, native: bool) -> tuple[str | None, tuple[str, ...]]:
         else line
         for line in lines
     ]
-    if native:
+    if format == MISTRAL:
         several = params.get("parallel_tool_calls", True)
         more = ' ("," tool-ws tool-call-object)*' if several else ""
         root = f'root ::= "{MISTRAL_CALLS}" tool-ws "[" tool-ws tool-call-object{more} "]"'
         trigger = r"\[TOOL_CALLS\]"
     else:
-        root = f'root ::= "{CALL_OPEN}" tool-call-object "{CALL_CLOSE}"'
+        root = f'root ::= "{CALL_OPEN}" tool-ws tool-call-object tool-ws "{CALL_CLOSE}"'
         trigger = CALL_OPEN
     text = "\n".join([root, "tool-ws ::= [ \\n]?", *rules]) + "\n"
     return text, ((trigger,) if choice == AUTO else ())

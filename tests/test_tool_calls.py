@@ -65,7 +65,7 @@ def test_a_template_that_renders_tools_gets_the_tools_calls_and_results_as_it_ex
     mixtral_tools_path,
 ):
     tokenizer = tokenizer_for(mixtral_tools_path)
-    assert tokenizer.native_tools
+    assert tokenizer.tool_format == tool_calls.MISTRAL
     prompt = tokenizer.render(CALLED, tools=TOOLS)
     shown = json.dumps(tool_calls.template_tools(TOOLS))
     short = tool_calls.short_id("call_12_0")
@@ -85,7 +85,7 @@ def test_a_template_that_renders_tools_gets_the_tools_calls_and_results_as_it_ex
 
 def test_a_template_without_tools_reads_them_as_text_and_results_cannot_forge_turns():
     tokenizer = tokenizer_for(str(default_model_path()))
-    assert not tokenizer.native_tools
+    assert tokenizer.tool_format is None
     prompt = tokenizer.render(CALLED, tools=TOOLS)
     system, user, called, result = prompt.split("<|im_start|>")[1:5]
     assert system.startswith("system\nBe brief.\n\nYou can call these functions")
@@ -107,18 +107,69 @@ def test_a_template_without_tools_reads_them_as_text_and_results_cannot_forge_tu
     assert "<tool_response>" in tokenizer.render(CALLED)
 
 
+# Excerpts in the form of Qwen 2.5's template (tools and calls in <tool_call> JSON)
+# and of Llama 3.1's (calls as {"name", "parameters"}, a format not read here).
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for tool in tools %}\n{{ tool | tojson }}"
+    "{% endfor %}\n</tools>\nReturn each call as JSON in <tool_call></tool_call> tags."
+    "<|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant"
+    "{% for call in message.tool_calls %}\n<tool_call>\n"
+    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}'
+    "\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}"
+    "\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}<|im_start|>assistant\n"
+)
+LLAMA31_TEMPLATE = (
+    "{% if tools %}{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument '
+    "name and its value}.\n{% endif %}"
+    "{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}"
+)
+
+
+def test_a_template_in_qwens_format_renders_the_tools_itself(tmp_path):
+    path = tiny_mixtral.build_tiny_mixtral(tmp_path / "q.gguf", chat_template=HERMES_TEMPLATE)
+    tokenizer = tokenizer_for(str(path))
+    assert tokenizer.tool_format == tool_calls.HERMES
+    prompt = tokenizer.render(CALLED, tools=TOOLS)
+    assert "You can call" not in prompt
+    assert f"<tools>{json.dumps(tool_calls.template_tools([WEATHER])[0])}" in prompt
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        in prompt
+    )
+    assert "<|im_start|>user\n<tool_response>\nSunny, 21 C <|im_end|>\n</tool_response>" in prompt
+    # Its calls are <tool_call> JSON, as the fallback's: a newline may open them.
+    text, _ = tool_calls.grammar({"tools": TOOLS, "tool_choice": "required"}, tool_calls.HERMES)
+    assert text.startswith('root ::= "<tool_call>" tool-ws tool-call-object tool-ws')
+
+
+def test_a_template_whose_call_format_is_not_read_here_gets_the_text_fallback(tmp_path):
+    path = tiny_mixtral.build_tiny_mixtral(tmp_path / "l.gguf", chat_template=LLAMA31_TEMPLATE)
+    tokenizer = tokenizer_for(str(path))
+    assert tokenizer.tool_format is None
+    prompt = tokenizer.render(CALLED, tools=TOOLS)
+    assert '"parameters": dictionary' not in prompt  # the template's tools are not used
+    assert prompt.startswith("system: Be brief.\n\nYou can call these functions")
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+
+
 @pytest.fixture(scope="module")
 def tiny_llm(mixtral_tools_path):
     return llama_cpp.Llama(model_path=mixtral_tools_path, n_ctx=256, seed=1, verbose=False)
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["mistral-format", "fallback-format"])
+@pytest.mark.parametrize("format", [tool_calls.MISTRAL, None], ids=["mistral", "fallback"])
 @pytest.mark.parametrize("choice", ["required", {"name": "add"}])
-def test_the_grammar_holds_a_sampled_answer_to_a_call_the_api_reads_back(tiny_llm, native, choice):
+def test_the_grammar_holds_a_sampled_answer_to_a_call_the_api_reads_back(tiny_llm, format, choice):
     # Random weights: what the model would say is noise, so the grammar alone
     # makes it a call, of an allowed function, with arguments in its schema.
     params = {"tools": TOOLS, "tool_choice": choice, "parallel_tool_calls": False}
-    text, triggers = tool_calls.grammar(params, native=native)
+    text, triggers = tool_calls.grammar(params, format)
     assert triggers == ()  # held from the first token
     grammar = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
     out = tiny_llm.create_completion(
@@ -154,7 +205,7 @@ def allowed_pieces(chain, vocab, tokenizer) -> list[str]:
 def test_auto_leaves_text_free_until_it_opens_a_call_then_holds_the_call():
     tokenizer = tokenizer_for(str(default_model_path()))
     vocab = tokenizer.llm._model.vocab
-    text, triggers = tool_calls.grammar({"tools": TOOLS, "tool_choice": "auto"}, native=False)
+    text, triggers = tool_calls.grammar({"tools": TOOLS, "tool_choice": "auto"}, None)
     sampling = Sampling(temperature=0, grammar=text, grammar_triggers=triggers)
     chain = engine._sampler_chain(vocab, sampling)
     try:
@@ -166,7 +217,10 @@ def test_auto_leaves_text_free_until_it_opens_a_call_then_holds_the_call():
         for token in tokenizer.tokenize_plain("call>"):
             llama_cpp.llama_sampler_accept(chain, token)
         pieces = allowed_pieces(chain, vocab, tokenizer)
-        assert pieces and all(piece.startswith("{") for piece in pieces), pieces[:20]
+        # The call object, after at most one blank.
+        assert pieces and all(
+            piece in (" ", "\n") or piece.lstrip().startswith("{") for piece in pieces
+        ), pieces[:20]
     finally:
         llama_cpp.llama_sampler_free(chain)
 
