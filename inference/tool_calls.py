@@ -1,18 +1,19 @@
 """Tool calls (OpenAI's `tools`): how tools reach the model, the grammar its answer
 follows, and how a call is read back out of the answer's text.
 
-A chat template that renders `tools` itself (Mistral's v3 tokenizer, Mixtral 8x22B
-Instruct: [AVAILABLE_TOOLS] ... [TOOL_CALLS] ... [TOOL_RESULTS]) gets the tools, the
-calls and their results as it expects them, and the model answers in its own format.
-A template without tools (ChatML, SmolLM2's) gets them as text it can read: the
-tools described in the system prompt, earlier calls as `<tool_call>{...}</tool_call>`
-and their results as `<tool_response>` user turns. Either way a grammar holds a
-call to a call object of a given function ({"name": ..., "arguments": {...}} with
-the arguments following the function's parameters schema): from the answer's
-first token for tool_choice "required" or a named function, from where the answer
-opens a call for "auto" (before that it is free text). The Generation keeps the
-answer's raw text; the API reads calls out of it (parse_calls).
-"""
+A chat template that renders `tools` itself, in a call format read here, gets the
+tools, the calls and their results as it expects them, and the model answers in
+its own format: Mistral's v3 tokenizer (Mixtral 8x22B Instruct: [AVAILABLE_TOOLS],
+[TOOL_CALLS] and a JSON array, [TOOL_RESULTS]) or Qwen's and Hermes's (<tool_call>
+JSON). Any other template (ChatML without tools, SmolLM2's) gets them as text it
+can read: the tools described in the system prompt, earlier calls as
+`<tool_call>{...}</tool_call>` and their results as `<tool_response>` user turns.
+Either way a grammar holds each call to a call object of a given function
+({"name": ..., "arguments": {...}}, the arguments following the function's
+parameters schema): from the answer's first token for tool_choice "required" or a
+named function, from where the answer opens a call for "auto" (free text before
+that). The Generation keeps the answer's raw text; the API reads calls out of it
+(parse_calls)."""
 
 from __future__ import annotations
 
