@@ -120,8 +120,7 @@ async def _complete(request, key: ApiKey, kind: str):
             else:
                 final = item.event
     _raise_if_failed(final)
-    calls = tool_calls.parse_calls(text, parsed.params["tools"]) if _has_tools(parsed) else None
-    return JsonResponse(_whole_answer(gen, kind, text, final, counted, calls))
+    return JsonResponse(_whole_answer(gen, kind, text, final, counted))
 
 
 @transaction.atomic
@@ -214,11 +213,6 @@ def _finish_reason(final: dict, calls: tool_calls.Answer | None = None) -> str:
     return "length" if final.get("finish_reason") == "length" else "stop"
 
 
-def _has_tools(parsed: parsing.ApiRequest) -> bool:
-    """Whether the answer may be tool calls (tools shown to the model)."""
-    return bool(parsed.params.get("tools"))
-
-
 def _tool_calls(gen: Generation, answer: tool_calls.Answer) -> list[dict]:
     """OpenAI's shape; ids from the generation's own, the same on every reading."""
     return [
@@ -253,10 +247,11 @@ def _ids(gen: Generation, kind: str) -> dict:
     }
 
 
-def _whole_answer(
-    gen: Generation, kind: str, text: str, final: dict, counted, calls: tool_calls.Answer | None
-) -> dict:
-    if kind == CHAT and calls is not None:
+def _whole_answer(gen: Generation, kind: str, text: str, final: dict, counted) -> dict:
+    # With tools shown to the model (its params say), the answer may be calls.
+    tools = gen.params.get("tools") if kind == CHAT else None
+    calls = tool_calls.parse_calls(text, tools) if tools else None
+    if calls is not None:
         # Text the model wrote before its calls (auto) is the message's content.
         message = {
             "role": "assistant",
