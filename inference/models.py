@@ -140,6 +140,9 @@ class WorkerHeartbeat(models.Model):
     generation_id = models.BigIntegerField(null=True, blank=True, help_text="Running now.")
     started_at = models.DateTimeField(default=timezone.now)
     seen_at = models.DateTimeField(default=timezone.now)
+    # Which of its stores ("redis") the worker could not reach at its last
+    # heartbeat; the Redis entry says the same of "database" (inference/workers.py).
+    unreachable = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["model_name", "host", "pid"]
@@ -210,7 +213,16 @@ class Generation(models.Model):
     SOURCE_CHAT = "chat"
     SOURCE_JOB = "job"
     SOURCE_API = "api"
-    SOURCE_CHOICES = [(SOURCE_CHAT, "Chat"), (SOURCE_JOB, "Job"), (SOURCE_API, "API")]
+    # A line of an API batch (inference/jobs/batches.py): background work, like a job pass.
+    SOURCE_BATCH = "batch"
+    SOURCE_CHOICES = [
+        (SOURCE_CHAT, "Chat"),
+        (SOURCE_JOB, "Job"),
+        (SOURCE_API, "API"),
+        (SOURCE_BATCH, "Batch"),
+    ]
+    # Sources that run at job priority, on the model's bulk queue.
+    BACKGROUND_SOURCES = (SOURCE_JOB, SOURCE_BATCH)
 
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="generations"
@@ -275,6 +287,11 @@ class Generation(models.Model):
     @property
     def is_final(self) -> bool:
         return self.state in self.FINAL_STATES
+
+    @property
+    def is_background(self) -> bool:
+        """A job pass or a batch line: the bulk queue, at job priority."""
+        return self.source in self.BACKGROUND_SOURCES
 
     @property
     def tenant(self) -> str:

@@ -111,7 +111,7 @@ def queue_place(gen: Generation) -> tuple[int | None, bool]:
         Generation.objects.filter(
             model_id=gen.model_id, state=Generation.QUEUED, queued_at__lt=gen.queued_at
         )
-        .exclude(source=Generation.SOURCE_JOB)
+        .exclude(source__in=Generation.BACKGROUND_SOURCES)
         .values_list("pk", "queued_at")
     )
     lost = stranded(gen.model.name, [*ahead, (gen.pk, gen.queued_at)])

@@ -385,33 +385,19 @@ def chat_send(
     caller read them (the chat socket reads them with its rate limit), or None."""
     content = clean_content(content)
     overflow = _clean_overflow(overflow)
-    system_prompt = clean_system_prompt(system_prompt)
     if conversation_id is None:
         return _start_conversation(
             user=user,
             content=content,
             model_name=model_name,
             params=params,
-            system_prompt=system_prompt,
+            system_prompt=clean_system_prompt(system_prompt),
             overflow=overflow,
             live_workers=live_workers,
         )
     with transaction.atomic():
         conversation = get_conversation_for_user(user, conversation_id)
-        owner = access.may_manage_conversation(user, conversation)
-        if params is not None:
-            params = clean_params(params)
-            if params != conversation.params:
-                if not owner:
-                    raise ChatError(
-                        "Only the conversation's owner can change its settings.", "forbidden"
-                    )
-                conversation.params = params
-        # A team-mate who asks for another system prompt or model is told, not ignored.
-        changes_prompt = system_prompt and system_prompt != conversation.system_prompt
-        changes_model = model_name and model_name != conversation.model.name
-        if not owner and (changes_prompt or changes_model):
-            raise ChatError("Only the conversation's owner can change its settings.", "forbidden")
+        _apply_settings(user, conversation, model_name, params, system_prompt, live_workers)
         message = Message.objects.create(
             conversation=conversation, role=Message.USER, author=user, content=content
         )
@@ -419,6 +405,33 @@ def chat_send(
             user=user, conversation=conversation, overflow=overflow, live_workers=live_workers
         )
     return conversation, message, generation
+
+
+def _apply_settings(user, conversation, model_name, params, system_prompt, live_workers):
+    """The settings a message carries for its conversation's next answers (None: keep
+    what it has). Only the owner may change them; a team-mate who asks for other
+    settings is told, not ignored. Saved with the message, in its transaction: if the
+    answer is refused (a model whose context the conversation does not fit), nothing
+    changes. The answer's generation takes its settings from the conversation."""
+    changes = {}
+    if params is not None:
+        params = clean_params(params)
+        if params != conversation.params:
+            changes["params"] = params
+    if system_prompt is not None:
+        system_prompt = clean_system_prompt(system_prompt)
+        if system_prompt != conversation.system_prompt:
+            changes["system_prompt"] = system_prompt
+    if model_name and model_name != conversation.model.name:
+        changes["model"] = model_name
+    if not changes:
+        return
+    if not access.may_manage_conversation(user, conversation):
+        raise ChatError("Only the conversation's owner can change its settings.", "forbidden")
+    if "model" in changes:
+        changes["model"] = get_model(model_name, live_workers)
+    for field, value in changes.items():
+        setattr(conversation, field, value)  # saved by _queue_answer, with the answer
 
 
 @transaction.atomic

@@ -87,7 +87,7 @@ def enqueue(generation: Generation) -> None:
     """Send the generation to its model's queue (call after its row is committed)."""
     queue = (
         generation.model.bulk_queue_name
-        if generation.source == Generation.SOURCE_JOB
+        if generation.is_background
         else generation.model.queue_name
     )
     generate.apply_async(
@@ -126,18 +126,28 @@ def generate(self, generation_id: int, deployment: str | None = None) -> None:
     if server.error:
         _fail_unstarted(gen, f"The model could not be loaded: {server.error}")
         return
-    job = gen.source == Generation.SOURCE_JOB
+    job = gen.is_background
     if job and not server.engine.reserve_job():
         # Every sequence jobs may use is taken: hold no thread, ask again later.
         raise self.retry(countdown=JOB_DEFER_S)
+    released = not job
+
+    def release_job() -> None:
+        # Once: when the engine is done with it, before the final writes, whose
+        # generation_finished starts the job's next pass (which would otherwise find
+        # the place still held and wait JOB_DEFER_S); or at the latest here.
+        nonlocal released
+        if not released:
+            released = True
+            server.engine.release_job()
+
     try:
-        Run(gen, server).run()
+        Run(gen, server, engine_done=release_job).run()
     except DatabaseDown as exc:
         # Nothing was claimed: the generation is still queued in the database.
         raise _retry_later(self, generation_id, exc.__cause__) from exc
     finally:
-        if job:
-            server.engine.release_job()
+        release_job()
 
 
 class DatabaseDown(Exception):
@@ -172,10 +182,11 @@ def _fail_unstarted(gen: Generation, reason: str) -> None:
 class Run:
     """One generation through the engine, in its task's thread."""
 
-    def __init__(self, gen: Generation, server: ModelServer):
+    def __init__(self, gen: Generation, server: ModelServer, engine_done=lambda: None):
         self.gen = gen
         self.server = server
         self.engine = server.engine
+        self.engine_done = engine_done  # called when the engine has let it go
         self.text = ""
         self.started = False
 
@@ -205,7 +216,7 @@ class Run:
             prompt=prompt,
             sampling=sampling,
             tenant=gen.tenant,
-            priority=BACKGROUND if gen.source == Generation.SOURCE_JOB else INTERACTIVE,
+            priority=BACKGROUND if gen.is_background else INTERACTIVE,
             label=str(gen.pk),
         )
         stream = streams.GenerationStream(gen, text_before=prefix)
@@ -219,6 +230,7 @@ class Run:
                 error = self._follow(request, stream)
             finally:
                 self.server.stopped(gen.pk)
+                self.engine_done()
             if self.started:
                 self._finish(request, stream, error)
             else:

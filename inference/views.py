@@ -9,7 +9,7 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from mixtralweb.accounts.access import staff_required
+from mixtralweb.accounts.access import may_manage_conversation, staff_required
 
 from . import services
 from .models import LanguageModel, WorkerHeartbeat
@@ -42,6 +42,11 @@ def chat(request, conversation_id: int | None = None):
             "all_models": LanguageModel.objects.filter(enabled=True),
             "teams": request.user.teams.all(),
             "default_params": services.DEFAULT_PARAMS,
+            # The settings the next answer gets: the conversation's, else the defaults.
+            "settings": {**services.DEFAULT_PARAMS, **(conversation and conversation.params or {})},
+            "may_change_settings": (
+                conversation is None or may_manage_conversation(request.user, conversation)
+            ),
         },
     )
 

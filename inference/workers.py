@@ -152,6 +152,8 @@ class Heartbeat:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._last_progress_write = 0.0
+        # Whether the last write to Redis failed (the row says so: "unreachable").
+        self._redis_unreachable = False
         # Called before each write for changes to report (the engine's load).
         self.sample = None
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
@@ -199,20 +201,37 @@ class Heartbeat:
             state = dict(self.state)
         ttl = max(1, int(self.interval_s * 3))
         key = worker_key(self.host, self.pid)
+        # Each store says when the other could not be reached ("unreachable"), so
+        # that the ops worker's alerts learn it from the one it can still read.
+        unreachable = set()
         # The row first, so that whoever sees the new state in Redis finds it
         # stored; but Redis even when the database is down: Redis is what says
         # whether the model is served. A heartbeat never takes the worker down.
         try:
             self._write_row(state)
         except Exception:  # noqa: BLE001
+            unreachable.add("database")
             log.exception("could not write the worker heartbeat row")
+        state["unreachable"] = sorted(unreachable)
         try:
             with redis_pool.client().pipeline(transaction=False) as pipe:
                 pipe.set(key, json.dumps(state), ex=ttl)
                 pipe.zadd(index_key(), {key: time.time() + ttl})
                 pipe.execute()
         except Exception:  # noqa: BLE001
+            unreachable.add("redis")
             log.exception("could not write the worker heartbeat")
+        redis_changed = ("redis" in unreachable) != self._redis_unreachable
+        self._redis_unreachable = "redis" in unreachable
+        if redis_changed and "database" not in unreachable:
+            # Now, not a heartbeat later: the row was written before Redis was tried.
+            try:
+                self._rows().update(unreachable=["redis"] if self._redis_unreachable else [])
+            except Exception:  # noqa: BLE001
+                log.exception("could not write the worker heartbeat row")
+
+    def _rows(self):
+        return WorkerHeartbeat.objects.filter(host=self.host, pid=self.pid)
 
     def _write_row(self, state: dict) -> None:
         close_old_connections()
@@ -223,8 +242,9 @@ class Heartbeat:
             "load_progress": state["load_progress"],
             "reason": state["reason"],
             "generation_id": (state["generations"] or [None])[0],
+            "unreachable": ["redis"] if self._redis_unreachable else [],
         }
-        mine = WorkerHeartbeat.objects.filter(host=self.host, pid=self.pid)
+        mine = self._rows()
         if not mine.update(**fields, seen_at=timezone.now()):
             WorkerHeartbeat.objects.update_or_create(
                 host=self.host,

@@ -57,6 +57,13 @@ def ops_queue() -> str:
     return f"{namespace()}.ops"
 
 
+def worker_name(role: str) -> str:
+    """A Celery worker's node name: its role (a model's name, or "ops") in this
+    deployment, on this host. Two deployments' workers on one host then never answer
+    to one name when remote control (`celery inspect`) asks who is there."""
+    return f"{role}.{namespace()}@%h"
+
+
 def route_task(name, args, kwargs, options, task=None, **_kw) -> dict:
     """Celery router (CELERY_TASK_ROUTES): a task sent without an explicit queue goes
     to this deployment's ops queue."""

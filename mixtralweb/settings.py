@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+import dj_email_url
 from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 from redis.asyncio.retry import Retry as AsyncRedisRetry
@@ -237,6 +238,10 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "staticfiles"
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 WHITENOISE_USE_FINDERS = True
+# Stored files (the API's batch files, inference/jobs/models.py BatchFile), through
+# Django's default storage. Never served as URLs: only GET /v1/files/{id}/content reads
+# them, for their owner. Web processes and model workers must share it (docs/api.md).
+MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", VAR_DIR / "media"))
 
 # --- Redis: Celery broker and the Channels layer share one server. -------------
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -386,6 +391,56 @@ CELERY_BEAT_SCHEDULE.update(
     }
 )
 
+# --- Alerts (docs/monitoring.md, "Alerts"): evaluated by a beat task on the ops
+# worker; delivered by tasks on the ops queue, never by the process that saw them.
+ALERT_EVALUATE_INTERVAL_S = env_float("ALERT_EVALUATE_INTERVAL_S", 30.0)
+# An alert that lasts is sent again at most this often (minutes); 0: never again.
+ALERT_REPEAT_MIN = env_float("ALERT_REPEAT_MIN", 60.0)
+# Interactive queue wait (chat, API): the p95 over the last ALERT_QUEUE_WAIT_FOR_MIN
+# minutes above ALERT_QUEUE_WAIT_P95_S at every evaluation for that long.
+ALERT_QUEUE_WAIT_P95_S = env_float("ALERT_QUEUE_WAIT_P95_S", 30.0)
+ALERT_QUEUE_WAIT_FOR_MIN = env_float("ALERT_QUEUE_WAIT_FOR_MIN", 5.0)
+# A failed job opens an alert if it failed within this many hours (older failures,
+# from before alerting was set up, do not).
+ALERT_JOB_FAILED_LOOKBACK_H = env_float("ALERT_JOB_FAILED_LOOKBACK_H", 24.0)
+# Webhook (Slack, Mattermost or anything that takes JSON); empty: none.
+ALERT_WEBHOOK_URL = env_str("ALERT_WEBHOOK_URL", "")
+ALERT_WEBHOOK_TIMEOUT_S = env_float("ALERT_WEBHOOK_TIMEOUT_S", 10.0)
+ALERT_WEBHOOK_MAX_RETRIES = env_int("ALERT_WEBHOOK_MAX_RETRIES", 8)
+# E-mail: to these addresses, or else to every active staff user with an address.
+ALERT_EMAILS = env_list("ALERT_EMAILS", "")
+# Where links in the messages point (https://llm.example.com); empty: no links.
+SITE_URL = env_str("SITE_URL", "").rstrip("/")
+
+# E-mail through Django's backend: EMAIL_URL (smtp://user:pass@host:587/?tls=True,
+# parsed by dj-email-url) or the usual EMAIL_* variables. Alerts are e-mailed only
+# when one of them is set (ALERT_EMAIL overrides), so that a machine without a mail
+# server does not retry in vain.
+EMAIL_URL = env_str("EMAIL_URL", "")
+if EMAIL_URL:
+    globals().update(dj_email_url.parse(EMAIL_URL))
+else:
+    EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+    EMAIL_PORT = env_int("EMAIL_PORT", 25)
+    EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+    EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+    EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+    EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+    if "EMAIL_BACKEND" in os.environ:
+        EMAIL_BACKEND = os.environ["EMAIL_BACKEND"]
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", globals().get("EMAIL_TIMEOUT") or 10)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "webmaster@localhost")
+SERVER_EMAIL = env_str("SERVER_EMAIL", DEFAULT_FROM_EMAIL)
+ALERT_EMAIL = env_bool(
+    "ALERT_EMAIL", bool(EMAIL_URL or {"EMAIL_HOST", "EMAIL_BACKEND"} & set(os.environ))
+)
+CELERY_BEAT_SCHEDULE["evaluate-alerts"] = {
+    "task": "monitoring.tasks.evaluate_alerts",
+    "schedule": ALERT_EVALUATE_INTERVAL_S,
+    # A late evaluation is replaced by the next one, not run after it.
+    "options": {"expires": ALERT_EVALUATE_INTERVAL_S},
+}
+
 # --- Limits on what a client may send ------------------------------------------
 CHAT_MESSAGE_MAX_CHARS = env_int("CHAT_MESSAGE_MAX_CHARS", 100_000)
 WS_FRAME_MAX_BYTES = env_int("WS_FRAME_MAX_BYTES", 512 * 1024)
@@ -409,6 +464,11 @@ JOB_FORM_BODY_MAX_BYTES = 2 * JOB_UPLOAD_MAX_BYTES + REQUEST_BODY_MAX_BYTES
 # Pasted documents arrive as form fields: Django must read them as large as an
 # upload. Only the job form's requests can be that large (the limits above).
 DATA_UPLOAD_MAX_MEMORY_SIZE = JOB_UPLOAD_MAX_BYTES + 1_000_000
+# The API's batches (docs/api.md): an input file's size and lines. POST /v1/files may
+# send the file and its form fields (BATCH_FILES_BODY_MAX_BYTES, body_limits.py).
+BATCH_FILE_MAX_BYTES = env_int("BATCH_FILE_MAX_BYTES", 10 * 1000 * 1000)
+BATCH_MAX_LINES = env_int("BATCH_MAX_LINES", 1000)
+BATCH_FILES_BODY_MAX_BYTES = BATCH_FILE_MAX_BYTES + 100_000
 
 # --- Quotas (mixtralweb/quotas.py): defaults for users and teams without a Quota row
 # set in the admin. 0 means no limit.

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import GpuSample, RequestMetrics, UsageDaily
+from .models import Alert, GpuSample, RequestMetrics, UsageDaily
 
 
 @admin.register(RequestMetrics)
@@ -27,3 +27,16 @@ class UsageDailyAdmin(admin.ModelAdmin):
     list_filter = ["source", "model"]
     date_hierarchy = "day"
     raw_id_fields = ["user"]
+
+
+@admin.register(Alert)
+class AlertAdmin(admin.ModelAdmin):
+    """Read-only: the evaluation owns these rows (acknowledge on /alerts/)."""
+
+    list_display = ["subject", "kind", "opened_at", "fired_at", "resolved_at", "times_sent"]
+    list_filter = ["kind"]
+    date_hierarchy = "opened_at"
+    readonly_fields = [f.name for f in Alert._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False

@@ -228,3 +228,73 @@ class GpuMinute(models.Model):
 
     def __str__(self) -> str:
         return f"{self.host} GPU {self.gpu_index} minute {self.minute}"
+
+
+class Alert(models.Model):
+    """One occurrence of an alert condition, from the evaluation that first saw it
+    to the one that saw it end (monitoring/alerting.py).
+
+    At most one open row (resolved_at NULL) per key: the evaluation finds it, sends
+    it again at most every ALERT_REPEAT_MIN, and closes it with a "resolved" message.
+    A row whose condition must hold a while first (the queue wait) is pending until
+    then (fired_at NULL); one that ends while pending is deleted, never sent.
+    """
+
+    GPU_TEMPERATURE = "gpu_temperature"
+    GPU_THROTTLE = "gpu_throttle"
+    GPU_VRAM = "gpu_vram"
+    WORKER_GONE = "worker_gone"
+    MODEL_UNSERVED = "model_unserved"
+    QUEUE_WAIT = "queue_wait"
+    JOB_FAILED = "job_failed"
+    DATABASE_UNREACHABLE = "database_unreachable"
+    REDIS_UNREACHABLE = "redis_unreachable"
+    KIND_CHOICES = [
+        (GPU_TEMPERATURE, "GPU temperature"),
+        (GPU_THROTTLE, "GPU clock throttling"),
+        (GPU_VRAM, "GPU memory headroom"),
+        (WORKER_GONE, "Worker gone"),
+        (MODEL_UNSERVED, "Model without a live worker"),
+        (QUEUE_WAIT, "Queue wait"),
+        (JOB_FAILED, "Job failed"),
+        (DATABASE_UNREACHABLE, "Database unreachable from a worker"),
+        (REDIS_UNREACHABLE, "Redis unreachable from a worker"),
+    ]
+    # An event, not a condition: it lasts until staff acknowledge it.
+    EVENT_KINDS = {JOB_FAILED}
+
+    key = models.CharField(max_length=300, help_text="What it is about, e.g. gpu_vram:host/0.")
+    kind = models.CharField(max_length=30, choices=KIND_CHOICES)
+    subject = models.CharField(max_length=300)
+    message = models.TextField(help_text="The latest details.")
+    details = models.JSONField(default=dict, blank=True, help_text="Structured fields.")
+    opened_at = models.DateTimeField(help_text="First seen.")
+    fired_at = models.DateTimeField(null=True, blank=True, help_text="First sent.")
+    last_sent_at = models.DateTimeField(null=True, blank=True)
+    times_sent = models.PositiveIntegerField(default=0)
+    resolved_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    acknowledged_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+    )
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-opened_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["key"],
+                condition=models.Q(resolved_at__isnull=True),
+                name="one_open_alert_per_key",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.subject} ({'resolved' if self.resolved_at else 'open'})"
+
+    @property
+    def is_event(self) -> bool:
+        return self.kind in self.EVENT_KINDS

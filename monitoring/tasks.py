@@ -1,4 +1,5 @@
-"""Periodic upkeep of the monitoring tables (Celery beat, "default" queue: ops worker)."""
+"""Periodic upkeep of the monitoring tables, and the alerts (Celery beat, the ops
+worker's queue)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from django.conf import settings
 from django.db.models import Max
 from django.utils import timezone
 
-from monitoring import rollup
+from monitoring import alerting, rollup
 from monitoring.models import GpuMinute, GpuSample
 
 _MEAN_FIELDS = [
@@ -100,3 +101,10 @@ def refresh_recent_usage() -> int:
     a worker missed (say, it died between saving a generation and summing it)."""
     today = timezone.localdate()
     return rollup.refresh(today - timedelta(days=1), today)
+
+
+@shared_task(name="monitoring.tasks.evaluate_alerts")
+def evaluate_alerts() -> int:
+    """Open, repeat and resolve alerts (monitoring/alerting.py); returns the number
+    of messages queued."""
+    return len(alerting.evaluate())

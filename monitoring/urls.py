@@ -1,4 +1,4 @@
-"""Monitoring pages: usage history, dashboards, GPUs, Prometheus."""
+"""Monitoring pages: usage history, dashboards, GPUs, alerts, Prometheus."""
 
 from django.urls import path
 
@@ -10,5 +10,7 @@ urlpatterns = [
     path("usage/teams/<int:team_id>/", views.team_usage, name="team_usage"),
     path("usage/admin/", views.admin_overview, name="admin_overview"),
     path("gpus/", views.gpus, name="gpus"),
+    path("alerts/", views.alerts, name="alerts"),
+    path("alerts/<int:alert_id>/acknowledge/", views.alert_acknowledge, name="alert_acknowledge"),
     path("metrics", views.metrics, name="metrics"),
 ]

@@ -11,18 +11,20 @@ import hmac
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse, StreamingHttpResponse
-from django.shortcuts import get_object_or_404, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
+from django.views.decorators.http import require_POST
 
 from inference.models import Generation
 from mixtralweb.accounts.access import staff_required
 from mixtralweb.accounts.models import Membership, Team
-from monitoring import history, prometheus, telemetry, usage
+from monitoring import alerting, history, prometheus, telemetry, usage
 from monitoring.alerts import gpu_alerts
-from monitoring.models import UsageDaily, UsageDailyTotal, UsageDailyUser
+from monitoring.models import Alert, UsageDaily, UsageDailyTotal, UsageDailyUser
 from monitoring.nvml import NO_GPU_MESSAGE
 
 # RequestMetrics fields that only NVML can fill: without a GPU they read "no NVIDIA GPU".
@@ -233,6 +235,40 @@ def gpus(request):
         "live_interval_s": settings.GPU_SAMPLE_INTERVAL_S,
     }
     return render(request, "monitoring/gpus.html", context)
+
+
+@staff_required
+def alerts(request):
+    """Open alerts (sent, not ended), then the history, newest first."""
+    rows = Alert.objects.select_related("acknowledged_by").exclude(fired_at__isnull=True)
+    history_rows = rows.filter(resolved_at__isnull=False)
+    before = request.GET.get("before", "")
+    if before.isdigit():
+        history_rows = history_rows.filter(pk__lt=int(before))
+    page = list(history_rows.order_by("-pk")[:51])
+    context = {
+        "open": rows.filter(resolved_at__isnull=True).order_by("-fired_at"),
+        "history": page[:50],
+        "older": page[49].pk if len(page) > 50 else None,
+        "repeat_min": settings.ALERT_REPEAT_MIN,
+        "evaluate_s": settings.ALERT_EVALUATE_INTERVAL_S,
+        "pending": Alert.objects.filter(fired_at__isnull=True).count(),
+    }
+    return render(request, "monitoring/alerts.html", context)
+
+
+@require_POST
+@staff_required
+def alert_acknowledge(request, alert_id: int):
+    alert = get_object_or_404(Alert, pk=alert_id)
+    alerting.acknowledge(alert, request.user)
+    if alert.is_event:
+        messages.success(request, f"Acknowledged and closed: {alert.subject}.")
+    else:
+        messages.success(
+            request, f"Acknowledged: {alert.subject}. It is not sent again until it ends."
+        )
+    return redirect("alerts")
 
 
 def metrics(request):

@@ -21,7 +21,9 @@ LONG = "Write a very long story about a dragon who learns to bake bread, with ma
 
 
 def send(page, text: str, max_tokens: int | None = None):
-    if max_tokens is not None and page.locator("#p-max_tokens").count():
+    if max_tokens is not None:
+        # A conversation's settings are folded: open them to change the next answer's.
+        page.evaluate("document.getElementById('chat-settings').open = true")
         page.fill("#p-max_tokens", str(max_tokens))
     page.fill("#input", text)
     page.press("#input", "Enter")
@@ -226,7 +228,7 @@ def test_editing_a_message_replaces_the_later_turns(stack, cast, default_model, 
 
 def test_a_reload_in_the_middle_of_an_answer_continues_it(stack, cast, default_model, browser):
     page = log_in(browser, stack, "alice", "alice-pass-123")
-    send(page, LONG, max_tokens=600)
+    send(page, LONG, max_tokens=250)
     wait_for_text(page, 60)
     before = last_answer(page).locator(".body").inner_text()
     page.reload()
@@ -242,7 +244,11 @@ def test_a_reload_in_the_middle_of_an_answer_continues_it(stack, cast, default_m
 
 def test_a_team_mate_watches_the_live_stream(stack, cast, default_model, browser):
     conversation = Conversation.objects.create(
-        owner=cast.alice, team=cast.red, model=default_model, title="Team plans"
+        owner=cast.alice,
+        team=cast.red,
+        model=default_model,
+        title="Team plans",
+        params={"max_tokens": 300},
     )
     alice = log_in(browser, stack, "alice", "alice-pass-123")
     bob = log_in(browser, stack, "bob", "bob-pass-123")
@@ -251,16 +257,21 @@ def test_a_team_mate_watches_the_live_stream(stack, cast, default_model, browser
     assert "Team plans" in bob.locator(".sidebar").inner_text()
     for page in (alice, bob):
         page.wait_for_selector("#conn-status.ok", state="attached")
-    send(alice, LONG, max_tokens=240)
+    # The owner changes the settings of the next answer; a team-mate cannot.
+    assert alice.locator("#chat-settings summary").inner_text() == "Settings for the next answer"
+    assert bob.locator("#p-max_tokens").is_disabled()
+    assert "Only alice" in bob.locator("#chat-settings").text_content()
+    send(alice, LONG, max_tokens=100)
     wait_for_text(bob, 30)  # Bob sees it while it is being written
     bob.screenshot(path=str(SHOTS / "team-mate-watching.png"))
     wait_state(bob, "done")
     gen = Generation.objects.get(conversation=conversation)
+    assert gen.params["max_tokens"] == 100
     bob_text = last_answer(bob).locator(".body").inner_text()
     assert bob_text.split()[0].strip("*#_`") in gen.text
     assert bob.locator(".msg.user .meta").inner_text().startswith("alice")
     # Any member may post the next message, and it shows who wrote it.
-    send(bob, "Thanks! One more line please.", max_tokens=40)
+    send(bob, "Thanks! One more line please.")
     alice.wait_for_function("() => document.querySelectorAll('.msg.user').length === 2")
     wait_state(alice, "done")
     authors = alice.locator(".msg.user .meta").all_inner_texts()

@@ -31,6 +31,21 @@ def test_tasks_without_a_queue_go_to_this_deployments_ops_queue(settings):
     assert route["queue"].name == "deployment-a.ops"
 
 
+def test_alerts_are_evaluated_by_beat_and_sent_from_the_ops_queue(settings):
+    """Neither the evaluation nor a message runs in a model worker: all three go to
+    the deployment's ops queue (a model worker consumes only its model's queues)."""
+    settings.REDIS_NAMESPACE = "deployment-a"
+    app.loader.import_default_modules()  # as a worker does at start: autodiscovery
+    entry = app.conf.beat_schedule["evaluate-alerts"]
+    assert entry["task"] == "monitoring.tasks.evaluate_alerts"
+    assert entry["schedule"] == settings.ALERT_EVALUATE_INTERVAL_S
+    for name in [entry["task"], "monitoring.notify.send_webhook", "monitoring.notify.send_email"]:
+        assert name in app.tasks, f"{name} is not registered"
+        assert app.amqp.router.route({}, name)["queue"].name == "deployment-a.ops"
+    webhook = app.tasks["monitoring.notify.send_webhook"]
+    assert webhook.retry_backoff and webhook.max_retries == settings.ALERT_WEBHOOK_MAX_RETRIES
+
+
 def test_a_worker_keeps_its_database_connection_from_one_task_to_the_next(transactional_db):
     """Celery's Django fixup (installed in every worker) would reconnect for every
     task; with CELERY_DB_REUSE_MAX set, Django's CONN_MAX_AGE decides."""

@@ -176,3 +176,30 @@ def test_several_sequences_share_the_gpus_decode_steps():
     assert all(r.stats.completion_tokens > 0 for r in together)
     assert aggregate > alone, f"4 at once {aggregate:.0f} tok/s, one alone {alone:.0f}"
     print(f"\nGPU batching: one {alone:.0f} tok/s, four at once {aggregate:.0f} tok/s")
+
+
+def test_gpu_alerts_fire_and_resolve_on_real_readings(transactional_db, redis_client, settings):
+    """The alerts' GPU source on real NVML: thresholds set just past what the card
+    reads now fire the temperature and VRAM alerts; set far off, they resolve."""
+    from monitoring import alerting, telemetry
+    from monitoring.models import Alert
+
+    settings.ALERT_WEBHOOK_URL, settings.ALERT_EMAIL = "", False
+    telemetry.sample_once("gpu-alert-host")
+    gpus = [g for g in telemetry.current_gpus() if g["host"] == "gpu-alert-host"]
+    assert gpus, "NVML read no GPU here"
+    gpu = gpus[0]
+    where = f"gpu-alert-host/{gpu['index']}"
+    settings.GPU_ALERT_TEMPERATURE_C = gpu["temperature_c"] - 1
+    settings.GPU_ALERT_VRAM_HEADROOM_PCT = 101  # never that much free
+    alerting.evaluate()
+    hot = Alert.objects.get(key=f"gpu_temperature:{where}", resolved_at__isnull=True)
+    assert hot.fired_at and f"{gpu['temperature_c']:.0f} °C" in hot.message
+    assert Alert.objects.get(key=f"gpu_vram:{where}", resolved_at__isnull=True).fired_at
+
+    settings.GPU_ALERT_TEMPERATURE_C = gpu["temperature_c"] + 60
+    settings.GPU_ALERT_VRAM_HEADROOM_PCT = 0
+    telemetry.sample_once("gpu-alert-host")
+    alerting.evaluate()
+    for kind in ("gpu_temperature", "gpu_vram"):
+        assert Alert.objects.get(key=f"{kind}:{where}").resolved_at is not None

@@ -1,6 +1,7 @@
 """The GPU page in a real browser: history and live charts drawn, updated over the
-socket from a telemetry thread (NVML substituted), a phone-width usage page, and the
-usage pages listing requests that never finished."""
+socket from a telemetry thread (NVML substituted), a phone-width usage page, the
+usage pages listing requests that never finished, and the alerts page at phone
+width, used with the keyboard."""
 
 from __future__ import annotations
 
@@ -64,3 +65,40 @@ def test_the_usage_pages_show_requests_that_never_finished(browser, stack, staff
             cells = row.locator("td").all_inner_texts()
             assert cells[-5] == gen.get_state_display(), (path, name)
             assert cells[-2] == "—", (path, name)  # no time to first token
+
+
+def test_the_alerts_page_fits_a_phone_and_acknowledges_from_the_keyboard(browser, stack, staff):
+    from django.utils import timezone
+
+    from monitoring.models import Alert
+
+    now = timezone.now()
+    alert = Alert.objects.create(
+        key="worker_gone:phone-host:4242",
+        kind=Alert.WORKER_GONE,
+        subject="Worker phone-host:4242 (smollm2-135m) is gone",
+        message="The smollm2-135m worker phone-host:4242 (cpu) has missed three heartbeats; "
+        "last seen 2026-12-04 21:14:03 UTC, ready. It ends when a worker for "
+        "smollm2-135m starts on phone-host.",
+        opened_at=now,
+        fired_at=now,
+        last_sent_at=now,
+        times_sent=1,
+    )
+    viewport = {"width": 375, "height": 800}
+    page = log_in(browser, stack, "gpu-watcher", "watch-pass-123", viewport=viewport)
+    page.goto(f"{stack.http_url}/alerts/")
+    assert "phone-host:4242" in page.inner_text("#open-alerts")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    # Tab from the top of the page to the Acknowledge button, then Enter.
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.textContent.trim()") == "Acknowledge":
+            break
+    else:
+        raise AssertionError("the Acknowledge button is not reachable with Tab")
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    assert "acknowledged by gpu-watcher" in page.inner_text(f"#alert-{alert.pk}")
+    alert.refresh_from_db()
+    assert alert.acknowledged_at is not None

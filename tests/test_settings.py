@@ -138,3 +138,23 @@ def test_the_generated_secret_key_file_is_never_readable_by_others(tmp_path):
     # A second start reads the same key.
     again = effective("s.SECRET_KEY", VAR_DIR=str(tmp_path), SECRET_KEY="")
     assert again == [(tmp_path / "secret_key").read_text().strip()]
+
+
+def test_email_url_configures_djangos_email_backend_and_turns_alert_email_on():
+    out = effective(
+        "s.EMAIL_BACKEND, s.EMAIL_HOST, s.EMAIL_PORT, s.EMAIL_HOST_USER, s.EMAIL_USE_TLS, "
+        "s.ALERT_EMAIL, s.ALERT_EMAILS",
+        EMAIL_URL="smtp://alerts:secret@mail.example.com:587/?tls=True",
+        ALERT_EMAILS="ops@example.com, oncall@example.com",
+    )
+    assert out == [
+        "django.core.mail.backends.smtp.EmailBackend",
+        "mail.example.com",
+        587,
+        "alerts",
+        True,
+        True,
+        ["ops@example.com", "oncall@example.com"],
+    ]
+    # Nothing configured: no alert e-mail to a mail server that is not there.
+    assert effective("s.ALERT_EMAIL, s.EMAIL_HOST") == [False, "localhost"]

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from inference.models import Conversation, Generation, Message
-from inference.services import clean_params
+from inference import services
+from inference.models import Conversation, Generation, LanguageModel, Message, WorkerHeartbeat
+from inference.services import ChatError, clean_params
 
 
 @pytest.fixture
@@ -95,6 +96,49 @@ def test_a_team_mate_may_not_change_the_system_prompt_or_the_model(stack, cast, 
     refused(ws, {**base, "system_prompt": "Ignore the owner."})
     refused(ws, {**base, "model": "some-other-model"})
     assert not shared.conversation.messages.filter(author=cast.bob).exists()
+
+
+def test_the_owner_changes_the_settings_for_the_next_answer(stack, cast, shared, ws_factory):
+    ws = ws_factory(cast.alice)
+    ws.send(
+        {
+            "type": "chat.send",
+            "request_id": 1,
+            "content": "And in French?",
+            "conversation": shared.conversation.pk,
+            "system_prompt": "Answer in French.",
+            "params": {"max_tokens": 3, "temperature": 0},
+        }
+    )
+    accepted, _ = ws.recv_until(lambda f: f["type"] in ("error", "chat.accepted"))
+    assert accepted["type"] == "chat.accepted", accepted
+    ws.recv_until(lambda f: f["type"] == "generation.final", timeout=120)
+    gen = Generation.objects.get(pk=accepted["generation"])
+    assert gen.params["max_tokens"] == 3 and gen.params["temperature"] == 0
+    assert gen.input_messages[0] == {"role": "system", "content": "Answer in French."}
+    assert gen.metrics.completion_tokens <= 3
+    shared.conversation.refresh_from_db()
+    assert shared.conversation.system_prompt == "Answer in French."
+    assert shared.conversation.params["max_tokens"] == 3
+
+
+def test_the_owner_switches_the_model_only_where_the_conversation_fits(cast, shared):
+    small = LanguageModel.objects.create(
+        name="small-context", path=shared.conversation.model.path, n_ctx=256
+    )
+    serving = [{"model": small.name, "state": WorkerHeartbeat.READY}]
+    ask = dict(user=cast.alice, conversation_id=shared.conversation.pk, live_workers=serving)
+    long = " ".join(["Tell me about lighthouses and their keepers."] * 40)
+    with pytest.raises(ChatError) as refused_:
+        services.chat_send(content=long, model_name=small.name, **ask)
+    assert refused_.value.code == "context_overflow"
+    shared.conversation.refresh_from_db()
+    assert shared.conversation.model != small, "a refused message changes nothing"
+    assert not shared.conversation.messages.filter(content=long).exists()
+    conversation, _, gen = services.chat_send(content="Short one.", model_name=small.name, **ask)
+    assert conversation.model == small and gen.model == small
+    shared.conversation.refresh_from_db()
+    assert shared.conversation.model == small
 
 
 def test_a_team_mate_may_not_edit_the_owners_message(stack, cast, shared, ws_factory):

@@ -7,6 +7,8 @@ Alice submits the jobs; nothing is queued (no worker needed)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from asgiref.sync import async_to_sync
 from asgiref.testing import ApplicationCommunicator
@@ -97,9 +99,10 @@ def test_a_pdf_within_the_limits_is_read(alice, settings):
 
 
 # --- request bodies, as the ASGI server hands them over --------------------------------
-def request_to(path: str, chunks: list[bytes], declared: int | None = None):
+def request_to(path: str, chunks: list[bytes], declared: int | None = None, answer=None):
     """Send a POST body chunk by chunk to the real ASGI application; return the
-    response status and how many chunks it had taken when it answered."""
+    response status and how many chunks it had taken when it answered. `answer`, a
+    list, gets the response's start and body messages."""
     from mixtralweb.asgi import application
 
     headers = [(b"host", b"testserver"), (b"content-type", b"application/json")]
@@ -130,6 +133,8 @@ def request_to(path: str, chunks: list[bytes], declared: int | None = None):
             if not await app.receive_nothing(timeout=0.5):
                 break
         start = await app.receive_output(timeout=10)
+        if answer is not None:
+            answer.extend([start, await app.receive_output(timeout=10)])
         await app.wait(timeout=10)
         return start["status"], sent
 
@@ -148,6 +153,17 @@ def test_a_big_body_is_refused_as_soon_as_it_crosses_the_limit(settings):
 def test_a_body_that_declares_too_much_is_refused_before_it_is_read(settings):
     status, sent = request_to("/v1/chat/completions", [MB] * 10, declared=10_000_000)
     assert status == 413 and sent == 1
+
+
+def test_the_api_file_upload_takes_a_batch_file_and_refuses_more_in_openais_shape(settings):
+    status, _ = request_to("/v1/files", [MB] * 10, declared=10_000_000)
+    assert status != 413  # the view answers it (here: no key, 401)
+    answer = []
+    status, sent = request_to("/v1/files", [MB] * 11, declared=11_000_000, answer=answer)
+    assert status == 413 and sent == 1
+    assert (b"content-type", b"application/json") in answer[0]["headers"]
+    error = json.loads(answer[1]["body"])["error"]
+    assert error["code"] == "request_too_large" and "10.1 MB" in error["message"]
 
 
 @pytest.mark.django_db

@@ -24,7 +24,7 @@ from inference.jobs.models import Job
 from inference.models import Conversation, Generation, Message
 from mixtralweb.accounts.invitations import invitation_create
 from mixtralweb.accounts.models import ApiKey, Invitation, Membership
-from monitoring.models import RequestMetrics
+from monitoring.models import Alert, RequestMetrics
 
 ROLES = ("anonymous", "owner", "member", "team_admin", "outsider", "staff")
 ALL_OK = dict.fromkeys(ROLES[1:], "ok") | {"anonymous": "login"}
@@ -79,6 +79,8 @@ TABLE: dict[str, tuple[str, dict]] = {
     "team_usage": ("get", {**STAFF, "owner": "ok", "team_admin": "ok"}),
     "admin_overview": ("get", STAFF),
     "gpus": ("get", STAFF),
+    "alerts": ("get", STAFF),
+    "alert_acknowledge": ("post", STAFF),
     "metrics": ("get", {**STAFF, "anonymous": 401}),
     "planner:page": ("get", ALL_OK),
     "login": ("get", dict.fromkeys(ROLES, "ok")),
@@ -95,6 +97,11 @@ TABLE: dict[str, tuple[str, dict]] = {
     "api_models": ("get", dict.fromkeys(ROLES, 401)),
     "api_chat_completions": ("post", dict.fromkeys(ROLES, 401)),
     "api_completions": ("post", dict.fromkeys(ROLES, 401)),
+    "api_files": ("post", dict.fromkeys(ROLES, 401)),
+    "api_file_content": ("get", dict.fromkeys(ROLES, 401)),
+    "api_batches": ("post", dict.fromkeys(ROLES, 401)),
+    "api_batch": ("get", dict.fromkeys(ROLES, 401)),
+    "api_batch_cancel": ("post", dict.fromkeys(ROLES, 401)),
 }
 
 # For actions: did it happen? (kwargs, objects) -> bool
@@ -106,6 +113,7 @@ EFFECTS = {
     "job_discard": lambda o: not Job.objects.filter(pk=o["job"]).exists(),
     "job_cancel": lambda o: Job.objects.get(pk=o["job"]).state == Job.CANCELLED,
     "api_key_revoke": lambda o: ApiKey.objects.get(pk=o["key"]).revoked_at is not None,
+    "alert_acknowledge": lambda o: Alert.objects.get(pk=o["alert"]).acknowledged_at is not None,
     "invitation_revoke": lambda o: (
         Invitation.objects.get(pk=o["invitation"]).revoked_at is not None
     ),
@@ -187,7 +195,18 @@ def world(db):
     invitation, token = invitation_create(
         created_by=cast.alice, email="", team=cast.red, role=Membership.MEMBER, valid_days=7
     )
+    alert = Alert.objects.create(
+        key="gpu_temperature:host/0",
+        kind=Alert.GPU_TEMPERATURE,
+        subject="host GPU 0: temperature",
+        message="host GPU 0 is at 90 °C (alert at 85 °C).",
+        opened_at=gen.queued_at,
+        fired_at=gen.queued_at,
+        last_sent_at=gen.queued_at,
+        times_sent=1,
+    )
     kwargs = {
+        "alert_id": alert.pk,
         "conversation_id": conversation.pk,
         "job_id": job.pk,
         "fmt": "md",
@@ -196,6 +215,9 @@ def world(db):
         "key_id": key.pk,
         "invitation_id": invitation.pk,
         "token": token,
+        # The API's own ids; a session is refused before any is looked up.
+        "file_id": "file-1",
+        "batch_id": "batch_1",
     }
     users = {
         "anonymous": None,
@@ -210,6 +232,7 @@ def world(db):
         "job": job.pk,
         "key": key.pk,
         "invitation": invitation.pk,
+        "alert": alert.pk,
     }
     return kwargs, users, objects
 

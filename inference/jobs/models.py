@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from django.conf import settings
 from django.db import models
 
@@ -33,7 +35,9 @@ class Job(models.Model):
 
     SINGLE = "single"
     MAP_REDUCE = "map_reduce"
-    STRATEGY_CHOICES = [(SINGLE, "One pass"), (MAP_REDUCE, "Map-reduce")]
+    # An API batch (Batch below): each line of its input file is one pass.
+    BATCH = "batch"
+    STRATEGY_CHOICES = [(SINGLE, "One pass"), (MAP_REDUCE, "Map-reduce"), (BATCH, "API batch")]
 
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs"
@@ -95,6 +99,10 @@ class JobChunk(models.Model):
     it. A pass at level L > 0 combines the answers of level L-1 passes
     `start`..`end` (indexes, end excluded). The job's answer is the answer of the
     only pass of its last level.
+
+    In a batch the document is the input file and each pass is one of its lines
+    (level 0, `start`..`end` the line); a line refused when the batch was counted is
+    a failed pass without a generation, its answer the error ({"code", "message"}).
     """
 
     PENDING = "pending"
@@ -141,3 +149,58 @@ class JobChunk(models.Model):
 
     def __str__(self) -> str:
         return f"Job {self.job_id} pass {self.level}.{self.index}"
+
+
+def batch_file_path(instance, filename: str) -> str:
+    # The stored name is not the uploaded one: a user's file name never becomes a path.
+    return f"batch-files/{instance.user_id}/{uuid.uuid4().hex}.jsonl"
+
+
+class BatchFile(models.Model):
+    """A file of the OpenAI Files API: a batch's input, uploaded by a script, or the
+    output or errors it produced. Private to its user (any of their keys)."""
+
+    BATCH = "batch"
+    BATCH_OUTPUT = "batch_output"
+    PURPOSE_CHOICES = [(BATCH, "Batch input"), (BATCH_OUTPUT, "Batch output")]
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="batch_files"
+    )
+    purpose = models.CharField(max_length=20, choices=PURPOSE_CHOICES)
+    filename = models.CharField(max_length=255)
+    content = models.FileField(upload_to=batch_file_path)
+    bytes = models.PositiveBigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"file-{self.pk} ({self.filename})"
+
+
+class Batch(models.Model):
+    """The OpenAI Batches API's view of a job whose strategy is Job.BATCH: what the
+    request named, and the files it produced. Its state and progress are the job's."""
+
+    job = models.OneToOneField(Job, on_delete=models.CASCADE, related_name="batch")
+    # The key that created it: its own limits apply to every line (SET_NULL: a key
+    # deleted later leaves the batch, its lines then count as the user's alone).
+    api_key = models.ForeignKey(
+        "accounts.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    api_key_name = models.CharField(max_length=100, blank=True)
+    input_file = models.ForeignKey(BatchFile, on_delete=models.PROTECT, related_name="+")
+    output_file = models.ForeignKey(
+        BatchFile, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    error_file = models.ForeignKey(
+        BatchFile, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    endpoint = models.CharField(max_length=100)
+    completion_window = models.CharField(max_length=10)
+    metadata = models.JSONField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"batch_{self.job_id}"

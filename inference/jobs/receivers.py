@@ -21,7 +21,7 @@ def advance_on_generation_finished(sender, generation, **kwargs) -> None:
     from .models import JobChunk
     from .services import job_advance
 
-    if generation.source != Generation.SOURCE_JOB:
+    if generation.source not in Generation.BACKGROUND_SOURCES:
         return
     try:
         job_id = (

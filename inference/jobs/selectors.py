@@ -4,10 +4,30 @@ from __future__ import annotations
 
 from statistics import median
 
+from django.db.models import Count, Prefetch, Q
+
 from inference.models import Generation
 from inference.selectors import live_text, metrics_payload, queue_position
 
 from .models import Job, JobChunk
+
+
+def batch_progress(jobs) -> None:
+    """Set `requests` ({total, completed, failed}) on each API batch among `jobs`, in
+    one query: the job list shows a batch's progress in its lines."""
+    batch_ids = [job.pk for job in jobs if job.strategy == Job.BATCH]
+    rows = (
+        JobChunk.objects.filter(job_id__in=batch_ids)
+        .values("job_id")
+        .annotate(
+            total=Count("id"),
+            completed=Count("id", filter=Q(state=JobChunk.DONE)),
+            failed=Count("id", filter=Q(state=JobChunk.FAILED)),
+        )
+    )
+    by_job = {row.pop("job_id"): row for row in rows}
+    for job in jobs:
+        job.requests = by_job.get(job.pk)
 
 
 def unread_count(user_id: int) -> int:
@@ -25,6 +45,8 @@ def _metrics_of(gen: Generation):
 
 
 def pass_label(job: Job, chunk: JobChunk) -> str:
+    if job.strategy == Job.BATCH:
+        return f"Request {chunk.index + 1}"
     if job.strategy == Job.SINGLE:
         return "Answer"
     if chunk.level == 0:
@@ -102,7 +124,16 @@ def measured_rates(job: Job, chunks: list[JobChunk]) -> dict:
 
 def job_snapshot(job: Job) -> dict:
     """A job as it stands now."""
-    chunks = list(job.chunks.select_related("generation__metrics").order_by("level", "index"))
+    # Every pass's attempts in one query: a batch may have a thousand lines.
+    attempts = Prefetch(
+        "generations",
+        queryset=Generation.objects.select_related("metrics").order_by("queued_at"),
+    )
+    chunks = list(
+        job.chunks.select_related("generation__metrics")
+        .prefetch_related(attempts)
+        .order_by("level", "index")
+    )
     current = next((c for c in chunks if c.state == JobChunk.RUNNING), None)
     if job.is_final:
         current = None
@@ -158,7 +189,7 @@ def job_snapshot(job: Job) -> dict:
         }
     metrics = []
     for chunk in chunks:
-        for gen in chunk.generations.select_related("metrics").order_by("queued_at"):
+        for gen in chunk.generations.all():
             metrics.append(
                 {
                     "label": pass_label(job, chunk),

@@ -7,6 +7,7 @@ that can be shown to the user as it is.
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import timedelta
 
@@ -20,9 +21,9 @@ from inference.streams import announce as send_to_group
 from mixtralweb import namespace
 from mixtralweb.accounts import access
 
-from . import planning
+from . import batch_lines, planning
 from .documents import DocumentError, clean_pasted_text, read_upload
-from .models import Job, JobChunk
+from .models import BatchFile, Job, JobChunk
 from .selectors import job_snapshot, unread_count
 
 log = logging.getLogger(__name__)
@@ -277,8 +278,11 @@ def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = Non
     job waits, saying why, and the redrive (jobs_redrive, every minute) tries again.
     Every pass counts against the quotas like any other generation; its tokens are
     its Generation's. True if the pass was started."""
+    batch = job.batch if job.strategy == Job.BATCH else None
     try:
-        check_quota(user=job.user, team=job.team, source="job")
+        # A batch's lines count against its key's own limits too.
+        api_key = batch.api_key if batch else None
+        check_quota(user=job.user, team=job.team, api_key=api_key, source="job")
     except QuotaExceeded as exc:
         reason = f"Waiting for the quota: {exc} The job goes on by itself then."
         if job.reason != reason:
@@ -288,15 +292,26 @@ def _start_pass(job: Job, chunk: JobChunk, level_answers: list[str] | None = Non
     if job.reason:
         job.reason = ""
         job.save(update_fields=["reason"])
-    gen = Generation.objects.create(
-        user=job.user,
-        team=job.team,
-        model=job.model,
-        source=Generation.SOURCE_JOB,
-        input_messages=_pass_messages(job, chunk, level_answers),
-        params={**PASS_PARAMS, "max_tokens": job.max_tokens},
-    )
-    if not chunk.prompt_tokens:
+    if batch is not None:
+        messages, params = batch_lines.line_request(job, chunk)
+        gen = Generation.objects.create(
+            user=job.user,
+            model=job.model,
+            source=Generation.SOURCE_BATCH,
+            api_key_name=batch.api_key_name,
+            input_messages=messages,
+            params=params,
+        )
+    else:
+        gen = Generation.objects.create(
+            user=job.user,
+            team=job.team,
+            model=job.model,
+            source=Generation.SOURCE_JOB,
+            input_messages=_pass_messages(job, chunk, level_answers),
+            params={**PASS_PARAMS, "max_tokens": job.max_tokens},
+        )
+    if not chunk.prompt_tokens and batch is None:  # a batch line left uncounted stays so
         chunk.prompt_tokens = planning.count_chat(job.model, gen.input_messages)
     chunk.generation = gen
     chunk.attempts += 1
@@ -332,6 +347,9 @@ def _plan_next_level(job: Job, answers: list[str], level: int) -> list[JobChunk]
 def _advance_locked(job: Job) -> None:
     """Move a locked, active job one step on, from what the database says. Safe to
     call any number of times: a step already taken is not taken again."""
+    if job.strategy == Job.BATCH:
+        _advance_batch_locked(job)
+        return
     while job.state in Job.ACTIVE_STATES:
         chunks = list(job.chunks.select_related("generation").order_by("level", "index"))
         last_level = chunks[-1].level
@@ -384,7 +402,89 @@ def _advance_locked(job: Job) -> None:
         # Loop: start the first pass of the new level.
 
 
+def _advance_batch_locked(job: Job) -> None:
+    """A batch's step: record the lines whose generation ended, retry a failed one
+    (PASS_MAX_ATTEMPTS in all, as job passes), start the next lines while fewer than
+    the model's job_sequences are in flight, and end the batch when no line is left
+    (or, once cancelled, none is in flight). A line that fails for good is an error
+    line; it does not stop the others."""
+    if job.state not in Job.ACTIVE_STATES:
+        return
+    in_flight, limit = 0, max(1, job.model.job_sequences)
+    may_start = not job.cancel_requested
+    started_any = False
+    for chunk in job.chunks.select_related("generation").order_by("index"):
+        if chunk.state in (JobChunk.DONE, JobChunk.FAILED):
+            started_any = started_any or chunk.generation_id is not None
+            continue
+        gen = chunk.generation
+        if gen is not None:
+            started_any = started_any or gen.state != Generation.QUEUED
+            if not gen.is_final:
+                in_flight += 1
+                continue
+            if gen.state == Generation.DONE:
+                chunk.state = JobChunk.DONE
+                chunk.save(update_fields=["state"])
+                continue
+            if gen.state == Generation.CANCELLED and job.cancel_requested:
+                continue  # stopped by the batch's cancel: an unanswered line
+            if gen.state == Generation.CANCELLED or chunk.attempts >= PASS_MAX_ATTEMPTS:
+                chunk.state = JobChunk.FAILED
+                what = "was stopped" if gen.state == Generation.CANCELLED else "failed"
+                chunk.answer = json.dumps(
+                    batch_lines.error(
+                        f"generation_{gen.state}",
+                        f"The generation {what} ({chunk.attempts} attempt(s)): "
+                        f"{gen.reason or 'no reason given'}",
+                    )
+                )
+                chunk.save(update_fields=["state", "answer"])
+                continue
+            log.info("batch %s: retrying line %s after: %s", job.pk, chunk.index, gen.reason)
+        if may_start and in_flight < limit:
+            if _start_pass(job, chunk):
+                in_flight += 1
+            else:
+                may_start = False  # the quota: the redrive tries again
+    if in_flight == 0 and (job.cancel_requested or not _batch_lines_left(job)):
+        _finish_batch(job)
+    elif started_any and job.state == Job.QUEUED:
+        job.state = Job.RUNNING
+        job.save(update_fields=["state"])
+
+
+def _batch_lines_left(job: Job) -> bool:
+    return job.chunks.exclude(state__in=[JobChunk.DONE, JobChunk.FAILED]).exists()
+
+
+def _finish_batch(job: Job) -> None:
+    """Write the output and error files, then end the batch: cancelled if it was,
+    failed if no line was a valid request, else done (completed)."""
+    answered, unanswered = batch_lines.write_files(job, job.batch)
+    never_valid = not job.chunks.exclude(state=JobChunk.FAILED, generation__isnull=True).exists()
+    summary = (
+        f"{answered + unanswered} request(s): {answered} answered (output file "
+        f"{_file_id(job.batch.output_file)}), {unanswered} without an answer (error file "
+        f"{_file_id(job.batch.error_file)}). GET /v1/files/{{id}}/content downloads them."
+    )
+    if job.cancel_requested:
+        _finish_job(job, Job.CANCELLED, job.reason or "Cancelled.", result=summary)
+    elif never_valid:
+        _finish_job(
+            job, Job.FAILED, "No line of the input file is a valid request.", result=summary
+        )
+    else:
+        _finish_job(job, Job.DONE, result=summary)
+
+
+def _file_id(file: BatchFile | None) -> str:
+    return f"file-{file.pk}" if file else "none"
+
+
 def _pass_name(job: Job, chunk: JobChunk) -> str:
+    if job.strategy == Job.BATCH:
+        return f"Request {chunk.index + 1}"
     if job.strategy == Job.SINGLE:
         return "The pass"
     if chunk.level == 0:
@@ -415,7 +515,14 @@ def job_cancel(*, user, job_id) -> Job:
         if job.is_final:
             return job
         job.cancel_requested = True
-        _finish_job(job, Job.CANCELLED, f"Cancelled by {user.get_username()}.")
+        if job.strategy == Job.BATCH:
+            # Cancelling: the lines in flight are stopped below; the batch ends, with
+            # the files of what it answered, when the last of them has (or now).
+            job.reason = f"Cancelled by {user.get_username()}."
+            job.save(update_fields=["cancel_requested", "reason"])
+            _advance_locked(job)
+        else:
+            _finish_job(job, Job.CANCELLED, f"Cancelled by {user.get_username()}.")
         running = list(
             Generation.objects.filter(
                 job_chunk__job=job, state__in=[Generation.QUEUED, Generation.RUNNING]
@@ -473,3 +580,10 @@ def announce(job: Job) -> None:
     transaction.on_commit(send, robust=True)
     for gen in passes:
         generation_enqueue(gen)
+
+
+def batch_start(*, job: Job) -> None:
+    """Start a batch created in the caller's transaction (its first lines), and tell
+    its watchers once that commits."""
+    _advance_locked(job)
+    announce(job)

@@ -19,7 +19,7 @@ from mixtralweb.accounts import access
 from . import planning, services
 from .forms import JobForm
 from .models import Job
-from .selectors import job_snapshot
+from .selectors import batch_progress, job_snapshot
 from .uploads import DocumentUploadHandler
 
 STATE_FILTERS = {
@@ -61,6 +61,8 @@ def job_list(request):
     if query:
         jobs = jobs.filter(title__icontains=query)
     page = Paginator(jobs, 25).get_page(request.GET.get("page"))
+    page.object_list = list(page.object_list)  # one read, with the batches' progress on it
+    batch_progress(page.object_list)
     return render(
         request,
         "inference/jobs/list.html",

@@ -136,7 +136,7 @@ def key_usage(keys, *, days: int = USAGE_DAYS) -> dict[tuple[int, str], dict]:
     since = timezone.now() - timedelta(days=days)
     rows = (
         Generation.objects.filter(
-            source=Generation.SOURCE_API,
+            source__in=[Generation.SOURCE_API, Generation.SOURCE_BATCH],
             queued_at__gte=since,
             user_id__in={key.user_id for key in keys},
             api_key_name__in={key.name for key in keys},

@@ -132,10 +132,16 @@
       // Titled by the server (services.title_from), as a reload will show it.
       title.textContent = frame.title;
       addToSidebar(conversationId, frame.title);
-      const settings = document.getElementById("new-chat-settings");
-      if (settings) settings.remove();
+      const settings = document.getElementById("chat-settings");
+      if (settings) {
+        settings.open = false;
+        settings.querySelector("summary").textContent = "Settings for the next answer";
+      }
       refreshHeader();
+    } else if (request && request.model && request.model !== root.dataset.model) {
+      refreshHeader();  // the model line names the model that now answers
     }
+    if (request && request.model) root.dataset.model = request.model;
   }
 
   // A new conversation's model line, Manage menu and tab title, as its own page
@@ -486,7 +492,10 @@
     const content = input.value;
     if (!content.trim() || activeGeneration() !== null) return;
     const frame = { type: "chat.send", content: content, conversation: conversationId };
-    if (!conversationId) {
+    // The settings go with every message (only their owner may change them; the
+    // server keeps a conversation's settings when a message carries none).
+    const settings = document.querySelector("#chat-settings fieldset");
+    if (settings && !settings.disabled) {
       frame.model = document.getElementById("model").value;
       frame.system_prompt = document.getElementById("system-prompt").value;
       frame.params = params();

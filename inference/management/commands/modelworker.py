@@ -16,6 +16,7 @@ from django.core.management.base import BaseCommand, CommandError
 from inference.models import LanguageModel
 from inference.registry import apply_default_model_settings
 from inference.serving import pool_size
+from mixtralweb import namespace
 
 
 class Command(BaseCommand):
@@ -44,7 +45,7 @@ class Command(BaseCommand):
             # starts only when no chat message is waiting.
             f"{model.queue_name},{model.bulk_queue_name}",
             "--hostname",
-            f"{model.name}@%h",
+            namespace.worker_name(model.name),
             "--concurrency",
             str(pool_size(model)),
             "--pool",

@@ -75,13 +75,7 @@ class Command(BaseCommand):
         manager.add_process("worker", f"{python} manage.py modelworker {model.name}", env=env)
         # Maintenance tasks (the reaper) get their own small worker, so that they
         # run even while the model worker is busy or gone.
-        manager.add_process(
-            "ops",
-            f"{bin_dir}/celery -A mixtralweb worker --queues {namespace.ops_queue()} "
-            "--hostname ops@%h "
-            "--pool solo --loglevel INFO --without-gossip --without-mingle",
-            env=env,
-        )
+        manager.add_process("ops", f"{python} manage.py opsworker", env=env)
         manager.add_process(
             "beat",
             f"{bin_dir}/celery -A mixtralweb beat --loglevel INFO "
