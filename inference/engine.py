@@ -126,6 +126,9 @@ class Sampling:
     stop: tuple[str, ...] = ()
     # A GBNF grammar the answer must follow (structured output), or None.
     grammar: str | None = None
+    # Regular expressions: if any, the grammar is lazy. The answer is free until one
+    # matches its text; from the match on, the grammar holds it (tool calls, "auto").
+    grammar_triggers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -822,7 +825,7 @@ def _sampler_chain(vocab, sampling: Sampling):
     (greedy at temperature 0)."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     if sampling.grammar:
-        grammar = llama_cpp.llama_sampler_init_grammar(vocab, sampling.grammar.encode(), b"root")
+        grammar = _grammar_sampler(vocab, sampling)
         if not grammar:
             llama_cpp.llama_sampler_free(chain)
             raise ValueError("llama.cpp could not parse the grammar")
@@ -840,6 +843,17 @@ def _sampler_chain(vocab, sampling: Sampling):
     ):
         llama_cpp.llama_sampler_chain_add(chain, sampler)
     return chain
+
+
+def _grammar_sampler(vocab, sampling: Sampling):
+    if not sampling.grammar_triggers:
+        return llama_cpp.llama_sampler_init_grammar(vocab, sampling.grammar.encode(), b"root")
+    patterns = (ctypes.c_char_p * len(sampling.grammar_triggers))(
+        *(pattern.encode() for pattern in sampling.grammar_triggers)
+    )
+    return llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+        vocab, sampling.grammar.encode(), b"root", patterns, len(patterns), None, 0
+    )
 
 
 # ggml-backend.h: enum ggml_backend_dev_type

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from mixtralweb import namespace
 
-from . import broker, streams
+from . import broker, streams, tool_calls
 from .engine import BACKGROUND, INTERACTIVE, ContextOverflow, DecodeError, Request, Sampling
 from .models import Generation
 from .selectors import announce_final
@@ -67,14 +67,19 @@ def _database_connection_for_the_task(**_kwargs) -> None:
     close_old_connections()
 
 
-def sampling_from(params: dict) -> Sampling:
+def sampling_from(params: dict, tool_format: str | None = None) -> Sampling:
+    """tool_format: the call format of the model's template (tool_calls.grammar)."""
+    grammar, triggers = params.get("grammar") or None, ()
+    if grammar is None:
+        grammar, triggers = tool_calls.grammar(params, tool_format)
     return Sampling(
         max_tokens=int(params.get("max_tokens", 512)),
         temperature=float(params.get("temperature", 0.7)),
         top_p=float(params.get("top_p", 0.95)),
         seed=params.get("seed"),
         stop=tuple(params.get("stop") or ()),
-        grammar=params.get("grammar") or None,
+        grammar=grammar,
+        grammar_triggers=triggers,
     )
 
 
@@ -203,12 +208,13 @@ class Run:
         self.text = prefix
         try:
             prompt = self._prompt(prefix)
+            sampling = sampling_from(gen.params, tokenizer_for(gen.model.path).tool_format)
         except (ContextOverflow, ValueError, OSError) as exc:
             self._end_unstarted(str(exc))
             return
         request = Request(
             prompt=prompt,
-            sampling=sampling_from(gen.params),
+            sampling=sampling,
             tenant=gen.tenant,
             priority=BACKGROUND if gen.is_background else INTERACTIVE,
             label=str(gen.pk),
@@ -241,7 +247,11 @@ class Run:
         tokenizer = tokenizer_for(gen.model.path)
         if gen.prompt_text:
             return tokenizer.tokenize(gen.prompt_text + prefix)
-        return tokenizer.chat_tokens(gen.input_messages, assistant_prefix=prefix)
+        return tokenizer.chat_tokens(
+            gen.input_messages,
+            assistant_prefix=prefix,
+            tools=tool_calls.tool_defs(gen.params),
+        )
 
     def _follow(self, request: Request, stream: streams.GenerationStream) -> Exception | None:
         """Stream the request's events until it ends; returns its error, if any."""

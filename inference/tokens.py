@@ -28,6 +28,8 @@ import jinja2
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from . import tool_calls
+
 # What llama.cpp parses as a token in text only when asked to parse special tokens
 # (user-defined tokens it parses either way, so they need no care here).
 CONTROL_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
@@ -66,33 +68,64 @@ class ChatTokenizer:
             llama_cpp.LLAMA_VOCAB_TYPE_SPM,
         )
         self.control_tokens = _control_tokens(model.vocab)
+        self.tool_format = self._tool_format()
 
-    def render(self, messages: Sequence[dict], assistant_prefix: str = "") -> str:
-        """The prompt text; assistant_prefix continues an answer cut short (a retry)."""
-        return self._format(self.template_messages(messages)) + assistant_prefix
+    def _tool_format(self) -> str | None:
+        """The call format of a template that shows the model the tools it is given
+        (Mistral v3's, Qwen's; ChatML's ignores them): then tools, calls and results
+        go to it as they are. None: the text fallback (tool_calls.py)."""
+        probe = tool_calls.template_tools([{"name": "probe_tool_x7", "parameters": {}}])
+        try:
+            prompt = self.formatter(messages=[{"role": "user", "content": "hi"}], tools=probe)
+        except TEMPLATE_ERRORS:
+            return None
+        if "probe_tool_x7" not in prompt.prompt:
+            return None
+        return tool_calls.call_format(prompt.prompt)
 
-    def template_messages(self, messages: Sequence[dict]) -> list[dict]:
-        """The messages as the template takes them. Consecutive turns of one role
-        become one (an answer stopped before its first word leaves two user turns
-        in a row), and where the template refuses a system turn (Mistral's,
-        Mixtral's), the system prompt opens the first user turn: a conversation can
-        always continue. ChatTemplateError if the template still refuses."""
+    def render(
+        self,
+        messages: Sequence[dict],
+        assistant_prefix: str = "",
+        tools: Sequence[dict] = (),
+    ) -> str:
+        """The prompt text; assistant_prefix continues an answer cut short (a retry).
+        tools: the functions shown to the model (tool_calls.tool_defs)."""
+        messages, shown = self.template_messages(messages, tools)
+        return self._format(messages, shown) + assistant_prefix
+
+    def template_messages(
+        self, messages: Sequence[dict], tools: Sequence[dict] = ()
+    ) -> tuple[list[dict], list[dict] | None]:
+        """The messages as the template takes them, and the tools it is given (None:
+        none, or the template has no place for them and they are in the messages).
+        Consecutive turns of one role become one (an answer stopped before its first
+        word leaves two user turns in a row), and where the template refuses a
+        system turn (Mistral's, Mixtral's), the system prompt opens the first user
+        turn: a conversation can always continue. ChatTemplateError if the template
+        still refuses."""
+        shown = None
+        if self.tool_format:
+            messages = tool_calls.native_messages(messages)
+            shown = tool_calls.template_tools(tools) or None
+        elif tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+            messages = tool_calls.fallback_messages(messages, tools)
         merged = _merged(messages)
         candidates = [merged]
         if any(message.get("role") == "system" for message in merged):
             candidates.append(_system_folded(merged))
         for candidate in candidates:
             try:
-                self.formatter(messages=candidate)
+                self.formatter(messages=candidate, tools=shown)
             except TEMPLATE_ERRORS as exc:
                 error = exc
                 continue
-            return candidate
+            return candidate, shown
         raise ChatTemplateError(f"The model's chat template refuses this conversation: {error}")
 
-    def _format(self, messages: list[dict]) -> str:
+    def _format(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         try:
-            return self.formatter(messages=messages).prompt
+            return self.formatter(messages=messages, tools=tools).prompt
         except TEMPLATE_ERRORS as exc:
             raise ChatTemplateError(
                 f"The model's chat template refuses this conversation: {exc}"
@@ -112,19 +145,27 @@ class ChatTokenizer:
         with self._lock:
             return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
-    def chat_tokens(self, messages: Sequence[dict], assistant_prefix: str = "") -> list[int]:
-        """The prompt's tokens: control tokens from the template only."""
+    def chat_tokens(
+        self,
+        messages: Sequence[dict],
+        assistant_prefix: str = "",
+        tools: Sequence[dict] = (),
+    ) -> list[int]:
+        """The prompt's tokens: control tokens from the template only. tools: the
+        functions shown to the model (tool_calls.tool_defs)."""
         tokens = []
-        for fragment in self._fragments(messages, assistant_prefix):
+        for fragment in self._fragments(messages, assistant_prefix, tools):
             if isinstance(fragment, int):
                 tokens.append(fragment)
             else:
                 tokens += self.tokenize_plain(fragment)
         return tokens
 
-    def _fragments(self, messages: Sequence[dict], assistant_prefix: str) -> list[int | str]:
-        """The prompt as control token ids and the plain text between them."""
-        messages = self.template_messages(messages)
+    def _fragments(self, messages: Sequence[dict], assistant_prefix: str, tools) -> list[int | str]:
+        """The prompt as control token ids and the plain text between them. A native
+        template writes the tools and the calls itself: their text is the API
+        caller's, who may write control tokens in a raw prompt anyway."""
+        messages, shown = self.template_messages(messages, tools)
         marker = f"\ue000{secrets.token_hex(8)}\ue001"
         marked = [
             {**message, "content": f"{marker}{message['content']}{marker}"}
@@ -132,11 +173,11 @@ class ChatTokenizer:
             else message
             for message in messages
         ]
-        parts = self._format(marked).split(marker)
+        parts = self._format(marked, shown).split(marker)
         if len(parts) % 2 == 0:
             raise ChatTemplateError("The model's chat template cuts a message's text apart.")
         contents = parts[1::2]
-        plain = self._format(messages)
+        plain = self._format(messages, shown)
         if (
             "".join(parts) != plain
             and "".join(part.strip() if index % 2 else part for index, part in enumerate(parts))
@@ -257,10 +298,10 @@ def chat_tokens_bound(model, messages: Sequence[dict]) -> int | None:
     return len(tokenizer.render(messages).encode("utf-8")) + BOUND_MARGIN_TOKENS
 
 
-def count_chat_tokens(model, messages: Sequence[dict]) -> int:
+def count_chat_tokens(model, messages: Sequence[dict], tools: Sequence[dict] = ()) -> int:
     """The prompt tokens of `messages` for `model` (a LanguageModel, or anything with
     a `path`), identical to the count the worker gets."""
-    return len(tokenizer_for(model.path).chat_tokens(messages))
+    return len(tokenizer_for(model.path).chat_tokens(messages, tools=tools))
 
 
 def count_text_tokens(model, text: str) -> int:

@@ -73,22 +73,48 @@ def read_jsonl(client, file_id: str) -> list[dict]:
     return [json.loads(row) for row in client.files.content(file_id).text.splitlines()]
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}},
+    },
+}
+
+
 def test_a_batch_with_an_invalid_line_answers_the_others_and_reports_it(client, cast):
     invalid = line("bad", {"model": MODEL, "messages": []})
-    batch = start(client, line("one"), invalid, line("two"))
-    assert batch.status == "in_progress" and batch.request_counts.total == 3
+    # A line with tools is answered with its call, as the endpoint answers.
+    call = line(
+        "call",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Weather in Rome?"}],
+            "tools": [WEATHER],
+            "tool_choice": "required",
+            "max_tokens": 48,
+            "temperature": 0,
+        },
+    )
+    batch = start(client, line("one"), invalid, line("two"), call)
+    assert batch.status == "in_progress" and batch.request_counts.total == 4
     # The invalid line is refused at once, with the endpoint's own words.
     assert batch.request_counts.failed == 1
 
     done = wait_for(client, batch.id, {"completed", "failed"})
     assert done.status == "completed"
-    assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 1)
 
     outputs = read_jsonl(client, done.output_file_id)
-    assert [row["custom_id"] for row in outputs] == ["one", "two"]
+    assert [row["custom_id"] for row in outputs] == ["one", "two", "call"]
     gens = Generation.objects.filter(source=Generation.SOURCE_BATCH).order_by("queued_at")
-    assert len(gens) == 2, "one generation per valid line, none for the invalid one"
-    for row, gen in zip(outputs, gens, strict=True):
+    assert len(gens) == 3, "one generation per valid line, none for the invalid one"
+    called = outputs.pop()["response"]["body"]["choices"][0]
+    assert called["finish_reason"] == "tool_calls" and called["message"]["content"] is None
+    [tool_call] = called["message"]["tool_calls"]
+    assert tool_call["function"]["name"] == "get_weather"
+    assert json.loads(tool_call["function"]["arguments"]).get("city", "Rome") in ("Paris", "Rome")
+    for row, gen in zip(outputs, gens[:2], strict=True):
         body = row["response"]["body"]
         assert row["error"] is None and row["response"]["status_code"] == 200
         assert body["object"] == "chat.completion" and body["id"] == f"chatcmpl-{gen.pk}"
@@ -111,7 +137,7 @@ def test_a_batch_with_an_invalid_line_answers_the_others_and_reports_it(client, 
     browser.force_login(cast.alice)
     page = browser.get("/jobs/").content.decode()
     assert "API batch: batch.jsonl" in page
-    assert "2 of 3 requests answered, 1 failed" in page
+    assert "3 of 4 requests answered, 1 failed" in page
     assert browser.get(f"/jobs/{job.pk}/").status_code == 200
 
 

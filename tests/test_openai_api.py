@@ -14,8 +14,10 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
+from inference import tool_calls
 from inference.models import Generation, LanguageModel
 from inference.quotas import start_of_day
+from inference.tokens import tokenizer_for
 from mixtralweb.accounts.models import ApiKey, Quota
 from monitoring.models import RequestMetrics
 
@@ -253,16 +255,147 @@ def test_a_schema_keyword_the_grammar_cannot_enforce_is_refused_by_name(client):
     assert not Generation.objects.exists()
 
 
+# --- tool calls (the test model's ChatML template has none: the text fallback) -------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"],
+        },
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    },
+}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+# temperature 0: the same call every run; the grammar keeps it well-formed.
+CALL_SAMPLING = {"max_tokens": 40, "temperature": 0, "seed": 1}
+
+
+def rendered_prompt(gen: Generation) -> str:
+    """The prompt the worker built for gen, rendered again as text."""
+    return tokenizer_for(gen.model.path).render(
+        gen.input_messages,
+        tools=tool_calls.tool_defs(gen.params),
+    )
+
+
+def test_a_required_tool_call_then_its_result_turn(client):
+    answer = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK_WEATHER,
+        tools=[WEATHER, ADD],
+        tool_choice="required",
+        **CALL_SAMPLING,
+    )
+    gen = latest_generation()
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert (call.id, call.type) == (f"call_{gen.pk}_0", "function")
+    arguments = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        assert set(arguments) == {"city"} and len(arguments["city"]) <= 12
+    else:
+        assert call.function.name == "add" and type(arguments["a"]) is int
+    # The raw answer is stored; the tools were shown in the system prompt.
+    assert gen.text.startswith("<tool_call>") and gen.text.endswith("</tool_call>")
+    assert '"name": "get_weather"' in rendered_prompt(gen)
+
+    # The call's result goes back as a tool message; tool_choice "none" hides the
+    # tools, and the answer is text.
+    result = {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}
+    answer = client.chat.completions.create(
+        model=MODEL,
+        messages=[*ASK_WEATHER, choice.message, result],
+        tools=[WEATHER],
+        tool_choice="none",
+        **{**CALL_SAMPLING, "max_tokens": 8},
+    )
+    gen = latest_generation()
+    assert answer.choices[0].message.content == gen.text != ""
+    assert answer.choices[0].message.tool_calls is None
+    assert answer.choices[0].finish_reason in {"stop", "length"}
+    assert "tools" not in gen.params and "grammar" not in gen.params
+    prompt = rendered_prompt(gen)
+    assert "You can call" not in prompt
+    assert (
+        f"<tool_call>{json.dumps({'name': call.function.name, 'arguments': arguments})}" in prompt
+    )
+    assert '"result": "Sunny, 21 C"' in prompt
+    assert answer.usage.prompt_tokens == gen.metrics.prompt_tokens
+
+
+def test_a_streamed_call_of_a_named_function_then_its_result_turn(client):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=ASK_WEATHER,
+            tools=[ADD, WEATHER],
+            tool_choice=named,
+            stream=True,
+            **CALL_SAMPLING,
+        )
+    )
+    gen = latest_generation()
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.content for d in deltas)
+    pieces = [piece for d in deltas for piece in d.tool_calls or ()]
+    first = pieces[0]
+    assert (first.index, first.id, first.type) == (0, f"call_{gen.pk}_0", "function")
+    assert first.function.name == "get_weather"
+    assert {piece.index for piece in pieces} == {0}
+    arguments = "".join(piece.function.arguments or "" for piece in pieces)
+    assert set(json.loads(arguments)) == {"city"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert chunks[-1].usage.completion_tokens == gen.metrics.completion_tokens
+
+    # The result turn, streamed, tool_choice "auto" (the default with tools): the
+    # model may call again or answer; it answers, from the result.
+    call = {
+        "id": first.id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": arguments},
+    }
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[
+                *ASK_WEATHER,
+                {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": first.id, "content": "Sunny, 21 C"},
+            ],
+            tools=[ADD, WEATHER],  # as before: the cached prompt is reused
+            stream=True,
+            **{**CALL_SAMPLING, "max_tokens": 10},
+        )
+    )
+    gen = latest_generation()
+    assert gen.params["tool_choice"] == "auto"
+    assert '"result": "Sunny, 21 C"' in rendered_prompt(gen)
+    assert gen.metrics.cached_tokens > 150
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason in {"stop", "length"}
+    assert text == gen.text and "sunny" in text.lower()
+
+
 # --- fields: honoured, refused by name, or knowingly ignored ---------------------------
-
-
-def test_tools_are_refused_by_name_until_tool_calls_are_supported(client):
-    weather = {"type": "function", "function": {"name": "weather", "parameters": {}}}
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=MODEL, messages=HELLO, tools=[weather])
-    assert caught.value.body["param"] == "tools"
-    assert "tool calls are not supported yet" in caught.value.body["message"]
-    assert not Generation.objects.exists()
 
 
 def test_documented_ignored_fields_are_accepted(client):
@@ -417,7 +550,91 @@ INVALID_BODIES = [
     ({"model": MODEL, "messages": HELLO, "tool_choice": "auto"}, "tool_choice"),
     ({"model": MODEL, "messages": HELLO, "top_k": 40}, "top_k"),
     ({"model": MODEL, "messages": HELLO, "response_format": {"type": "yaml"}}, "response_format"),
-    ({"model": MODEL, "messages": [{"role": "tool", "content": "1"}]}, "messages[0].role"),
+    ({"model": MODEL, "messages": [{"role": "tool", "content": "1"}]}, "messages[0].tool_call_id"),
+    ({"model": MODEL, "messages": HELLO, "function_call": "auto"}, "function_call"),
+    ({"model": MODEL, "messages": HELLO, "tools": WEATHER}, "tools"),
+    ({"model": MODEL, "messages": HELLO, "tools": [{"type": "custom"}]}, "tools[0]"),
+    (
+        {"model": MODEL, "messages": HELLO, "tools": [{**ADD, "function": {"name": "a b"}}]},
+        "tools[0].function.name",
+    ),
+    (
+        {
+            "model": MODEL,
+            "messages": HELLO,
+            "tools": [{**ADD, "function": {"name": "f", "parameters": {"type": "string"}}}],
+        },
+        "tools[0].function.parameters",
+    ),
+    (
+        {
+            "model": MODEL,
+            "messages": HELLO,
+            "tools": [
+                ADD,
+                {
+                    **ADD,
+                    "function": {
+                        "name": "n",
+                        "parameters": {"properties": {"n": {"type": "integer", "multipleOf": 3}}},
+                    },
+                },
+            ],
+        },
+        "tools[1].function.parameters",
+    ),
+    (
+        {"model": MODEL, "messages": HELLO, "tools": [ADD], "tool_choice": {"type": "function"}},
+        "tool_choice",
+    ),
+    (
+        {
+            "model": MODEL,
+            "messages": HELLO,
+            "tools": [ADD],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        },
+        "tool_choice",
+    ),
+    (
+        {"model": MODEL, "messages": HELLO, "tools": [ADD], "parallel_tool_calls": 1},
+        "parallel_tool_calls",
+    ),
+    (
+        {
+            "model": MODEL,
+            "messages": HELLO,
+            "tools": [ADD],
+            "response_format": {"type": "json_object"},
+        },
+        "response_format",
+    ),
+    (
+        {
+            "model": MODEL,
+            "messages": [*HELLO, {"role": "tool", "tool_call_id": "call_9", "content": "1"}],
+        },
+        "messages[1].tool_call_id",
+    ),
+    (
+        {
+            "model": MODEL,
+            "messages": [
+                *HELLO,
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c",
+                            "type": "function",
+                            "function": {"name": "add", "arguments": "1"},
+                        }
+                    ],
+                },
+            ],
+        },
+        "messages[1].tool_calls[0].function.arguments",
+    ),
 ]
 
 
@@ -427,6 +644,10 @@ def test_invalid_fields_are_refused_with_400_naming_each_field(stack, alice_key)
         status, error = post_raw(stack, "/v1/chat/completions", alice_key.secret, json.dumps(body))
         assert (status, error["error"]["param"]) == (400, param), body
         assert error["error"]["type"] == "invalid_request_error"
+    # Tools are a chat's: the completions endpoint refuses them.
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "tools": [WEATHER]})
+    status, error = post_raw(stack, "/v1/completions", alice_key.secret, body)
+    assert (status, error["error"]["param"]) == (400, "tools")
     assert not Generation.objects.exists()
 
 

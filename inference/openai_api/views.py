@@ -19,7 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 from inference.quotas import QuotaExceeded, check_quota
 from mixtralweb.accounts.models import ApiKey, ApiKeyExpired
 
-from .. import services
+from .. import services, tool_calls
 from ..models import Generation
 from ..tokens import ChatTemplateError, count_chat_tokens, count_text_tokens
 from . import parsing
@@ -158,7 +158,7 @@ def _count_prompt_tokens(model, parsed: parsing.ApiRequest) -> int | None:
     try:
         if parsed.prompt is not None:
             return count_text_tokens(model, parsed.prompt)
-        return count_chat_tokens(model, parsed.messages)
+        return count_chat_tokens(model, parsed.messages, tool_calls.tool_defs(parsed.params))
     except OSError:
         return None
     except ChatTemplateError as exc:
@@ -207,8 +207,22 @@ def _raise_if_failed(final: dict) -> None:
         raise _failure(final)
 
 
-def _finish_reason(final: dict) -> str:
+def _finish_reason(final: dict, calls: tool_calls.Answer | None = None) -> str:
+    if calls is not None:
+        return "tool_calls"
     return "length" if final.get("finish_reason") == "length" else "stop"
+
+
+def _tool_calls(gen: Generation, answer: tool_calls.Answer) -> list[dict]:
+    """OpenAI's shape; ids from the generation's own, the same on every reading."""
+    return [
+        {
+            "id": f"call_{gen.pk}_{index}",
+            "type": "function",
+            "function": {"name": call["name"], "arguments": call["arguments"]},
+        }
+        for index, call in enumerate(answer.calls)
+    ]
 
 
 def _usage(final: dict, counted: int | None) -> dict:
@@ -234,19 +248,35 @@ def _ids(gen: Generation, kind: str) -> dict:
 
 
 def _whole_answer(gen: Generation, kind: str, text: str, final: dict, counted) -> dict:
-    if kind == CHAT:
+    # With tools shown to the model (its params say), the answer may be calls.
+    tools = gen.params.get("tools") if kind == CHAT else None
+    calls = tool_calls.parse_calls(text, tools) if tools else None
+    if calls is not None:
+        # Text the model wrote before its calls (auto) is the message's content.
+        message = {
+            "role": "assistant",
+            "content": calls.content,
+            "tool_calls": _tool_calls(gen, calls),
+        }
+        choice = {"index": 0, "message": message}
+        obj = "chat.completion"
+    elif kind == CHAT:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": None}
         obj = "text_completion"
-    choice["finish_reason"] = _finish_reason(final)
+    choice["finish_reason"] = _finish_reason(final, calls)
     return {**_ids(gen, kind), "object": obj, "choices": [choice], "usage": _usage(final, counted)}
 
 
-def _chunk(gen: Generation, kind: str, piece: str | None, finish_reason=None, first=False) -> dict:
+def _chunk(
+    gen: Generation, kind: str, piece: str | None, finish_reason=None, first=False, calls=None
+) -> dict:
     if kind == CHAT:
         delta = {} if piece is None else {"content": piece}
+        if calls is not None:
+            delta = {"tool_calls": calls}
         if first:
             delta["role"] = "assistant"
         choice = {"index": 0, "delta": delta}
@@ -265,20 +295,44 @@ def _event(data) -> bytes:
 
 async def _sse(gen: Generation, key: ApiKey, parsed: parsing.ApiRequest, kind: str, counted):
     """Server-sent events: a chunk per piece of text, a last chunk with the finish
-    reason (and usage), the usage chunk if asked for, then [DONE]."""
+    reason (and usage), the usage chunk if asked for, then [DONE].
+
+    With tools, text that may turn out to be calls is held back (tool_calls.sendable)
+    until the answer ends: then it is either calls, sent as delta.tool_calls (a chunk
+    with each call's id and name, one with its arguments), or text after all."""
+    tools = parsed.params.get("tools") if kind == CHAT else None
+    text, sent = "", 0
     async with stopped_if_abandoned(gen, key), aclosing(follow(gen.pk)) as items:
         if kind == CHAT:
             yield _event(_chunk(gen, kind, "", first=True))
         async for item in items:
             if isinstance(item, Text):
-                yield _event(_chunk(gen, kind, item.text))
+                if not tools:
+                    yield _event(_chunk(gen, kind, item.text))
+                    continue
+                text += item.text
+                ready = tool_calls.sendable(text)
+                if ready > sent:
+                    yield _event(_chunk(gen, kind, text[sent:ready]))
+                    sent = ready
                 continue
             final = item.event
         if final["state"] == Generation.FAILED:
             yield _event(_failure(final).body())
             return
+        calls = tool_calls.parse_calls(text, tools) if tools else None
+        # What was held back: text, or blank before the calls (then left out).
+        rest = text[sent : calls.start if calls else len(text)]
+        if rest.strip() or (rest and not calls):
+            yield _event(_chunk(gen, kind, rest))
+        for index, call in enumerate(_tool_calls(gen, calls) if calls else ()):
+            opening = {**call, "index": index, "function": {**call["function"]}}
+            opening["function"]["arguments"] = ""
+            yield _event(_chunk(gen, kind, None, calls=[opening]))
+            arguments = {"index": index, "function": {"arguments": call["function"]["arguments"]}}
+            yield _event(_chunk(gen, kind, None, calls=[arguments]))
         usage = _usage(final, counted)
-        last = _chunk(gen, kind, None, finish_reason=_finish_reason(final))
+        last = _chunk(gen, kind, None, finish_reason=_finish_reason(final, calls))
         # usage on the last chunk always: every response carries it.
         last["usage"] = usage
         yield _event(last)
