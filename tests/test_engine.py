@@ -510,3 +510,30 @@ def test_a_split_model_still_loads_where_there_is_no_gpu():
         assert engine.n_ctx == 512
     finally:
         engine.close()
+
+
+# --- grammars -------------------------------------------------------------------------
+COLOUR = 'root ::= "{\\"colour\\": \\"" ("red" | "green" | "blue") "\\"}"'
+
+
+def test_a_grammar_holds_every_sampled_answer_whether_the_first_draw_fits_or_not(engine):
+    # Sampled at a high temperature, most first draws break the grammar and are drawn
+    # again with the grammar over the whole vocabulary; later ones mostly fit it.
+    asks = [
+        engine.submit(
+            request(
+                conversation("the sea", 8),
+                Sampling(max_tokens=24, temperature=1.5, seed=seed, grammar=COLOUR),
+            )
+        )
+        for seed in range(4)
+    ]
+    answers = []
+    for ask in asks:
+        events = events_of(ask)
+        assert events[-1] == ("end", None), events[-1]
+        answers.append(text_of(events))
+        assert ask.stats.finish_reason == "stop", "the grammar's end lets the model stop"
+    assert all(
+        a in {'{"colour": "red"}', '{"colour": "green"}', '{"colour": "blue"}'} for a in answers
+    ), answers

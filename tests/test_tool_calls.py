@@ -187,14 +187,14 @@ def test_the_grammar_holds_a_sampled_answer_to_a_call_the_api_reads_back(tiny_ll
         assert arguments["city"] in ("Paris", "Rome"), text
 
 
-def allowed_pieces(chain, vocab, tokenizer) -> list[str]:
-    """The pieces the sampler chain leaves possible for the next token."""
+def allowed_pieces(sampler, vocab, tokenizer) -> list[str]:
+    """The pieces the grammar sampler leaves possible for the next token."""
     n = llama_cpp.llama_vocab_n_tokens(vocab)
     data = (llama_cpp.llama_token_data * n)()
     for token in range(n):
         data[token].id, data[token].logit, data[token].p = token, 0.0, 0.0
     array = llama_cpp.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
-    llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
     return [
         tokenizer.llm.detokenize([data[i].id], special=True).decode("utf-8", "replace")
         for i in range(array.size)
@@ -207,22 +207,23 @@ def test_auto_leaves_text_free_until_it_opens_a_call_then_holds_the_call():
     vocab = tokenizer.llm._model.vocab
     text, triggers = tool_calls.grammar({"tools": TOOLS, "tool_choice": "auto"}, None)
     sampling = Sampling(temperature=0, grammar=text, grammar_triggers=triggers)
-    chain = engine._sampler_chain(vocab, sampling)
+    grammar = engine._grammar_sampler(vocab, sampling)
     try:
-        assert len(allowed_pieces(chain, vocab, tokenizer)) == llama_cpp.llama_vocab_n_tokens(vocab)
+        every = llama_cpp.llama_vocab_n_tokens(vocab)
+        assert len(allowed_pieces(grammar, vocab, tokenizer)) == every
         for token in tokenizer.tokenize_plain("It is sunny.\nLet me check: <tool_"):
-            llama_cpp.llama_sampler_accept(chain, token)
+            llama_cpp.llama_sampler_accept(grammar, token)
         # Text still: "<tool_" is not yet the trigger.
-        assert "The" in allowed_pieces(chain, vocab, tokenizer)
+        assert "The" in allowed_pieces(grammar, vocab, tokenizer)
         for token in tokenizer.tokenize_plain("call>"):
-            llama_cpp.llama_sampler_accept(chain, token)
-        pieces = allowed_pieces(chain, vocab, tokenizer)
+            llama_cpp.llama_sampler_accept(grammar, token)
+        pieces = allowed_pieces(grammar, vocab, tokenizer)
         # The call object, after at most one blank.
         assert pieces and all(
             piece in (" ", "\n") or piece.lstrip().startswith("{") for piece in pieces
         ), pieces[:20]
     finally:
-        llama_cpp.llama_sampler_free(chain)
+        llama_cpp.llama_sampler_free(grammar)
 
 
 @pytest.mark.parametrize(
