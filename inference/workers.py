@@ -156,6 +156,10 @@ class Heartbeat:
         self._redis_unreachable = False
         # Called before each write for changes to report (the engine's load).
         self.sample = None
+        # Set by stop() once its goodbye removed the entry: no write (the thread's,
+        # or another thread's report) may put it back after that.
+        self._gone = False
+        self._redis_write = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     @property
@@ -214,10 +218,13 @@ class Heartbeat:
             log.exception("could not write the worker heartbeat row")
         state["unreachable"] = sorted(unreachable)
         try:
-            with redis_pool.client().pipeline(transaction=False) as pipe:
-                pipe.set(key, json.dumps(state), ex=ttl)
-                pipe.zadd(index_key(), {key: time.time() + ttl})
-                pipe.execute()
+            with self._redis_write:
+                if self._gone:
+                    return
+                with redis_pool.client().pipeline(transaction=False) as pipe:
+                    pipe.set(key, json.dumps(state), ex=ttl)
+                    pipe.zadd(index_key(), {key: time.time() + ttl})
+                    pipe.execute()
         except Exception:  # noqa: BLE001
             unreachable.add("redis")
             log.exception("could not write the worker heartbeat")
@@ -258,10 +265,12 @@ class Heartbeat:
         self._wake.set()
         self.report(state=WorkerHeartbeat.STOPPED, generations=[], held=[])
         key = worker_key(self.host, self.pid)
-        with redis_pool.client().pipeline(transaction=False) as pipe:
-            pipe.delete(key)
-            pipe.zrem(index_key(), key)
-            pipe.execute()
+        with self._redis_write:  # after any write under way, before any later one
+            self._gone = True
+            with redis_pool.client().pipeline(transaction=False) as pipe:
+                pipe.delete(key)
+                pipe.zrem(index_key(), key)
+                pipe.execute()
 
     def _run(self) -> None:
         while True:
