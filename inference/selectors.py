@@ -227,15 +227,19 @@ def model_status(model: LanguageModel, workers: list[dict] | None = None) -> dic
             status["state"] = STATUS_LOADING
             status["progress"] = max(float(w.get("load_progress") or 0) for w in loading)
         return status
-    # Running: admitted to a sequence, as the workers' heartbeats say; waiting: chat
-    # and API answers queued (jobs wait behind them), not those whose task is lost,
-    # as queue positions count them.
-    running = sum(len(w.get("generations") or ()) for w in serving)
-    queued = list(
-        Generation.objects.filter(model_id=model.pk, state=Generation.QUEUED)
-        .exclude(source=Generation.SOURCE_JOB)
-        .values_list("pk", "queued_at")
-    )
+    # From the rows, where a claim moves an answer from queued to running at once
+    # (a heartbeat says it a moment later): running, jobs included; waiting, chat and
+    # API answers queued (jobs wait behind them), not those whose task is lost, as
+    # queue positions count them.
+    live = Generation.objects.filter(
+        model_id=model.pk, state__in=[Generation.QUEUED, Generation.RUNNING]
+    ).values_list("pk", "queued_at", "state", "source")
+    running, queued = 0, []
+    for pk, queued_at, state, source in live:
+        if state == Generation.RUNNING:
+            running += 1
+        elif source != Generation.SOURCE_JOB:
+            queued.append((pk, queued_at))
     waiting = len(queued) - len(stranded(model.name, queued))
     capacity = sum(
         int((w.get("engine") or {}).get("n_parallel") or model.n_parallel) for w in serving
