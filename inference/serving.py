@@ -22,7 +22,7 @@ from .engine import Engine, ModelLoadError, use_extra_buffers
 from .gguf import GGUFError, inspect_gguf
 from .models import LanguageModel, WorkerHeartbeat
 from .registry import environment_notes, load_options
-from .status import announce
+from .status import announce_model_named
 from .workers import Heartbeat, describe_device
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class ModelServer:
         self.heartbeat.sample = self._sample
         # Loading, its progress, ready, an answer admitted or ended, stopped: each
         # reaches the chat pages watching this model (if the status changed).
-        self.heartbeat.written = lambda: announce(self.model)
+        self.heartbeat.written = lambda: announce_model_named(model.name)
 
     @classmethod
     def current(cls) -> ModelServer | None:

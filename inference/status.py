@@ -90,6 +90,17 @@ def announce_model_id(model_id: int) -> bool:
     return announce(model) if model is not None else False
 
 
+def announce_model_named(name: str) -> bool:
+    """For a worker: its model read again by name, as the chat pages find it (the
+    row the worker loaded may have been registered again since, with a new id)."""
+    try:
+        model = LanguageModel.objects.filter(name=name).first()
+    except Exception:  # noqa: BLE001 - the database is down: the next write tries again
+        log.warning("the status of %s was not announced: the database is not answering", name)
+        return False
+    return announce(model) if model is not None else False
+
+
 def announce_all() -> int:
     """Every enabled model's status, from one read of the workers; how many were sent."""
     try:
