@@ -76,7 +76,11 @@ def announce(model: LanguageModel, workers: list[dict] | None = None) -> bool:
         args = [repr(message["at"]), body, LAST_TTL_S]
         if not _script(keys=[key], args=args, client=client):
             return False
-        group_send(group(model.pk), message)
+        try:
+            group_send(group(model.pk), message)
+        except BaseException:
+            client.delete(key)  # not sent after all: the next reading is news again
+            raise
         return True
     except (RedisError, OSError):
         log.warning("the status of %s was not announced: Redis is not answering", model)
