@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
+from django.db import connection
 from redis.exceptions import RedisError
 
 from mixtralweb import namespace, redis_pool
@@ -112,3 +114,26 @@ def announce_all() -> int:
     except RedisError:
         return 0
     return sum(announce(model, workers) for model in LanguageModel.objects.filter(enabled=True))
+
+
+class Announcer:
+    """A worker's announcements, from a thread of their own: the heartbeat pokes it
+    after each write and goes on at once, so a slow database or channel layer never
+    delays the heartbeat (a late heartbeat reads as a dead worker). Pokes that come
+    while it announces make one more announcement, not one each."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            announce_model_named(self.model_name)
+            connection.close_if_unusable_or_obsolete()
