@@ -2,8 +2,8 @@
 
 Whoever changes what the status is made of says so, and the status is computed once
 there (selectors.model_status) and sent to the model's channel-layer group, which
-the chat sockets watching that model have joined: a worker's heartbeat after each
-write (its state, its load progress, an answer admitted or ended), a web process
+the chat sockets watching that model have joined: a worker after each heartbeat
+write (its state, its load progress, an answer admitted or ended; Announcer), a web process
 after queuing an answer or cancelling one still queued, and the reaper each round
 (a worker that died says nothing: its heartbeat expires). Nothing polls.
 
