@@ -177,11 +177,11 @@ def _wait_s(model: LanguageModel, position: int, recent: list[tuple], workers: l
 
 def _median_ttft_ms(recent: list[tuple]) -> float | None:
     """The median time to first token (started -> first token: prompt evaluation)
-    of the recent chat and API answers; job passes, with their long prompts, apart."""
+    of the recent chat and API answers; job passes and batch lines (background) apart."""
     times = sorted(
         (first - start).total_seconds() * 1000
         for start, first, _, source in recent
-        if first is not None and source != Generation.SOURCE_JOB
+        if first is not None and source not in Generation.BACKGROUND_SOURCES
     )
     if not times:
         return None
@@ -228,9 +228,9 @@ def model_status(model: LanguageModel, workers: list[dict] | None = None) -> dic
             status["progress"] = max(float(w.get("load_progress") or 0) for w in loading)
         return status
     # From the rows, where a claim moves an answer from queued to running at once
-    # (a heartbeat says it a moment later): running, jobs included; waiting, chat and
-    # API answers queued (jobs wait behind them), not those whose task is lost, as
-    # queue positions count them.
+    # (a heartbeat says it a moment later): running, background work included;
+    # waiting, chat and API answers queued (jobs and batches wait behind them), not
+    # those whose task is lost, as queue positions count them.
     live = Generation.objects.filter(
         model_id=model.pk, state__in=[Generation.QUEUED, Generation.RUNNING]
     ).values_list("pk", "queued_at", "state", "source")
@@ -238,7 +238,7 @@ def model_status(model: LanguageModel, workers: list[dict] | None = None) -> dic
     for pk, queued_at, state, source in live:
         if state == Generation.RUNNING:
             running += 1
-        elif source != Generation.SOURCE_JOB:
+        elif source not in Generation.BACKGROUND_SOURCES:
             queued.append((pk, queued_at))
     waiting = len(queued) - len(stranded(model.name, queued))
     capacity = sum(

@@ -93,8 +93,8 @@ def enqueue(generation: Generation) -> None:
     generate.apply_async(
         args=[generation.pk], kwargs={"deployment": namespace.namespace()}, queue=queue
     )
-    if generation.source != Generation.SOURCE_JOB:
-        status.announce(generation.model)  # one more waiting (jobs wait behind)
+    if not generation.is_background:
+        status.announce(generation.model)  # one more waiting (jobs and batches wait behind)
 
 
 @shared_task(name="inference.tasks.generate", bind=True, max_retries=None)

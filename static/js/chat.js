@@ -29,8 +29,9 @@
   const meter = document.getElementById("context-meter");
   const modelStatus = document.getElementById("model-status");
   const modelSelect = document.getElementById("model");
-  // The model whose status is shown: the conversation's, or the one picked for a new one.
-  let statusModel = root.dataset.model || (modelSelect ? modelSelect.value : "");
+  // The model whose status is shown: the one picked in the settings (for a
+  // conversation, the one its next answer goes to), else the conversation's.
+  let statusModel = (modelSelect && modelSelect.value) || root.dataset.model || "";
   let statusAt = 0; // when the shown status was read: an older one that arrives later is dropped
 
   // ---------- socket ----------
@@ -138,7 +139,11 @@
 
   function onSnapshot(frame) {
     conversationId = frame.conversation.id;
-    if (frame.conversation.model !== statusModel) watchStatus(frame.conversation.model);
+    // Who may not change the settings sees the model the conversation has now.
+    const fields = document.querySelector("#chat-settings fieldset");
+    if ((!fields || fields.disabled) && frame.conversation.model !== statusModel) {
+      watchStatus(frame.conversation.model);
+    }
     nCtx = frame.conversation.n_ctx;
     title.textContent = frame.conversation.title;
     list.innerHTML = "";
