@@ -21,7 +21,7 @@ from django.db import InterfaceError, OperationalError
 from mixtralweb import namespace, redis_pool
 from mixtralweb.accounts import access
 
-from . import selectors, services
+from . import selectors, services, status
 from .models import Conversation, Generation
 
 log = logging.getLogger(__name__)
@@ -243,6 +243,7 @@ class ChatConsumer(GenerationEventsMixin, FrameConsumer):
         "conversation.open": "on_open",
         "generation.stop": "on_stop",
         "generation.subscribe": "on_subscribe",
+        "status.watch": "on_status_watch",
     }
 
     async def on_connect(self):
@@ -250,6 +251,9 @@ class ChatConsumer(GenerationEventsMixin, FrameConsumer):
         self.following: dict[int, int | None] = {}
         self.conversations: set[int] = set()
         self.queue_watch: asyncio.Task | None = None
+        # The model whose status this page shows, and its group.
+        self.status_model: str | None = None
+        self.status_group: str | None = None
 
     async def disconnect(self, code):
         if getattr(self, "queue_watch", None) is not None:
@@ -361,6 +365,22 @@ class ChatConsumer(GenerationEventsMixin, FrameConsumer):
         )
         await self._follow(gen.pk, gen.conversation_id)
         await self._send_generation(gen.pk)
+
+    async def on_status_watch(self, frame):
+        """Show this model's status (one at a time): now, then at each change."""
+        model = await database_sync_to_async(services.get_model_for_status)(frame.get("model"))
+        group = status.group(model.pk)
+        if self.status_group not in (None, group):
+            await self.leave(self.status_group)
+        # Join, then read: a change is then in the reply, in a later event, or both.
+        self.status_model, self.status_group = model.name, group
+        await self.join(group)
+        await self.send_json(await database_sync_to_async(status.event)(model))
+
+    async def model_status(self, event):
+        """A channel-layer event from the model's group (inference/status.py)."""
+        if event.get("model") == self.status_model:  # not one left behind meanwhile
+            await self.send_json(event)
 
     async def _follow(self, generation_id: int, conversation_id: int | None):
         if generation_id not in self.following and len(self.following) >= settings.WS_FOLLOW_MAX:

@@ -4,6 +4,9 @@ A socket re-checks what it follows on `access.changed` and ends on `access.revok
 (inference/consumers.py): a team-mate removed from the team, a conversation no
 longer shared or deleted, a user logged out or deactivated stops receiving turns
 and tokens then, not at their next reload.
+
+Also: an answer that leaves the queue without a worker tells its model's status
+watchers (inference/status.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from django.dispatch import receiver
 from mixtralweb import namespace
 from mixtralweb.accounts.models import Membership
 
+from . import status
+from .models import Generation
+from .signals import generation_finished
 from .streams import announce
 
 log = logging.getLogger(__name__)
@@ -67,3 +73,12 @@ def _logged_out(sender, request, user, **kwargs) -> None:
             namespace.group("session", session_key),
             {"type": "access.revoked", "message": "You logged out."},
         )
+
+
+@receiver(generation_finished, sender=Generation, dispatch_uid="inference.status_after_queue")
+def _left_the_queue(sender, generation: Generation, **kwargs) -> None:
+    """An answer that ended before any worker started it (stopped while queued, or
+    failed by the reaper) leaves the queue: its model's status may change. One a
+    worker ran is announced by that worker's heartbeat."""
+    if generation.started_at is None:
+        status.announce_model_id(generation.model_id)

@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from mixtralweb import namespace
 
 from . import broker, streams
-from .models import Conversation, Generation, LanguageModel, Message
+from .models import Conversation, Generation, LanguageModel, Message, WorkerHeartbeat
 from .workers import live_workers
 
 METRIC_FIELDS = [
@@ -137,26 +137,122 @@ def stranded(model_name: str, queued: list[tuple[int, object]]) -> set[int]:
     return old - held - waiting
 
 
+# Estimates and the status's median time to first token read this many recent answers.
+RECENT_ANSWERS = 20
+
+
 def queue_eta_s(gen: Generation, position: int | None) -> float | None:
     """About how long until it starts, from the real service rate: the model's live
     workers each run n_parallel answers at once, each taking about the mean time of
     its recent answers; the queue ahead drains that many at a time."""
     if position is None:
         return None
-    recent = list(
+    model = LanguageModel.objects.filter(pk=gen.model_id).only("name", "n_parallel").first()
+    if model is None:
+        return None
+    return _wait_s(model, position, _recent_answers(model.pk), live_workers(model.name))
+
+
+def _recent_answers(model_id: int) -> list[tuple]:
+    """(started_at, first_token_at, finished_at, source) of the model's latest
+    finished answers, newest first."""
+    return list(
         Generation.objects.filter(
-            model_id=gen.model_id, state=Generation.DONE, started_at__isnull=False
+            model_id=model_id, state=Generation.DONE, started_at__isnull=False
         )
         .order_by("-finished_at")
-        .values_list("started_at", "finished_at")[:20]
+        .values_list("started_at", "first_token_at", "finished_at", "source")[:RECENT_ANSWERS]
     )
+
+
+def _wait_s(model: LanguageModel, position: int, recent: list[tuple], workers: list[dict]):
+    """About how long until the answer at `position` starts: the queue drains
+    (live workers x n_parallel) at a time, each taking the recent answers' mean."""
     if not recent:
         return None
-    mean_s = sum((end - start).total_seconds() for start, end in recent) / len(recent)
-    model = LanguageModel.objects.filter(pk=gen.model_id).only("name", "n_parallel").first()
-    workers = max(1, len(live_workers(model.name))) if model else 1
-    at_once = workers * (model.n_parallel if model else 1)
+    mean_s = sum((end - start).total_seconds() for start, _, end, _ in recent) / len(recent)
+    at_once = max(1, len(workers)) * model.n_parallel
     return round(math.ceil(position / at_once) * mean_s, 1)
+
+
+def _median_ttft_ms(recent: list[tuple]) -> float | None:
+    """The median time to first token (started -> first token: prompt evaluation)
+    of the recent chat and API answers; job passes and batch lines (background) apart."""
+    times = sorted(
+        (first - start).total_seconds() * 1000
+        for start, first, _, source in recent
+        if first is not None and source not in Generation.BACKGROUND_SOURCES
+    )
+    if not times:
+        return None
+    middle = len(times) // 2
+    median = times[middle] if len(times) % 2 else (times[middle - 1] + times[middle]) / 2
+    return round(median)
+
+
+STATUS_READY = "ready"
+STATUS_BUSY = "busy"
+STATUS_LOADING = "loading"
+STATUS_DOWN = "down"
+
+
+def model_status(model: LanguageModel, workers: list[dict] | None = None) -> dict:
+    """What everyone may know of a model now (the chat page's status, /status/,
+    docs/monitoring.md): its state, the answers running and waiting, about how long
+    a new question waits, and the recent median time to first token. Never a host,
+    PID, path or the worker's own words. workers: the live workers, if the caller
+    has read them (any model's); otherwise they are read now.
+
+    ready: a worker serves it and nothing runs or waits; busy: answers run or wait
+    (a new question may still start at once while a sequence is free: `eta_s` is
+    null then); loading: no worker serves it yet, one is loading it (`progress`
+    0-1); down: no worker serves or loads it (none runs, or it failed to load)."""
+    if workers is None:
+        workers = live_workers(model.name)
+    mine = [w for w in workers if w["model"] == model.name]
+    serving = [w for w in mine if w["state"] in (WorkerHeartbeat.READY, WorkerHeartbeat.BUSY)]
+    loading = [w for w in mine if w["state"] == WorkerHeartbeat.LOADING]
+    recent = _recent_answers(model.pk)
+    status = {
+        "model": model.name,
+        "state": STATUS_DOWN,
+        "running": 0,
+        "waiting": 0,
+        "eta_s": None,
+        "progress": None,
+        "ttft_ms": _median_ttft_ms(recent),
+    }
+    if not serving:
+        if loading:
+            status["state"] = STATUS_LOADING
+            status["progress"] = max(float(w.get("load_progress") or 0) for w in loading)
+        return status
+    # From the rows, where a claim moves an answer from queued to running at once
+    # (a heartbeat says it a moment later): running, background work included;
+    # waiting, chat and API answers queued (jobs and batches wait behind them), not
+    # those whose task is lost, as queue positions count them.
+    live = Generation.objects.filter(
+        model_id=model.pk, state__in=[Generation.QUEUED, Generation.RUNNING]
+    ).values_list("pk", "queued_at", "state", "source")
+    running, queued = 0, []
+    for pk, queued_at, state, source in live:
+        if state == Generation.RUNNING:
+            running += 1
+        elif source not in Generation.BACKGROUND_SOURCES:
+            queued.append((pk, queued_at))
+    waiting = len(queued) - len(stranded(model.name, queued))
+    capacity = sum(
+        int((w.get("engine") or {}).get("n_parallel") or model.n_parallel) for w in serving
+    )
+    status.update(running=running, waiting=waiting)
+    if running or waiting:
+        status["state"] = STATUS_BUSY
+        if waiting or running >= capacity:
+            # A new question would be next after those waiting.
+            status["eta_s"] = _wait_s(model, waiting + 1, recent, serving)
+    else:
+        status["state"] = STATUS_READY
+    return status
 
 
 def generation_snapshot(gen: Generation) -> dict:

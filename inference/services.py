@@ -134,6 +134,16 @@ def get_model(name: str | None, live_workers: list[dict] | None = None) -> Langu
     return model
 
 
+def get_model_for_status(name) -> LanguageModel:
+    """The enabled model `name`, whether or not a worker serves it: its status says."""
+    model = None
+    if isinstance(name, str) and name:
+        model = LanguageModel.objects.filter(name=name[:100], enabled=True).first()
+    if model is None:
+        raise ChatError(f"There is no model named {str(name)[:100]!r}.", code="unknown_model")
+    return model
+
+
 def _check_usable(
     model: LanguageModel | None, name: str, live_workers: list[dict] | None = None
 ) -> None:

@@ -22,6 +22,7 @@ from .engine import Engine, ModelLoadError, use_extra_buffers
 from .gguf import GGUFError, inspect_gguf
 from .models import LanguageModel, WorkerHeartbeat
 from .registry import environment_notes, load_options
+from .status import Announcer, announce_model_named
 from .workers import Heartbeat, describe_device
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ class ModelServer:
             model.name, describe_device(model.n_gpu_layers, model.split_mode, model.main_gpu)
         )
         self.heartbeat.sample = self._sample
+        # Loading, its progress, ready, an answer admitted or ended, stopped: each
+        # reaches the chat pages watching this model (if the status changed).
+        self.heartbeat.written = Announcer(model.name).poke
 
     @classmethod
     def current(cls) -> ModelServer | None:
@@ -172,6 +176,7 @@ class ModelServer:
 
     def stop(self) -> None:
         self.heartbeat.stop()
+        announce_model_named(self.model.name)  # now, before the process ends
         if self.engine is not None:
             self.engine.close()
 

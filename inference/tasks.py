@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from mixtralweb import namespace
 
-from . import broker, streams, tool_calls
+from . import broker, status, streams, tool_calls
 from .engine import BACKGROUND, INTERACTIVE, ContextOverflow, DecodeError, Request, Sampling
 from .models import Generation
 from .selectors import announce_final
@@ -93,6 +93,8 @@ def enqueue(generation: Generation) -> None:
     generate.apply_async(
         args=[generation.pk], kwargs={"deployment": namespace.namespace()}, queue=queue
     )
+    if not generation.is_background:
+        status.announce(generation.model)  # one more waiting (jobs and batches wait behind)
 
 
 @shared_task(name="inference.tasks.generate", bind=True, max_retries=None)
@@ -422,6 +424,8 @@ def reap_stale_generations() -> dict:
         announce_final(gen)
         generation_finished.send(sender=Generation, generation=gen)
         failed += 1
+    # A worker that died said nothing: its model's status changes here.
+    status.announce_all()
     return {"continued": continued, "failed": failed}
 
 

@@ -6,6 +6,7 @@ urlpatterns = [
     path("", views.chat, name="chat"),
     path("c/<int:conversation_id>/", views.chat, name="conversation"),
     path("workers/", views.workers_page, name="workers"),
+    path("status/", views.status_page, name="status"),
     path("c/<int:conversation_id>/rename/", views.conversation_rename, name="conversation_rename"),
     path("c/<int:conversation_id>/delete/", views.conversation_delete, name="conversation_delete"),
     path("c/<int:conversation_id>/share/", views.conversation_share, name="conversation_share"),

@@ -11,7 +11,7 @@ from django.views.decorators.http import require_POST
 
 from mixtralweb.accounts.access import may_manage_conversation, staff_required
 
-from . import services
+from . import selectors, services
 from .models import LanguageModel, WorkerHeartbeat
 from .workers import live_workers, serving_problem
 
@@ -96,6 +96,22 @@ def conversation_share(request, conversation_id: int):
         else:
             messages.success(request, "No longer shared.")
     return redirect("conversation", conversation_id=conversation_id)
+
+
+@login_required
+def status_page(request):
+    """/status/: each model's state, queue and recent time to first token, for
+    everyone logged in; no hosts, PIDs or paths (those are on the Workers page)."""
+    workers = live_workers()
+    statuses = [
+        selectors.model_status(model, workers)
+        for model in LanguageModel.objects.filter(enabled=True).order_by("name")
+    ]
+    return render(
+        request,
+        "inference/status.html",
+        {"statuses": statuses, "recent": selectors.RECENT_ANSWERS, "now": timezone.now()},
+    )
 
 
 @staff_required

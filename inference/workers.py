@@ -154,8 +154,10 @@ class Heartbeat:
         self._last_progress_write = 0.0
         # Whether the last write to Redis failed (the row says so: "unreachable").
         self._redis_unreachable = False
-        # Called before each write for changes to report (the engine's load).
+        # Called before each write for changes to report (the engine's load), and
+        # after it (the model's status for everyone: inference/status.py).
         self.sample = None
+        self.written = None
         # Set by stop() once its goodbye removed the entry: no write (the thread's,
         # or another thread's report) may put it back after that.
         self._gone = False
@@ -236,6 +238,11 @@ class Heartbeat:
                 self._rows().update(unreachable=["redis"] if self._redis_unreachable else [])
             except Exception:  # noqa: BLE001
                 log.exception("could not write the worker heartbeat row")
+        if self.written is not None and "redis" not in unreachable:
+            try:
+                self.written()
+            except Exception:  # noqa: BLE001
+                log.exception("could not announce after the heartbeat")
 
     def _rows(self):
         return WorkerHeartbeat.objects.filter(host=self.host, pid=self.pid)

@@ -123,6 +123,7 @@ def test_the_pages_have_no_serious_violation_in_either_theme(stack, cast, defaul
 
     page.goto(f"{stack.http_url}/c/{conversation.pk}/")
     code = ".msg.assistant[data-state=done] pre code.hljs"
+    page.wait_for_selector("#model-status[data-state]")  # the model's status, shown
     check("chat", code)
     # The code block wears github-dark, switched with the page.
     assert background(page, code) == "rgb(13, 17, 23)"
@@ -138,6 +139,8 @@ def test_the_pages_have_no_serious_violation_in_either_theme(stack, cast, defaul
     check("usage", "main h1")
     page.goto(f"{stack.http_url}/planner/")
     check("planner", "#planner-verdict")
+    page.goto(f"{stack.http_url}/status/")
+    check("status", "#model-status-table")
     context.close()
 
     assert {name: v for name, v in found.items() if v} == {}

@@ -388,6 +388,56 @@ def test_the_chat_page_fits_a_phone(stack, cast, default_model, browser):
     assert page.locator("#sidebar").is_visible()
 
 
+def test_the_models_status_goes_from_ready_to_busy_and_back_while_an_answer_streams(
+    stack, cast, default_model, browser
+):
+    page = log_in(browser, stack, "bob", "bob-pass-123", viewport={"width": 375, "height": 740})
+    page.wait_for_selector("#model-status[data-state=ready]")
+    assert page.locator("#model-status-text").inner_text() == "Ready"
+    assert page.locator("#model-status-name").inner_text().strip() == f"{default_model.name}:"
+    # Every state the widget shows from now on, in order, and whether the answer was
+    # streaming (running, with text) while it showed it.
+    page.evaluate(
+        """() => {
+          const el = document.getElementById('model-status');
+          window.seen = [el.dataset.state];
+          window.busyWhileStreaming = false;
+          new MutationObserver(() => {
+            if (window.seen.at(-1) !== el.dataset.state) window.seen.push(el.dataset.state);
+          }).observe(el, {attributes: true, attributeFilter: ['data-state']});
+          new MutationObserver(() => {
+            const a = [...document.querySelectorAll('.msg.assistant')].pop();
+            if (a && a.dataset.state === 'running' && a.querySelector('.body').innerText
+                && el.dataset.state === 'busy') window.busyWhileStreaming = true;
+          }).observe(document.getElementById('messages'),
+                     {subtree: true, childList: true, characterData: true});
+        }"""
+    )
+    send(page, "Count slowly from one to fifty, one number per line.", max_tokens=48)
+    wait_for_text(page, 10)
+    wait_state(page, "done")
+    page.wait_for_selector("#model-status[data-state=ready]")
+    assert page.evaluate("window.seen") == ["ready", "busy", "ready"]
+    assert page.evaluate("window.busyWhileStreaming"), "busy was not shown while it streamed"
+    # Screen readers hear availability changes only, not each answer's busy and ready.
+    spoken = page.locator("#model-status-spoken")
+    assert spoken.get_attribute("aria-live") == "polite" and spoken.inner_text() == ""
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+    # /status/, reached from the phone menu with the keyboard: the same state.
+    page.focus("#nav-toggle")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent.trim()") == "Status"
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{stack.http_url}/status/")
+    row = page.locator(f"#model-status-table tr[data-model={default_model.name}]")
+    assert row.get_attribute("data-state") == "ready"
+    assert "ms" in row.inner_text()  # the median time to first token of recent answers
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+
 def test_a_long_title_and_the_menu_fit_a_phone(stack, cast, default_model, browser):
     title = "Notes on the quarterly planning of the infrastructure migration and its budget"
     conversation = Conversation.objects.create(owner=cast.alice, model=default_model, title=title)

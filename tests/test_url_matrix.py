@@ -64,6 +64,8 @@ TABLE: dict[str, tuple[str, dict]] = {
     "conversation_delete": ("post", REFUSED),
     "conversation_share": ("post", REFUSED),
     "workers": ("get", STAFF),
+    # Every model's state and queue, without hosts, PIDs or paths: for everyone.
+    "status": ("get", ALL_OK),
     "job_list": ("get", ALL_OK),
     "job_new": ("get", ALL_OK),
     "job_detail": ("get", TEAM),

@@ -58,6 +58,7 @@ FRAMES = {
         "chat",
         {"type": "generation.subscribe", "generation": BAD},
     ),
+    "status.watch model": ("chat", {"type": "status.watch", "model": BAD}),
     "chat type": ("chat", {"type": BAD}),
     "job.subscribe job": ("jobs", {"type": "job.subscribe", "job": BAD}),
     "job.seen job": ("jobs", {"type": "job.seen", "job": BAD}),

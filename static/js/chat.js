@@ -27,6 +27,12 @@
   const pending = new Map(); // request_id -> frame, until accepted or refused
   const overflowBox = document.getElementById("overflow");
   const meter = document.getElementById("context-meter");
+  const modelStatus = document.getElementById("model-status");
+  const modelSelect = document.getElementById("model");
+  // The model whose status is shown: the one picked in the settings (for a
+  // conversation, the one its next answer goes to), else the conversation's.
+  let statusModel = (modelSelect && modelSelect.value) || root.dataset.model || "";
+  let statusAt = 0; // when the shown status was read: an older one that arrives later is dropped
 
   // ---------- socket ----------
   function connect() {
@@ -38,6 +44,7 @@
       status.textContent = "";
       status.className = "status ok";
       if (conversationId) send({ type: "conversation.open", conversation: conversationId });
+      watchStatus(statusModel);
     };
     socket.onmessage = function (event) { handle(JSON.parse(event.data)); };
     socket.onclose = function (event) {
@@ -83,11 +90,60 @@
       case "error": return onError(frame);
       case "access.lost": return onAccessLost(frame);
       case "access.revoked": return showError(frame.message);
+      case "model.status": return onModelStatus(frame);
+    }
+  }
+
+  // ---------- the chosen model's status ----------
+  // The server sends it once on status.watch, then at each change (nothing polls).
+  function watchStatus(name) {
+    if (name !== statusModel) {
+      statusModel = name;
+      statusAt = 0;
+    }
+    if (statusModel && socket && socket.readyState === WebSocket.OPEN) {
+      send({ type: "status.watch", model: statusModel });
+    }
+  }
+
+  function statusText(s) {
+    if (s.state === "ready") return "Ready";
+    if (s.state === "loading") return "Loading " + Math.floor(100 * (s.progress || 0)) + " %";
+    if (s.state === "down") return "Down";
+    const parts = ["Busy"];
+    if (s.waiting) parts.push(s.waiting + " waiting");
+    if (s.eta_s != null) parts.push("about " + Math.max(1, Math.round(s.eta_s)) + " s");
+    if (parts.length === 1) parts.push(s.running + " answering");
+    return parts.join(" · ");
+  }
+
+  // Spoken (politely) only when the model becomes available or unavailable: not at
+  // every answer's busy and ready, nor at each step of loading.
+  const SPOKEN_STATUS = {
+    ready: "is ready.", busy: "is ready.", loading: "is loading.", down: "is down: nothing can answer.",
+  };
+
+  function onModelStatus(frame) {
+    if (frame.model !== statusModel || frame.at < statusAt) return;
+    statusAt = frame.at;
+    const before = modelStatus.dataset.state || "ready";
+    modelStatus.dataset.state = frame.state;
+    modelStatus.hidden = false;
+    document.getElementById("model-status-name").textContent = frame.model + ": ";
+    document.getElementById("model-status-text").textContent = statusText(frame);
+    if (SPOKEN_STATUS[before] !== SPOKEN_STATUS[frame.state]) {
+      document.getElementById("model-status-spoken").textContent =
+        frame.model + " " + SPOKEN_STATUS[frame.state];
     }
   }
 
   function onSnapshot(frame) {
     conversationId = frame.conversation.id;
+    // Who may not change the settings sees the model the conversation has now.
+    const fields = document.querySelector("#chat-settings fieldset");
+    if ((!fields || fields.disabled) && frame.conversation.model !== statusModel) {
+      watchStatus(frame.conversation.model);
+    }
     nCtx = frame.conversation.n_ctx;
     title.textContent = frame.conversation.title;
     list.innerHTML = "";
@@ -537,6 +593,10 @@
     event.preventDefault();
     input.focus();
   });
+
+  if (modelSelect) {
+    modelSelect.addEventListener("change", function () { watchStatus(modelSelect.value); });
+  }
 
   const toggle = document.getElementById("sidebar-toggle");
   toggle.addEventListener("click", function () {
