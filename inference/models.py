@@ -357,8 +357,9 @@ class Generation(models.Model):
     def request_stop(self, by=None) -> bool:
         """Ask its worker to stop it; a generation still queued is cancelled at once
         (True then: nobody else will announce its end). by: who asked."""
-        streams.request_stop(self)
+        # The row first: the final event the worker then sends says who stopped it.
         Generation.objects.filter(pk=self.pk).update(cancel_requested=True, stopped_by=by)
+        streams.request_stop(self)
         cancelled = Generation.objects.filter(pk=self.pk, state=self.QUEUED).update(
             state=self.CANCELLED, reason="Stopped before it started.", finished_at=timezone.now()
         )

@@ -245,6 +245,7 @@
     gen.stranded = frame.stranded;
     if (frame.metrics) gen.metrics = frame.metrics;
     if (frame.reason) gen.reason = frame.reason;
+    gen.stopped_by = frame.stopped_by;
     gen.finish_reason = frame.finish_reason;
     gen.max_tokens = frame.max_tokens;
     queueRender(frame.generation);
@@ -278,6 +279,7 @@
     gen.text = frame.text;
     gen.state = frame.state;
     gen.reason = frame.reason;
+    gen.stopped_by = frame.stopped_by;
     gen.metrics = frame.metrics;
     gen.finish_reason = frame.finish_reason;
     gen.max_tokens = frame.max_tokens;
@@ -333,7 +335,7 @@
       li.dataset.generation = g.generation;
       gens.set(g.generation, {
         text: m.text || "", state: g.state, announced: g.state, metrics: g.metrics, reason: g.reason,
-        finish_reason: g.finish_reason, max_tokens: g.max_tokens,
+        finish_reason: g.finish_reason, max_tokens: g.max_tokens, stopped_by: g.stopped_by,
         position: g.position, eta_s: g.eta_s, stranded: g.stranded, el: li,
       });
       queueRender(g.generation);
@@ -460,7 +462,11 @@
   function footerText(gen) {
     const parts = [];
     if (gen.state === "failed") parts.push("failed: " + (gen.reason || "unknown reason"));
-    if (gen.state === "cancelled") parts.push("stopped");
+    // Who stopped it: in a shared conversation it may be a team-mate.
+    if (gen.state === "cancelled") {
+      const by = gen.stopped_by && gen.stopped_by !== root.dataset.user ? " by " + gen.stopped_by : "";
+      parts.push("stopped" + by);
+    }
     if (gen.finish_reason === "length") {
       parts.push(atTokenLimit(gen) ? "stopped at the " + gen.max_tokens.toLocaleString() +
         "-token limit" : "stopped at the end of the model's context");
