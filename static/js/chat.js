@@ -87,6 +87,7 @@
       case "generation.token": return onToken(frame);
       case "generation.final": return onFinal(frame);
       case "conversation.changed": return send({ type: "conversation.open", conversation: frame.conversation });
+      case "conversation.watchers": return onWatchers(frame);
       case "error": return onError(frame);
       case "access.lost": return onAccessLost(frame);
       case "access.revoked": return showError(frame.message);
@@ -156,6 +157,16 @@
       opened = true;
       stickToEnd = true;
     }
+  }
+
+  // Who else has this (shared) conversation open now.
+  function onWatchers(frame) {
+    const box = document.getElementById("watchers");
+    if (!box || frame.conversation !== conversationId) return;
+    const users = frame.users;
+    box.textContent = users.length === 0 ? "" :
+      (users.length === 1 ? users[0] + " is" :
+        users.slice(0, -1).join(", ") + " and " + users[users.length - 1] + " are") + " here";
   }
 
   // The conversation open here is no longer ours to see (unshared, deleted, or we
