@@ -164,7 +164,7 @@
     const box = document.getElementById("watchers");
     if (!box || frame.conversation !== conversationId) return;
     const users = frame.users;
-    box.textContent = users.length === 0 ? "" :
+    box.textContent = users.length === 0 ? "" : "· " +
       (users.length === 1 ? users[0] + " is" :
         users.slice(0, -1).join(", ") + " and " + users[users.length - 1] + " are") + " here";
   }
