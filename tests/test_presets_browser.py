@@ -80,6 +80,7 @@ def test_picking_a_preset_fills_the_settings_and_saving_one_adds_it(browser, db)
 
         # Changed, then saved from the keyboard: the name box, Enter.
         page.fill("#p-temperature", "0.2")
+        assert page.input_value("#preset") == ""  # the fields no longer say "Pirate"
         page.click("text=Save as preset…")
         page.fill("#preset-save input[name=name]", "Calm pirate")
         page.keyboard.press("Enter")

@@ -632,6 +632,12 @@
     presetSelect.addEventListener("change", function () { applyPreset(presetSelect.value); });
     // Just saved (?preset=) or restored by the browser: its values are the fields'.
     if (presetSelect.value && !presetSelect.matches(":disabled")) applyPreset(presetSelect.value);
+    // A field changed by hand no longer says what the preset says: none is shown.
+    presetSelect.closest("fieldset").addEventListener("input", function (event) {
+      if (event.target !== presetSelect && !event.target.closest("#preset-save")) {
+        presetSelect.value = "";
+      }
+    });
   }
 
   // Save as preset: posted here without leaving the page (a plain form post also
