@@ -1,5 +1,5 @@
 """The chat's Preset picker and Save as preset in a real browser, without a server:
-Chromium's requests are answered by Django's test client (pages, with their
+Chromium's requests are answered by Django's test client (the page, with its
 Content-Security-Policy, and the save form's post) and by the files under static/.
 The chat's websocket has nothing to reach; the settings panel does not need it."""
 
@@ -21,29 +21,48 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 ORIGIN = "http://testserver"
 
 
-def answer_with_django(client: Client):
+def fulfill_from(route, response) -> None:
+    route.fulfill(
+        status=response.status_code, headers=dict(response.items()), body=response.content
+    )
+
+
+def serve(page_response, posts: list):
+    """Chromium's requests: static files from disk, the chat page as rendered, and
+    posts kept for the test to answer with Django in its own thread (a route handler
+    runs elsewhere, with a database connection that does not see the test's rows)."""
+
     def handle(route):
         request = route.request
-        url = urlsplit(request.url)
-        if url.path.startswith("/static/"):
-            file = STATIC / url.path.removeprefix("/static/")
+        path = urlsplit(request.url).path
+        if path.startswith("/static/"):
+            file = STATIC / path.removeprefix("/static/")
             return route.fulfill(path=file) if file.is_file() else route.fulfill(status=404)
-        headers = {"HTTP_ACCEPT": request.headers.get("accept", "")}
         if request.method == "POST":
-            response = client.generic(
-                "POST",
-                url.path,
-                request.post_data_buffer,
-                content_type=request.headers["content-type"],
-                **headers,
-            )
-        else:
-            response = client.get(url.path + (f"?{url.query}" if url.query else ""), **headers)
-        route.fulfill(
-            status=response.status_code, headers=dict(response.items()), body=response.content
-        )
+            return posts.append(route)
+        if path == "/":
+            return fulfill_from(route, page_response)
+        return route.fulfill(status=404)
 
     return handle
+
+
+def answer_post(page, client: Client, posts: list) -> None:
+    """Wait for the page's post, and answer it with the test client."""
+    for _ in range(200):
+        if posts:
+            break
+        page.wait_for_timeout(25)
+    route = posts.pop()
+    request = route.request
+    response = client.generic(
+        "POST",
+        urlsplit(request.url).path,
+        request.post_data_buffer,
+        content_type=request.headers["content-type"],
+        HTTP_ACCEPT=request.headers.get("accept", ""),
+    )
+    fulfill_from(route, response)
 
 
 def test_picking_a_preset_fills_the_settings_and_saving_one_adds_it(browser, db):
@@ -68,7 +87,8 @@ def test_picking_a_preset_fills_the_settings_and_saving_one_adds_it(browser, db)
     try:
         page = context.new_page()
         page.on("pageerror", lambda error: errors.append(str(error)))
-        page.route(f"{ORIGIN}/**", answer_with_django(client))
+        posts = []
+        page.route(f"{ORIGIN}/**", serve(client.get("/"), posts))
         page.goto(f"{ORIGIN}/")
 
         page.select_option("#preset", label="Pirate · bob")
@@ -84,6 +104,7 @@ def test_picking_a_preset_fills_the_settings_and_saving_one_adds_it(browser, db)
         page.click("text=Save as preset…")
         page.fill("#preset-save input[name=name]", "Calm pirate")
         page.keyboard.press("Enter")
+        answer_post(page, client, posts)
         page.wait_for_function(
             "document.getElementById('preset-save-status').textContent.startsWith('Saved')"
         )
