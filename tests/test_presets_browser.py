@@ -101,6 +101,7 @@ def test_picking_a_preset_fills_the_settings_and_saving_one_adds_it(browser, db)
         # Changed, then saved from the keyboard: the name box, Enter.
         page.fill("#p-temperature", "0.25")  # off the field's step: still allowed
         assert page.input_value("#preset") == ""  # the fields no longer say "Pirate"
+        assert page.inner_text("#preset-note") == ""
         page.click("text=Save as preset…")
         page.fill("#preset-save input[name=name]", "Calm pirate")
         page.keyboard.press("Enter")

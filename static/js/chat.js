@@ -636,6 +636,7 @@
     presetSelect.closest("fieldset").addEventListener("input", function (event) {
       if (event.target !== presetSelect && !event.target.closest("#preset-save")) {
         presetSelect.value = "";
+        document.getElementById("preset-note").textContent = "";
       }
     });
   }
