@@ -10,5 +10,9 @@ urlpatterns = [
     path("c/<int:conversation_id>/rename/", views.conversation_rename, name="conversation_rename"),
     path("c/<int:conversation_id>/delete/", views.conversation_delete, name="conversation_delete"),
     path("c/<int:conversation_id>/share/", views.conversation_share, name="conversation_share"),
+    path("presets/", views.presets_page, name="presets"),
+    path("presets/new/", views.preset_create, name="preset_create"),
+    path("presets/<int:preset_id>/rename/", views.preset_rename, name="preset_rename"),
+    path("presets/<int:preset_id>/delete/", views.preset_delete, name="preset_delete"),
     path("jobs/", include("inference.jobs.urls")),
 ]

@@ -615,6 +615,87 @@
     modelSelect.addEventListener("change", function () { watchStatus(modelSelect.value); });
   }
 
+  // ---------- presets ----------
+  // Choosing one fills the settings (the next message sends them, as any change);
+  // its data is the page's json_script block.
+  const presetSelect = document.getElementById("preset");
+  const presetBlock = document.getElementById("preset-data");
+  const presets = presetBlock ? JSON.parse(presetBlock.textContent) : {};
+
+  function applyPreset(id) {
+    const p = presets[id];
+    if (!p) return;
+    document.getElementById("system-prompt").value = p.system_prompt || "";
+    ["temperature", "top_p", "max_tokens", "seed"].forEach(function (name) {
+      const el = document.getElementById("p-" + name);
+      const value = p.params ? p.params[name] : null;
+      if (el) el.value = value === null || value === undefined ? "" : value;
+    });
+    let note = "";
+    if (p.model && modelSelect && modelSelect.value !== p.model) {
+      const served = Array.from(modelSelect.options).some(function (o) { return o.value === p.model; });
+      if (served) {
+        modelSelect.value = p.model;
+        modelSelect.dispatchEvent(new Event("change"));
+      } else {
+        note = "“" + p.name + "” names the model " + p.model +
+          ", which no worker serves now: the model picked stays.";
+      }
+    }
+    document.getElementById("preset-note").textContent = note;
+  }
+
+  if (presetSelect) {
+    presetSelect.addEventListener("change", function () { applyPreset(presetSelect.value); });
+    // Just saved (?preset=) or restored by the browser: its values are the fields'.
+    if (presetSelect.value && !presetSelect.matches(":disabled")) applyPreset(presetSelect.value);
+    // A field changed by hand no longer says what the preset says: none is shown.
+    presetSelect.closest("fieldset").addEventListener("input", function (event) {
+      if (event.target !== presetSelect && !event.target.closest("#preset-save")) {
+        presetSelect.value = "";
+        document.getElementById("preset-note").textContent = "";
+      }
+    });
+  }
+
+  // Save as preset: posted here without leaving the page (a plain form post also
+  // works, and comes back to this page).
+  const saveForm = document.getElementById("preset-save");
+  if (saveForm && presetSelect) {
+    saveForm.addEventListener("submit", function (event) {
+      event.preventDefault();
+      const saveStatus = document.getElementById("preset-save-status");
+      saveStatus.textContent = "Saving…";
+      fetch(saveForm.action, {
+        method: "POST",
+        body: new FormData(saveForm), // with the settings fields (their form= attribute)
+        credentials: "same-origin",
+        headers: { Accept: "application/json" },
+      })
+        .then(function (response) {
+          return response.json().then(function (data) { return { ok: response.ok, data: data }; });
+        })
+        .then(function (result) {
+          if (!result.ok) {
+            saveStatus.textContent = result.data.error || "Not saved.";
+            return;
+          }
+          const p = result.data;
+          presets[String(p.id)] = p;
+          const option = document.createElement("option");
+          option.value = String(p.id);
+          option.textContent = p.name + (p.team ? " · shared with " + p.team : "");
+          document.getElementById("my-presets").append(option);
+          presetSelect.value = option.value;
+          saveForm.querySelector("input[name=name]").value = "";
+          saveStatus.textContent = "Saved “" + p.name + "”.";
+        })
+        .catch(function () {
+          saveStatus.textContent = "Not saved: reload the page and try again.";
+        });
+    });
+  }
+
   const toggle = document.getElementById("sidebar-toggle");
   toggle.addEventListener("click", function () {
     document.getElementById("sidebar").classList.toggle("open");
