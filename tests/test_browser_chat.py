@@ -261,7 +261,7 @@ def test_a_team_mate_watches_the_live_stream(stack, cast, default_model, browser
     alice.wait_for_function("document.getElementById('watchers').textContent === '· bob is here'")
     bob.wait_for_function("document.getElementById('watchers').textContent === '· alice is here'")
     # The owner changes the settings of the next answer; a team-mate cannot.
-    assert alice.locator("#chat-settings summary").inner_text() == "Settings for the next answer"
+    assert alice.locator("#chat-settings > summary").inner_text() == "Settings for the next answer"
     assert bob.locator("#p-max_tokens").is_disabled()
     assert "Only alice" in bob.locator("#chat-settings").text_content()
     send(alice, LONG, max_tokens=100)

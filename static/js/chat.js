@@ -202,7 +202,7 @@
       const settings = document.getElementById("chat-settings");
       if (settings) {
         settings.open = false;
-        settings.querySelector("summary").textContent = "Settings for the next answer";
+        settings.querySelector(":scope > summary").textContent = "Settings for the next answer";
       }
       refreshHeader();
     } else if (request && request.model && request.model !== root.dataset.model) {
