@@ -10,5 +10,18 @@ urlpatterns = [
     path("c/<int:conversation_id>/rename/", views.conversation_rename, name="conversation_rename"),
     path("c/<int:conversation_id>/delete/", views.conversation_delete, name="conversation_delete"),
     path("c/<int:conversation_id>/share/", views.conversation_share, name="conversation_share"),
+    path(
+        "c/<int:conversation_id>/export.md",
+        views.conversation_export,
+        {"fmt": "md"},
+        name="conversation_export_md",
+    ),
+    path(
+        "c/<int:conversation_id>/export.json",
+        views.conversation_export,
+        {"fmt": "json"},
+        name="conversation_export_json",
+    ),
+    path("import/", views.conversation_import, name="conversation_import"),
     path("jobs/", include("inference.jobs.urls")),
 ]
