@@ -20,6 +20,8 @@ from .services import ChatError, _within_limit, clean_params, title_from
 FORMAT = "mixtralweb.conversation"
 VERSION = 1
 IMPORT_ROLES = ("user", "assistant", "system")
+# Rows inserted per statement on import.
+BATCH = 500
 # Of an answer's metrics row, what an export carries (null when unknown).
 EXPORTED_METRICS = (
     "prompt_tokens",
@@ -257,33 +259,42 @@ def import_conversation(*, user, raw: bytes) -> tuple[Conversation, list[str]]:
     if not title:
         first = next((t["content"] for t in turns if t["role"] == Message.USER), "")
         title = title_from(first) or "Imported conversation"
+    now = timezone.now()
+    answers = [
+        Generation(
+            user=user,
+            model=model,
+            source=Generation.SOURCE_IMPORT,
+            params=params,
+            state=Generation.DONE,
+            text=turn["content"],
+            finish_reason=turn["finish_reason"],
+            queued_at=now,
+            finished_at=now,
+        )
+        for turn in turns
+        if turn["role"] == Message.ASSISTANT
+    ]
     with transaction.atomic():
         conversation = Conversation.objects.create(
             owner=user, title=title, model=model, system_prompt=system_prompt, params=params
         )
-        for turn in turns:
-            if turn["role"] == Message.USER:
-                Message.objects.create(
-                    conversation=conversation,
-                    role=Message.USER,
-                    author=user,
-                    content=turn["content"],
+        for answer in answers:
+            answer.conversation = conversation
+        # In bulk (a file may hold thousands of turns); the ids keep the turns' order.
+        Generation.objects.bulk_create(answers, batch_size=BATCH)
+        pending = iter(answers)
+        Message.objects.bulk_create(
+            [
+                Message(
+                    conversation=conversation, role=Message.USER, author=user, content=t["content"]
                 )
-                continue
-            now = timezone.now()
-            generation = Generation.objects.create(
-                user=user,
-                model=model,
-                source=Generation.SOURCE_IMPORT,
-                conversation=conversation,
-                params=params,
-                state=Generation.DONE,
-                text=turn["content"],
-                finish_reason=turn["finish_reason"],
-                queued_at=now,
-                finished_at=now,
-            )
-            Message.objects.create(
-                conversation=conversation, role=Message.ASSISTANT, generation=generation
-            )
+                if t["role"] == Message.USER
+                else Message(
+                    conversation=conversation, role=Message.ASSISTANT, generation=next(pending)
+                )
+                for t in turns
+            ],
+            batch_size=BATCH,
+        )
     return conversation, [note] if note else []
