@@ -128,8 +128,10 @@ def conversation_import(request):
         exchange.check_size(upload.size)
         conversation, notes = exchange.import_conversation(user=request.user, raw=upload.read())
     except services.ChatError as exc:
-        messages.error(request, f"Nothing was imported: {exc}")
-        return redirect("chat")
+        # A page that says why, with the form again (400: nothing was created).
+        return render(
+            request, "inference/conversation_import.html", {"error": str(exc)}, status=400
+        )
     messages.success(request, f"Imported “{conversation}”.")
     for note in notes:
         messages.warning(request, note)

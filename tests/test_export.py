@@ -6,6 +6,7 @@ regenerate replaced. Rows are written directly; nothing is generated."""
 
 from __future__ import annotations
 
+import html
 import json
 
 import pytest
@@ -157,6 +158,13 @@ def flash(response) -> list[str]:
     return [str(m) for m in get_messages(response.wsgi_request)]
 
 
+def refusal(response) -> str:
+    """The reason shown on the page of a refused import."""
+    text = response.content.decode()
+    assert "Nothing was imported" in text
+    return html.unescape(text.split('role="alert">', 1)[1].split("</p>", 1)[0])
+
+
 def test_json_import_recreates_the_turns_in_a_new_conversation_of_the_importer(world):
     exported = export(world.bob, world.conversation, "json").content
     response = upload(world.charlie, exported)
@@ -224,9 +232,9 @@ def minimal(**changes) -> str:
 def test_a_bad_file_is_refused_with_its_reason_and_nothing_is_created(world, content, says):
     before = (Conversation.objects.count(), Message.objects.count(), Generation.objects.count())
     response = upload(world.alice, content)
-    assert response.status_code == 302 and response["Location"] == "/"
-    (message,) = flash(response)
-    assert message.startswith("Nothing was imported: ") and says in message, message
+    assert response.status_code == 400
+    assert response.context["error"] == refusal(response)
+    assert says in refusal(response), refusal(response)
     after = (Conversation.objects.count(), Message.objects.count(), Generation.objects.count())
     assert after == before
 
@@ -234,14 +242,14 @@ def test_a_bad_file_is_refused_with_its_reason_and_nothing_is_created(world, con
 def test_a_file_over_the_limit_is_refused(world, settings):
     settings.CONVERSATION_IMPORT_MAX_BYTES = 100
     response = upload(world.alice, minimal(title="y" * 100))
-    (message,) = flash(response)
-    assert "the most an import takes is 100" in message
+    assert response.status_code == 400
+    assert "the most an import takes is 100." in refusal(response)
     assert Conversation.objects.count() == 1
 
 
 def test_no_file_is_refused_and_get_is_not_allowed(world):
     response = client_of(world.alice).post("/import/")
-    assert flash(response) == ["Nothing was imported: Choose a JSON file to import."]
+    assert refusal(response) == "Choose a JSON file to import."
     assert client_of(world.alice).get("/import/").status_code == 405
     anonymous = Client().post("/import/", {"file": SimpleUploadedFile("c.json", b"{}")})
     assert anonymous.status_code == 302 and anonymous["Location"].startswith("/login/")
