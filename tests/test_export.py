@@ -266,3 +266,15 @@ def test_imported_answers_count_in_neither_quotas_nor_usage(world):
     today = timezone.localdate(Generation.objects.get(user=world.charlie).queued_at)
     refresh(today, today, user_id=world.charlie.pk)
     assert not UsageDaily.objects.filter(user=world.charlie).exists()
+
+
+def test_the_chat_page_offers_the_exports_and_the_import(world):
+    pk = world.conversation.pk
+    owner_page = client_of(world.alice).get(f"/c/{pk}/").content.decode()
+    assert f'href="/c/{pk}/export.md" download>Export Markdown' in owner_page
+    assert f'href="/c/{pk}/export.json" download>Export JSON' in owner_page
+    assert 'action="/import/" enctype="multipart/form-data"' in owner_page
+    # A team-mate has no Manage menu, but may download it.
+    member_page = client_of(world.bob).get(f"/c/{pk}/").content.decode()
+    assert "<summary>Manage</summary>" not in member_page
+    assert f'href="/c/{pk}/export.json" download>JSON' in member_page
