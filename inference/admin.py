@@ -3,7 +3,7 @@ from django.contrib import admin
 from django.utils.html import format_html, format_html_join
 
 from .gguf import GGUFError, inspect_gguf
-from .models import Conversation, Generation, LanguageModel, Message, WorkerHeartbeat
+from .models import Conversation, Generation, LanguageModel, Message, Preset, WorkerHeartbeat
 from .registry import (
     LOAD_OPTION_FIELDS,
     PRESETS,
@@ -14,6 +14,7 @@ from .registry import (
     preset_options,
 )
 from .registry import inspection_fields as fields_from_report
+from .services import ChatError, clean_params, clean_system_prompt
 
 
 class LanguageModelForm(forms.ModelForm):
@@ -137,3 +138,30 @@ class GenerationAdmin(admin.ModelAdmin):
 
 
 admin.site.register(Message)
+
+
+class PresetForm(forms.ModelForm):
+    """Checks the parameters and system prompt as the chat does."""
+
+    class Meta:
+        model = Preset
+        fields = ["owner", "team", "name", "system_prompt", "params", "model_name"]
+
+    def clean_params(self):
+        try:
+            return clean_params(self.cleaned_data.get("params"))
+        except ChatError as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+    def clean_system_prompt(self):
+        try:
+            return clean_system_prompt(self.cleaned_data.get("system_prompt"))
+        except ChatError as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+
+@admin.register(Preset)
+class PresetAdmin(admin.ModelAdmin):
+    form = PresetForm
+    list_display = ["name", "owner", "team", "model_name", "updated_at"]
+    search_fields = ["name", "owner__username"]

@@ -250,6 +250,9 @@ class ChatConsumer(GenerationEventsMixin, FrameConsumer):
         # Generations this socket follows -> their conversation (None: followed alone).
         self.following: dict[int, int | None] = {}
         self.conversations: set[int] = set()
+        # Who else has each open conversation open now: conversation -> their socket's
+        # channel -> their username (presence.* events, below).
+        self.watchers: dict[int, dict[str, str]] = {}
         self.queue_watch: asyncio.Task | None = None
         # The model whose status this page shows, and its group.
         self.status_model: str | None = None
@@ -258,6 +261,8 @@ class ChatConsumer(GenerationEventsMixin, FrameConsumer):
     async def disconnect(self, code):
         if getattr(self, "queue_watch", None) is not None:
             self.queue_watch.cancel()
+        for conversation_id in list(getattr(self, "conversations", ())):
+            await self._presence(conversation_id, "presence.bye")
         await super().disconnect(code)
 
     async def on_ping(self, frame):
@@ -343,7 +348,10 @@ class ChatConsumer(GenerationEventsMixin, FrameConsumer):
 
     async def _open(self, conversation_id: int):
         await self.join(namespace.conversation_group(conversation_id))
-        self.conversations.add(conversation_id)
+        if conversation_id not in self.conversations:
+            self.conversations.add(conversation_id)
+            self.watchers[conversation_id] = {}
+            await self._presence(conversation_id, "presence.hello")
 
     async def _send_conversation(self, conversation: Conversation):
         # Follow every live generation before reading the snapshot: a token is then
@@ -421,11 +429,54 @@ class ChatConsumer(GenerationEventsMixin, FrameConsumer):
         lost_conversations = self.conversations - visible["conversations"]
         for conversation_id in lost_conversations:
             self.conversations.discard(conversation_id)
+            self.watchers.pop(conversation_id, None)
+            await self._presence(conversation_id, "presence.bye")
             await self.leave(namespace.conversation_group(conversation_id))
             await self.send_json({"type": "access.lost", "conversation": conversation_id})
         for gen_id in list(self.following):
             if gen_id not in visible["generations"]:
                 await self._unfollow(gen_id)
+
+    # --- who is watching: the sockets that have a conversation open greet each other --------
+    # No store to go stale: a socket says hello to the conversation's group when it opens
+    # it, every other socket there answers it directly, and it says bye when it closes.
+    async def _presence(self, conversation_id: int, kind: str):
+        await self.channel_layer.group_send(
+            namespace.conversation_group(conversation_id),
+            {
+                "type": kind,
+                "conversation": conversation_id,
+                "channel": self.channel_name,
+                "user": self.user.get_username(),
+            },
+        )
+
+    async def presence_hello(self, event):
+        if event["channel"] == self.channel_name or event["conversation"] not in self.watchers:
+            return
+        reply = {**event, "type": "presence.here", "channel": self.channel_name}
+        await self.channel_layer.send(event["channel"], {**reply, "user": self.user.get_username()})
+        await self.presence_here(event)
+
+    async def presence_here(self, event):
+        watchers = self.watchers.get(event["conversation"])
+        if watchers is None or event["channel"] == self.channel_name:
+            return
+        watchers[event["channel"]] = event["user"]
+        await self._send_watchers(event["conversation"])
+
+    async def presence_bye(self, event):
+        watchers = self.watchers.get(event["conversation"])
+        if watchers is None or watchers.pop(event["channel"], None) is None:
+            return
+        await self._send_watchers(event["conversation"])
+
+    async def _send_watchers(self, conversation_id: int):
+        me = self.user.get_username()
+        users = sorted(set(self.watchers[conversation_id].values()) - {me})
+        await self.send_json(
+            {"type": "conversation.watchers", "conversation": conversation_id, "users": users}
+        )
 
     # --- channel-layer events: generation.* come from GenerationEventsMixin ----------------
     async def conversation_changed(self, event):

@@ -181,6 +181,42 @@ class Conversation(models.Model):
         return self.title or f"Conversation {self.pk}"
 
 
+class Preset(models.Model):
+    """A saved system prompt and sampling parameters (and, optionally, a model) that
+    fill the chat's settings. Its owner's, and seen by a team's members when shared.
+    Who sees and changes it: mixtralweb/accounts/access.py."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="presets"
+    )
+    team = models.ForeignKey(
+        "accounts.Team",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="presets",
+        help_text="Shared with this team's members.",
+    )
+    name = models.CharField(max_length=100)
+    system_prompt = models.TextField(blank=True)
+    # As services.clean_params returns them: every parameter, defaults filled in.
+    params = models.JSONField(default=dict, blank=True)
+    # A name, not a key: a preset outlives the model it names (the chat then keeps
+    # the model picked).
+    model_name = models.CharField(max_length=100, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name", "pk"]
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "name"], name="one_preset_name_per_owner")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class GenerationQuerySet(models.QuerySet):
     def of_deleted_conversations(self):
         """Chat answers whose conversation is gone (every chat answer has one)."""
@@ -364,8 +400,9 @@ class Generation(models.Model):
     def request_stop(self, by=None) -> bool:
         """Ask its worker to stop it; a generation still queued is cancelled at once
         (True then: nobody else will announce its end). by: who asked."""
-        streams.request_stop(self)
+        # The row first: the final event the worker then sends says who stopped it.
         Generation.objects.filter(pk=self.pk).update(cancel_requested=True, stopped_by=by)
+        streams.request_stop(self)
         cancelled = Generation.objects.filter(pk=self.pk, state=self.QUEUED).update(
             state=self.CANCELLED, reason="Stopped before it started.", finished_at=timezone.now()
         )

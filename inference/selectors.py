@@ -8,6 +8,7 @@ import math
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.utils import timezone
 from redis.exceptions import RedisError
 
@@ -61,8 +62,18 @@ def final_event(gen: Generation) -> dict:
         "finish_reason": gen.finish_reason,
         "max_tokens": max_tokens_of(gen),
         "reason": gen.reason,
+        "stopped_by": stopped_by(gen),
         "metrics": metrics_payload(_metrics_of(gen)),
     }
+
+
+def stopped_by(gen: Generation) -> str | None:
+    """Who stopped a stopped answer (a team-mate may stop one they watch), read from
+    the row: the worker that ends it holds a copy from before the stop."""
+    if gen.state != Generation.CANCELLED:
+        return None
+    field = f"stopped_by__{get_user_model().USERNAME_FIELD}"
+    return Generation.objects.filter(pk=gen.pk).values_list(field, flat=True).first()
 
 
 def max_tokens_of(gen: Generation) -> int | None:
@@ -265,6 +276,7 @@ def generation_snapshot(gen: Generation) -> dict:
         "state": gen.state,
         "text": live_text(gen),
         "reason": gen.reason,
+        "stopped_by": stopped_by(gen),
         "finish_reason": gen.finish_reason,
         "max_tokens": max_tokens_of(gen),
         "position": position,

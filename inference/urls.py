@@ -23,5 +23,9 @@ urlpatterns = [
         name="conversation_export_json",
     ),
     path("import/", views.conversation_import, name="conversation_import"),
+    path("presets/", views.presets_page, name="presets"),
+    path("presets/new/", views.preset_create, name="preset_create"),
+    path("presets/<int:preset_id>/rename/", views.preset_rename, name="preset_rename"),
+    path("presets/<int:preset_id>/delete/", views.preset_delete, name="preset_delete"),
     path("jobs/", include("inference.jobs.urls")),
 ]

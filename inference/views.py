@@ -4,14 +4,16 @@ from datetime import timedelta
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from mixtralweb.accounts.access import may_manage_conversation, staff_required
 
-from . import exchange, selectors, services
+from . import exchange, presets, selectors, services
 from .models import LanguageModel, WorkerHeartbeat
 from .workers import live_workers, serving_problem
 
@@ -30,6 +32,7 @@ def chat(request, conversation_id: int | None = None):
         conversation = _conversation_or_404(request.user, conversation_id)
     query = request.GET.get("q", "").strip()
     visible = services.conversations_matching(request.user, query).select_related("owner", "team")
+    my_presets, team_presets = _presets_by_group(request.user)
     return render(
         request,
         "inference/chat.html",
@@ -47,8 +50,27 @@ def chat(request, conversation_id: int | None = None):
             "may_change_settings": (
                 conversation is None or may_manage_conversation(request.user, conversation)
             ),
+            "my_presets": my_presets,
+            "team_presets": team_presets,
+            "preset_data": presets.preset_data(
+                my_presets + [p for _team, group in team_presets for p in group]
+            ),
+            # Just saved (the save form returns here with ?preset=): the script applies it.
+            "chosen_preset": request.GET.get("preset", ""),
         },
     )
+
+
+def _presets_by_group(user):
+    """The user's own presets, and the others they see grouped by team:
+    (mine, [(team, presets), ...])."""
+    mine, by_team = [], {}
+    for preset in presets.visible_presets(user):
+        if preset.owner_id == user.pk:
+            mine.append(preset)
+        else:
+            by_team.setdefault(preset.team, []).append(preset)
+    return mine, sorted(by_team.items(), key=lambda item: (item[0].name, item[0].pk))
 
 
 @login_required
@@ -136,6 +158,89 @@ def conversation_import(request):
     for note in notes:
         messages.warning(request, note)
     return redirect("conversation", conversation_id=conversation.pk)
+
+
+# --- chat presets ----------------------------------------------------------------------
+def _back_to(request, default: str) -> str:
+    """Where a form asks to return (a page of this site), else `default`."""
+    target = request.POST.get("next", "")
+    if url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return target
+    return default
+
+
+def _wants_json(request) -> bool:
+    return "application/json" in request.headers.get("Accept", "")
+
+
+@login_required
+def presets_page(request):
+    """/presets/: the user's presets (rename, delete) and those their teams share."""
+    mine, shared = _presets_by_group(request.user)
+    return render(request, "inference/presets.html", {"mine": mine, "shared": shared})
+
+
+@login_required
+@require_POST
+def preset_create(request):
+    """Save the chat's settings as a preset. The chat's script asks for JSON; a plain
+    form post returns to the page it came from, which then applies the preset."""
+    data = request.POST
+    try:
+        preset = presets.preset_create(
+            user=request.user,
+            name=data.get("name"),
+            system_prompt=data.get("system_prompt", ""),
+            params=presets.params_from_form(data),
+            model_name=data.get("model_name", "") if data.get("include_model") else "",
+            team_id=data.get("team") or None,
+        )
+    except services.ChatError as exc:
+        if _wants_json(request):
+            return JsonResponse({"error": str(exc), "code": exc.code}, status=400)
+        # Without the script: the presets page says why (nothing was saved).
+        messages.error(request, f"The preset was not saved: {exc}")
+        mine, shared = _presets_by_group(request.user)
+        context = {"mine": mine, "shared": shared}
+        return render(request, "inference/presets.html", context, status=400)
+    if _wants_json(request):
+        return JsonResponse({"id": preset.pk, **presets.preset_data([preset])[str(preset.pk)]})
+    messages.success(request, f"Saved the preset “{preset.name}”.")
+    back = _back_to(request, reverse("chat")).split("?")[0]
+    return redirect(f"{back}?preset={preset.pk}")
+
+
+def _preset_action(request, action, **kwargs):
+    """Rename or delete; a preset the user does not see is a 404."""
+    try:
+        return action(user=request.user, **kwargs)
+    except services.ChatError as exc:
+        if exc.code == "not_found":
+            raise Http404("Preset not found") from None
+        messages.error(request, str(exc))
+        return None
+
+
+@login_required
+@require_POST
+def preset_rename(request, preset_id: int):
+    preset = _preset_action(
+        request, presets.preset_rename, preset_id=preset_id, name=request.POST.get("name")
+    )
+    if preset is not None:
+        messages.success(request, f"Renamed to “{preset.name}”.")
+    return redirect("presets")
+
+
+@login_required
+@require_POST
+def preset_delete(request, preset_id: int):
+    preset = _preset_action(request, presets.preset_delete, preset_id=preset_id)
+    if preset is not None:
+        messages.success(request, f"Deleted the preset “{preset.name}”.")
+    return redirect("presets")
 
 
 @login_required

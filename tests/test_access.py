@@ -15,7 +15,7 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from inference.jobs.models import Job
-from inference.models import Conversation, Generation, Message
+from inference.models import Conversation, Generation, Message, Preset
 from monitoring.models import RequestMetrics
 
 SECRET = "alice-secret-7c1f"
@@ -60,7 +60,10 @@ def alices_things(cast, default_model):
     Message.objects.create(conversation=conversation, role=Message.ASSISTANT, generation=gen)
     metrics = RequestMetrics.objects.create(generation=gen, prompt_tokens=5, completion_tokens=3)
     key, _secret = ApiKey.issue(user=cast.alice, name=f"{SECRET} key")
-    ids = {conversation.pk, gen.pk, metrics.pk, cast.red.pk, key.pk}
+    preset = Preset.objects.create(
+        owner=cast.alice, team=cast.red, name=f"{SECRET} preset", system_prompt=f"{SECRET} p"
+    )
+    ids = {conversation.pk, gen.pk, metrics.pk, cast.red.pk, key.pk, preset.pk}
 
     job = Job.objects.create(
         user=cast.alice,
@@ -116,6 +119,7 @@ def test_an_outsider_sees_nothing_of_another_team(cast, alices_things):
     conversation.refresh_from_db()
     assert conversation.title == f"{SECRET} title" and conversation.team_id == cast.red.pk
     assert Generation.objects.filter(text=f"{SECRET} answer", cancel_requested=False).exists()
+    assert Preset.objects.filter(name=f"{SECRET} preset", team=cast.red).exists()
 
 
 def test_an_anonymous_visitor_is_sent_to_log_in(cast, alices_things):

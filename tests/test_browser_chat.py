@@ -257,6 +257,9 @@ def test_a_team_mate_watches_the_live_stream(stack, cast, default_model, browser
     assert "Team plans" in bob.locator(".sidebar").inner_text()
     for page in (alice, bob):
         page.wait_for_selector("#conn-status.ok", state="attached")
+    # Each sees who else has the conversation open.
+    alice.wait_for_function("document.getElementById('watchers').textContent === '· bob is here'")
+    bob.wait_for_function("document.getElementById('watchers').textContent === '· alice is here'")
     # The owner changes the settings of the next answer; a team-mate cannot.
     assert alice.locator("#chat-settings summary").inner_text() == "Settings for the next answer"
     assert bob.locator("#p-max_tokens").is_disabled()
@@ -264,9 +267,14 @@ def test_a_team_mate_watches_the_live_stream(stack, cast, default_model, browser
     send(alice, LONG, max_tokens=100)
     wait_for_text(bob, 30)  # Bob sees it while it is being written
     bob.screenshot(path=str(SHOTS / "team-mate-watching.png"))
-    wait_state(bob, "done")
+    # Bob may stop it, and Alice is told who did.
+    bob.click("#stop")
+    wait_state(alice, "cancelled")
+    assert "stopped by bob" in last_answer(alice).locator(".footer").inner_text()
+    wait_state(bob, "cancelled")
+    assert last_answer(bob).locator(".footer").inner_text().startswith("stopped ·")
     gen = Generation.objects.get(conversation=conversation)
-    assert gen.params["max_tokens"] == 100
+    assert gen.params["max_tokens"] == 100 and gen.stopped_by == cast.bob
     bob_text = last_answer(bob).locator(".body").inner_text()
     assert bob_text.split()[0].strip("*#_`") in gen.text
     assert bob.locator(".msg.user .meta").inner_text().startswith("alice")

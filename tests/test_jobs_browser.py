@@ -171,6 +171,7 @@ def test_time_left_comes_from_the_measured_prompt_and_decode_rates(stack, cast, 
     page = log_in(browser, stack, "alice", "alice-pass-123")
     page.goto(f"{stack.http_url}/jobs/{job.pk}/")
     assert page.locator("#job-eta").inner_text() == "about 15 s"
+    page.screenshot(path=str(SHOTS / "job-waiting.png"), full_page=True)
 
 
 def test_the_new_job_form_counts_as_the_user_types_and_an_over_length_draft_is_red(

@@ -9,7 +9,7 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from monitoring import telemetry
-from tests.browser import log_in
+from tests.browser import log_in, screenshot_dir
 from tests.jobs_documents import register_smollm2
 from tests.test_monitoring_pages import unfinished_generations
 
@@ -38,6 +38,7 @@ def test_the_gpu_page_draws_history_and_live_charts(browser, stack, staff, fake_
             " && c.data.labels.length >= 3)",
             timeout=20_000,
         )
+        page.screenshot(path=str(screenshot_dir() / "gpus.png"), full_page=True)
     finally:
         sampler.stop()
         redis_client.delete(telemetry.hosts_key(), telemetry.gpus_key())
@@ -65,6 +66,8 @@ def test_the_usage_pages_show_requests_that_never_finished(browser, stack, staff
             cells = row.locator("td").all_inner_texts()
             assert cells[-5] == gen.get_state_display(), (path, name)
             assert cells[-2] == "—", (path, name)  # no time to first token
+        if path == "/usage/":
+            page.screenshot(path=str(screenshot_dir() / "usage.png"), full_page=True)
 
 
 def test_the_alerts_page_fits_a_phone_and_acknowledges_from_the_keyboard(browser, stack, staff):

@@ -241,3 +241,25 @@ def test_a_team_mate_may_not_drop_the_oldest_turns(cast, default_model, settings
         assert "Only the conversation's owner can drop its oldest turns" in str(caught.value)
         assert not Message.objects.filter(dropped_from_context=True).exists()
         transaction.set_rollback(True)
+
+
+def test_a_shared_conversation_shows_who_else_has_it_open(stack, cast, shared, ws_factory):
+    def watchers(ws, users):
+        frame, _ = ws.recv_until(
+            lambda f: f["type"] == "conversation.watchers" and f["users"] == users, timeout=10
+        )
+        assert frame["conversation"] == shared.conversation.pk
+
+    alice, bob = ws_factory(cast.alice), ws_factory(cast.bob)
+    opened = {"type": "conversation.open", "conversation": shared.conversation.pk}
+    alice.send(opened)
+    alice.recv_until(lambda f: f["type"] == "conversation.snapshot")
+    bob.send(opened)
+    watchers(alice, ["bob"])
+    watchers(bob, ["alice"])
+    # Charlie is in no team of the conversation: he is refused, and nobody hears of him.
+    charlie = ws_factory(cast.charlie)
+    charlie.send(opened)
+    charlie.recv_until(lambda f: f["type"] == "error")
+    bob.close()
+    watchers(alice, [])

@@ -24,7 +24,7 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
 from inference.jobs.models import Job
-from inference.models import Conversation, Generation, Message
+from inference.models import Conversation, Generation, Message, Preset
 from mixtralweb.accounts.invitations import invitation_create
 from mixtralweb.accounts.models import ApiKey, Invitation, Membership
 from monitoring.models import Alert, RequestMetrics
@@ -71,6 +71,13 @@ TABLE: dict[str, tuple[str, dict]] = {
     "conversation_export_json": ("get", TEAM),
     # Anyone signed in imports a file into a conversation of their own.
     "conversation_import": ("post", ALL_OK),
+    # Chat presets: each user's own list (and their teams' shared ones); saving one
+    # makes it the saver's. Alice's preset is shared with Red: Red sees it, but only
+    # Alice renames or deletes it (a team admin neither).
+    "presets": ("get", ALL_OK),
+    "preset_create": ("post", ALL_OK),
+    "preset_rename": ("post", REFUSED),
+    "preset_delete": ("post", REFUSED),
     "workers": ("get", STAFF),
     # Every model's state and queue, without hosts, PIDs or paths: for everyone.
     "status": ("get", ALL_OK),
@@ -119,6 +126,9 @@ EFFECTS = {
     "conversation_rename": lambda o: Conversation.objects.get(pk=o["conversation"]).title == "x",
     "conversation_delete": lambda o: not Conversation.objects.filter(pk=o["conversation"]).exists(),
     "conversation_share": lambda o: Conversation.objects.get(pk=o["conversation"]).team is None,
+    "preset_create": lambda o: Preset.objects.filter(name="x").exists(),
+    "preset_rename": lambda o: Preset.objects.get(pk=o["preset"]).name == "x",
+    "preset_delete": lambda o: not Preset.objects.filter(pk=o["preset"]).exists(),
     "job_run": lambda o: Job.objects.get(pk=o["job"]).state != Job.DRAFT,
     "job_discard": lambda o: not Job.objects.filter(pk=o["job"]).exists(),
     "job_cancel": lambda o: Job.objects.get(pk=o["job"]).state == Job.CANCELLED,
@@ -149,6 +159,8 @@ FORMS = {
     "conversation_import": import_form,
     "conversation_rename": {"title": "x"},
     "conversation_share": {"team": ""},
+    "preset_create": {"name": "x", "temperature": "0.2"},
+    "preset_rename": {"name": "x"},
     "job_count": {
         "model": settings.DEFAULT_MODEL_NAME,
         "text": "Count me.",
@@ -219,6 +231,9 @@ def world(db):
         n_ctx=default_model.n_ctx,
     )
     key, _ = ApiKey.issue(user=cast.alice, name="key")
+    preset = Preset.objects.create(
+        owner=cast.alice, team=cast.red, name="Terse", system_prompt="Be brief."
+    )
     invitation, token = invitation_create(
         created_by=cast.alice, email="", team=cast.red, role=Membership.MEMBER, valid_days=7
     )
@@ -240,6 +255,7 @@ def world(db):
         "pk": gen.pk,
         "team_id": cast.red.pk,
         "key_id": key.pk,
+        "preset_id": preset.pk,
         "invitation_id": invitation.pk,
         "token": token,
         # The API's own ids; a session is refused before any is looked up.
@@ -258,6 +274,7 @@ def world(db):
         "conversation": conversation.pk,
         "job": job.pk,
         "key": key.pk,
+        "preset": preset.pk,
         "invitation": invitation.pk,
         "alert": alert.pk,
     }

@@ -6,7 +6,8 @@ The cast, as the tests name them:
 - a **team member**, when the owner shares a conversation or a job with the team,
   sees it, follows it live, exports it, may post the next message and stop an
   answer, but may not edit the owner's messages, change its settings, rename,
-  share or delete it;
+  share or delete it; a chat preset shared with the team they see and apply, but
+  do not rename or delete (a team admin neither: a preset is its owner's);
 - anyone signed in may import a conversation from a file: it becomes their own;
 - a **team admin** also sees the team's usage and invites people to the team;
 - **staff** administer the deployment: everyone's usage and metrics, the workers,
@@ -100,6 +101,21 @@ def jobs(user, queryset: QuerySet) -> QuerySet:
 def may_manage_job(user, job) -> bool:
     """Run, discard or cancel a job: its owner."""
     return _signed_in(user) and job.user_id == user.pk
+
+
+# --- chat presets ----------------------------------------------------------------------
+def presets(user, queryset: QuerySet) -> QuerySet:
+    """The presets the user sees and may apply: their own and those shared with a
+    team of theirs."""
+    if not _signed_in(user):
+        return queryset.none()
+    return queryset.filter(Q(owner=user) | _member_of("team", user)).distinct()
+
+
+def may_manage_preset(user, preset) -> bool:
+    """Rename or delete a preset: its owner only, as with conversations and jobs. A
+    team admin does not curate members' shared presets; they are the owner's."""
+    return _signed_in(user) and preset.owner_id == user.pk
 
 
 # --- teams -----------------------------------------------------------------------------

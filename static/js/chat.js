@@ -87,6 +87,7 @@
       case "generation.token": return onToken(frame);
       case "generation.final": return onFinal(frame);
       case "conversation.changed": return send({ type: "conversation.open", conversation: frame.conversation });
+      case "conversation.watchers": return onWatchers(frame);
       case "error": return onError(frame);
       case "access.lost": return onAccessLost(frame);
       case "access.revoked": return showError(frame.message);
@@ -156,6 +157,16 @@
       opened = true;
       stickToEnd = true;
     }
+  }
+
+  // Who else has this (shared) conversation open now.
+  function onWatchers(frame) {
+    const box = document.getElementById("watchers");
+    if (!box || frame.conversation !== conversationId) return;
+    const users = frame.users;
+    box.textContent = users.length === 0 ? "" : "· " +
+      (users.length === 1 ? users[0] + " is" :
+        users.slice(0, -1).join(", ") + " and " + users[users.length - 1] + " are") + " here";
   }
 
   // The conversation open here is no longer ours to see (unshared, deleted, or we
@@ -245,6 +256,7 @@
     gen.stranded = frame.stranded;
     if (frame.metrics) gen.metrics = frame.metrics;
     if (frame.reason) gen.reason = frame.reason;
+    gen.stopped_by = frame.stopped_by;
     gen.finish_reason = frame.finish_reason;
     gen.max_tokens = frame.max_tokens;
     queueRender(frame.generation);
@@ -278,6 +290,7 @@
     gen.text = frame.text;
     gen.state = frame.state;
     gen.reason = frame.reason;
+    gen.stopped_by = frame.stopped_by;
     gen.metrics = frame.metrics;
     gen.finish_reason = frame.finish_reason;
     gen.max_tokens = frame.max_tokens;
@@ -333,7 +346,7 @@
       li.dataset.generation = g.generation;
       gens.set(g.generation, {
         text: m.text || "", state: g.state, announced: g.state, metrics: g.metrics, reason: g.reason,
-        finish_reason: g.finish_reason, max_tokens: g.max_tokens,
+        finish_reason: g.finish_reason, max_tokens: g.max_tokens, stopped_by: g.stopped_by,
         position: g.position, eta_s: g.eta_s, stranded: g.stranded, el: li,
       });
       queueRender(g.generation);
@@ -460,7 +473,11 @@
   function footerText(gen) {
     const parts = [];
     if (gen.state === "failed") parts.push("failed: " + (gen.reason || "unknown reason"));
-    if (gen.state === "cancelled") parts.push("stopped");
+    // Who stopped it: in a shared conversation it may be a team-mate.
+    if (gen.state === "cancelled") {
+      const by = gen.stopped_by && gen.stopped_by !== root.dataset.user ? " by " + gen.stopped_by : "";
+      parts.push("stopped" + by);
+    }
     if (gen.finish_reason === "length") {
       parts.push(atTokenLimit(gen) ? "stopped at the " + gen.max_tokens.toLocaleString() +
         "-token limit" : "stopped at the end of the model's context");
@@ -596,6 +613,87 @@
 
   if (modelSelect) {
     modelSelect.addEventListener("change", function () { watchStatus(modelSelect.value); });
+  }
+
+  // ---------- presets ----------
+  // Choosing one fills the settings (the next message sends them, as any change);
+  // its data is the page's json_script block.
+  const presetSelect = document.getElementById("preset");
+  const presetBlock = document.getElementById("preset-data");
+  const presets = presetBlock ? JSON.parse(presetBlock.textContent) : {};
+
+  function applyPreset(id) {
+    const p = presets[id];
+    if (!p) return;
+    document.getElementById("system-prompt").value = p.system_prompt || "";
+    ["temperature", "top_p", "max_tokens", "seed"].forEach(function (name) {
+      const el = document.getElementById("p-" + name);
+      const value = p.params ? p.params[name] : null;
+      if (el) el.value = value === null || value === undefined ? "" : value;
+    });
+    let note = "";
+    if (p.model && modelSelect && modelSelect.value !== p.model) {
+      const served = Array.from(modelSelect.options).some(function (o) { return o.value === p.model; });
+      if (served) {
+        modelSelect.value = p.model;
+        modelSelect.dispatchEvent(new Event("change"));
+      } else {
+        note = "“" + p.name + "” names the model " + p.model +
+          ", which no worker serves now: the model picked stays.";
+      }
+    }
+    document.getElementById("preset-note").textContent = note;
+  }
+
+  if (presetSelect) {
+    presetSelect.addEventListener("change", function () { applyPreset(presetSelect.value); });
+    // Just saved (?preset=) or restored by the browser: its values are the fields'.
+    if (presetSelect.value && !presetSelect.matches(":disabled")) applyPreset(presetSelect.value);
+    // A field changed by hand no longer says what the preset says: none is shown.
+    presetSelect.closest("fieldset").addEventListener("input", function (event) {
+      if (event.target !== presetSelect && !event.target.closest("#preset-save")) {
+        presetSelect.value = "";
+        document.getElementById("preset-note").textContent = "";
+      }
+    });
+  }
+
+  // Save as preset: posted here without leaving the page (a plain form post also
+  // works, and comes back to this page).
+  const saveForm = document.getElementById("preset-save");
+  if (saveForm && presetSelect) {
+    saveForm.addEventListener("submit", function (event) {
+      event.preventDefault();
+      const saveStatus = document.getElementById("preset-save-status");
+      saveStatus.textContent = "Saving…";
+      fetch(saveForm.action, {
+        method: "POST",
+        body: new FormData(saveForm), // with the settings fields (their form= attribute)
+        credentials: "same-origin",
+        headers: { Accept: "application/json" },
+      })
+        .then(function (response) {
+          return response.json().then(function (data) { return { ok: response.ok, data: data }; });
+        })
+        .then(function (result) {
+          if (!result.ok) {
+            saveStatus.textContent = result.data.error || "Not saved.";
+            return;
+          }
+          const p = result.data;
+          presets[String(p.id)] = p;
+          const option = document.createElement("option");
+          option.value = String(p.id);
+          option.textContent = p.name + (p.team ? " · shared with " + p.team : "");
+          document.getElementById("my-presets").append(option);
+          presetSelect.value = option.value;
+          saveForm.querySelector("input[name=name]").value = "";
+          saveStatus.textContent = "Saved “" + p.name + "”.";
+        })
+        .catch(function () {
+          saveStatus.textContent = "Not saved: reload the page and try again.";
+        });
+    });
   }
 
   const toggle = document.getElementById("sidebar-toggle");

@@ -3,7 +3,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("inference", "0012_generation_source_batch"),
+        ("inference", "0013_preset"),
     ]
 
     operations = [
