@@ -220,7 +220,10 @@ class Preset(models.Model):
 class GenerationQuerySet(models.QuerySet):
     def of_deleted_conversations(self):
         """Chat answers whose conversation is gone (every chat answer has one)."""
-        return self.filter(source=Generation.SOURCE_CHAT, conversation__isnull=True)
+        return self.filter(
+            source__in=[Generation.SOURCE_CHAT, Generation.SOURCE_IMPORT],
+            conversation__isnull=True,
+        )
 
     def forget_text(self) -> int:
         """Blank what was asked and answered; the counts and metrics stay for usage."""
@@ -251,11 +254,15 @@ class Generation(models.Model):
     SOURCE_API = "api"
     # A line of an API batch (inference/jobs/batches.py): background work, like a job pass.
     SOURCE_BATCH = "batch"
+    # An answer of an imported conversation (inference/exchange.py): its text only,
+    # never run here, so neither usage nor quotas count it.
+    SOURCE_IMPORT = "import"
     SOURCE_CHOICES = [
         (SOURCE_CHAT, "Chat"),
         (SOURCE_JOB, "Job"),
         (SOURCE_API, "API"),
         (SOURCE_BATCH, "Batch"),
+        (SOURCE_IMPORT, "Imported"),
     ]
     # Sources that run at job priority, on the model's bulk queue.
     BACKGROUND_SOURCES = (SOURCE_JOB, SOURCE_BATCH)

@@ -4,7 +4,7 @@ from datetime import timedelta
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -13,7 +13,7 @@ from django.views.decorators.http import require_POST
 
 from mixtralweb.accounts.access import may_manage_conversation, staff_required
 
-from . import presets, selectors, services
+from . import exchange, presets, selectors, services
 from .models import LanguageModel, WorkerHeartbeat
 from .workers import live_workers, serving_problem
 
@@ -118,6 +118,46 @@ def conversation_share(request, conversation_id: int):
         else:
             messages.success(request, "No longer shared.")
     return redirect("conversation", conversation_id=conversation_id)
+
+
+EXPORTS = {
+    "md": ("text/markdown", exchange.export_markdown),
+    "json": ("application/json", exchange.export_json),
+}
+
+
+@login_required
+def conversation_export(request, conversation_id: int, fmt: str):
+    """A download of the conversation: anyone who may see it may export it."""
+    conversation = _conversation_or_404(request.user, conversation_id)
+    content_type, render_export = EXPORTS[fmt]
+    response = HttpResponse(
+        render_export(conversation), content_type=f"{content_type}; charset=utf-8"
+    )
+    name = exchange.filename(conversation, fmt)
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response
+
+
+@login_required
+@require_POST
+def conversation_import(request):
+    """A new conversation of the user's from a JSON export (docs/export.md)."""
+    upload = request.FILES.get("file")
+    try:
+        if upload is None:
+            raise services.ChatError("Choose a JSON file to import.")
+        exchange.check_size(upload.size)
+        conversation, notes = exchange.import_conversation(user=request.user, raw=upload.read())
+    except services.ChatError as exc:
+        # A page that says why, with the form again (400: nothing was created).
+        return render(
+            request, "inference/conversation_import.html", {"error": str(exc)}, status=400
+        )
+    messages.success(request, f"Imported “{conversation}”.")
+    for note in notes:
+        messages.warning(request, note)
+    return redirect("conversation", conversation_id=conversation.pk)
 
 
 # --- chat presets ----------------------------------------------------------------------

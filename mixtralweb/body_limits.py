@@ -3,7 +3,8 @@
 Django's ASGI handler reads a whole body (to memory, then a temporary file) before
 any view runs, and DATA_UPLOAD_MAX_MEMORY_SIZE is one number for every URL. This
 middleware sits in front of it: the job form, which takes documents, may send up to
-JOB_FORM_BODY_MAX_BYTES; the API's file upload BATCH_FILES_BODY_MAX_BYTES; every
+JOB_FORM_BODY_MAX_BYTES; the API's file upload BATCH_FILES_BODY_MAX_BYTES; a
+conversation's import CONVERSATION_IMPORT_BODY_MAX_BYTES; every
 other URL REQUEST_BODY_MAX_BYTES, Django's default.
 A body that declares more is refused at once with 413; one that sends more without
 saying so is refused as soon as it crosses the cap, and Django sees a disconnect.
@@ -24,6 +25,8 @@ def body_limit_bytes(path: str) -> int:
         return settings.JOB_FORM_BODY_MAX_BYTES
     if path == reverse("api_files"):
         return settings.BATCH_FILES_BODY_MAX_BYTES
+    if path == reverse("conversation_import"):
+        return max(settings.CONVERSATION_IMPORT_BODY_MAX_BYTES, settings.REQUEST_BODY_MAX_BYTES)
     return settings.REQUEST_BODY_MAX_BYTES
 
 

@@ -469,6 +469,10 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = JOB_UPLOAD_MAX_BYTES + 1_000_000
 BATCH_FILE_MAX_BYTES = env_int("BATCH_FILE_MAX_BYTES", 10 * 1000 * 1000)
 BATCH_MAX_LINES = env_int("BATCH_MAX_LINES", 1000)
 BATCH_FILES_BODY_MAX_BYTES = BATCH_FILE_MAX_BYTES + 100_000
+# A conversation imported from its JSON export (docs/export.md); POST /import/ may
+# send the file and its form fields (CONVERSATION_IMPORT_BODY_MAX_BYTES).
+CONVERSATION_IMPORT_MAX_BYTES = env_int("CONVERSATION_IMPORT_MAX_BYTES", 2 * 1000 * 1000)
+CONVERSATION_IMPORT_BODY_MAX_BYTES = CONVERSATION_IMPORT_MAX_BYTES + 100_000
 
 # --- Quotas (mixtralweb/quotas.py): defaults for users and teams without a Quota row
 # set in the admin. 0 means no limit.

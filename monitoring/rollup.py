@@ -63,8 +63,11 @@ def _aggregate(generations):
 def refresh(first: date, last: date, *, user_id: int | None = None) -> int:
     """Recompute the days first..last (of one user, or of everyone). Returns rows written."""
     start, end = day_bounds(first, last)
-    generations = Generation.objects.filter(queued_at__gte=start, queued_at__lt=end).exclude(
-        state__in=[Generation.QUEUED, Generation.RUNNING]
+    # Imported answers were never run here: no request, no cost.
+    generations = (
+        Generation.objects.filter(queued_at__gte=start, queued_at__lt=end)
+        .exclude(state__in=[Generation.QUEUED, Generation.RUNNING])
+        .exclude(source=Generation.SOURCE_IMPORT)
     )
     stale = UsageDaily.objects.filter(day__gte=first, day__lte=last)
     if user_id is not None:

@@ -47,15 +47,17 @@ SUM_FIELDS = [
 ]
 
 
+# Imported answers were never run here: usage has none of them.
+USAGE_SOURCES = [c for c in Generation.SOURCE_CHOICES if c[0] != Generation.SOURCE_IMPORT]
+
+
 class UsageFilterForm(forms.Form):
     start = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
     end = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
     model = forms.ModelChoiceField(
         queryset=LanguageModel.objects.all(), required=False, empty_label="All models"
     )
-    source = forms.ChoiceField(
-        choices=[("", "All sources"), *Generation.SOURCE_CHOICES], required=False
-    )
+    source = forms.ChoiceField(choices=[("", "All sources"), *USAGE_SOURCES], required=False)
 
     def clean(self):
         data = super().clean()
@@ -105,7 +107,9 @@ class Filters:
 
     def generations(self, generations: QuerySet) -> QuerySet:
         start, end = day_bounds(self.start, self.end)
-        generations = generations.filter(queued_at__gte=start, queued_at__lt=end)
+        generations = generations.filter(queued_at__gte=start, queued_at__lt=end).exclude(
+            source=Generation.SOURCE_IMPORT
+        )
         if self.model:
             generations = generations.filter(model=self.model)
         if self.source:

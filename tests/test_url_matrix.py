@@ -14,9 +14,12 @@ redirect to the login page), 404 (hidden: not found and not yours look alike), 4
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 
@@ -63,6 +66,11 @@ TABLE: dict[str, tuple[str, dict]] = {
     "conversation_rename": ("post", REFUSED),
     "conversation_delete": ("post", REFUSED),
     "conversation_share": ("post", REFUSED),
+    # Whoever may see a conversation may download it.
+    "conversation_export_md": ("get", TEAM),
+    "conversation_export_json": ("get", TEAM),
+    # Anyone signed in imports a file into a conversation of their own.
+    "conversation_import": ("post", ALL_OK),
     # Chat presets: each user's own list (and their teams' shared ones); saving one
     # makes it the saver's. Alice's preset is shared with Red: Red sees it, but only
     # Alice renames or deletes it (a team admin neither).
@@ -129,9 +137,26 @@ EFFECTS = {
     "invitation_revoke": lambda o: (
         Invitation.objects.get(pk=o["invitation"]).revoked_at is not None
     ),
+    "conversation_import": lambda o: Conversation.objects.filter(title="imported").exists(),
 }
-# What each action posts, for the owner's case to be a real one.
+
+
+def import_form() -> dict:
+    """A fresh upload each time: a file is read once."""
+    export = {
+        "format": "mixtralweb.conversation",
+        "version": 1,
+        "title": "imported",
+        "model": settings.DEFAULT_MODEL_NAME,
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+    }
+    return {"file": SimpleUploadedFile("c.json", json.dumps(export).encode())}
+
+
+# What each action posts, for the owner's case to be a real one (a callable: made
+# afresh for each case).
 FORMS = {
+    "conversation_import": import_form,
     "conversation_rename": {"title": "x"},
     "conversation_share": {"team": ""},
     "preset_create": {"name": "x", "temperature": "0.2"},
@@ -292,6 +317,8 @@ def test_each_user_gets_what_the_table_says(world, name, role):
     if users[role] is not None:
         client.force_login(users[role])
     form = FORMS.get(name, {})
+    if callable(form):
+        form = form()
     if name == "job_run":
         form = {"strategy": Job.SINGLE}
     response = getattr(client, method)(url_for(route, kwargs), form)

@@ -4,10 +4,11 @@ asks here; nothing else decides.
 The cast, as the tests name them:
 - a thing's **owner** sees it and does anything with it;
 - a **team member**, when the owner shares a conversation or a job with the team,
-  sees it, follows it live, may post the next message and stop an answer, but may
-  not edit the owner's messages, change its settings, rename, share or delete it;
-  a chat preset shared with the team they see and apply, but do not rename or
-  delete (a team admin neither: a preset is its owner's);
+  sees it, follows it live, exports it, may post the next message and stop an
+  answer, but may not edit the owner's messages, change its settings, rename,
+  share or delete it; a chat preset shared with the team they see and apply, but
+  do not rename or delete (a team admin neither: a preset is its owner's);
+- anyone signed in may import a conversation from a file: it becomes their own;
 - a **team admin** also sees the team's usage and invites people to the team;
 - **staff** administer the deployment: everyone's usage and metrics, the workers,
   the GPUs and the planner; they do not read other people's conversations;
