@@ -258,8 +258,10 @@ def test_a_team_mate_watches_the_live_stream(stack, cast, default_model, browser
     for page in (alice, bob):
         page.wait_for_selector("#conn-status.ok", state="attached")
     # Each sees who else has the conversation open.
-    alice.wait_for_function("document.getElementById('watchers').textContent === '· bob is here'")
-    bob.wait_for_function("document.getElementById('watchers').textContent === '· alice is here'")
+    # (A function, not an expression: the page's CSP forbids eval.)
+    here = "w => document.getElementById('watchers').textContent === w"
+    alice.wait_for_function(here, arg="· bob is here")
+    bob.wait_for_function(here, arg="· alice is here")
     # The owner changes the settings of the next answer; a team-mate cannot.
     assert alice.locator("#chat-settings > summary").inner_text() == "Settings for the next answer"
     assert bob.locator("#p-max_tokens").is_disabled()

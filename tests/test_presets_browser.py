@@ -44,7 +44,7 @@ def test_picking_a_preset_fills_the_settings_and_saving_one_adds_it(
     page.fill("#preset-save input[name=name]", "Calm pirate")
     page.keyboard.press("Enter")
     page.wait_for_function(
-        "document.getElementById('preset-save-status').textContent.startsWith('Saved')"
+        "() => document.getElementById('preset-save-status').textContent.startsWith('Saved')"
     )
     saved = Preset.objects.get(owner=cast.alice)
     assert saved.name == "Calm pirate" and saved.system_prompt == "Talk like a pirate."
