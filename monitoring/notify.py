@@ -116,14 +116,16 @@ class RetryableError(Exception):
     """The receiver did not take it, but may later (5xx, 429, network)."""
 
 
-@shared_task(
-    name="monitoring.notify.send_webhook",
-    autoretry_for=(RetryableError,),
+# Celery's own retries, with backoff, for both ways a message goes out.
+RETRIES = dict(
     retry_backoff=2,
     retry_backoff_max=600,
     retry_jitter=True,
     max_retries=settings.ALERT_WEBHOOK_MAX_RETRIES,
 )
+
+
+@shared_task(name="monitoring.notify.send_webhook", autoretry_for=(RetryableError,), **RETRIES)
 def send_webhook(body: dict) -> int:
     request = urllib.request.Request(
         settings.ALERT_WEBHOOK_URL,
@@ -145,13 +147,6 @@ def send_webhook(body: dict) -> int:
         raise RetryableError(f"the webhook could not be reached: {exc}") from exc
 
 
-@shared_task(
-    name="monitoring.notify.send_email",
-    autoretry_for=(OSError,),
-    retry_backoff=2,
-    retry_backoff_max=600,
-    retry_jitter=True,
-    max_retries=settings.ALERT_WEBHOOK_MAX_RETRIES,
-)
+@shared_task(name="monitoring.notify.send_email", autoretry_for=(OSError,), **RETRIES)
 def send_email(subject: str, text: str, to: list[str]) -> int:
     return send_mail(subject, text, None, to)
